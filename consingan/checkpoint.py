@@ -1,0 +1,59 @@
+"""Safe, atomic checkpoints: tensors and plain containers only, never pickled code."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from consingan.errors import ConsinganError
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via a temporary file in the same folder, then ``os.replace``: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Save a dict of tensors, numbers, strings and nested containers of them (state dicts)."""
+    _atomic_write(Path(path), lambda stream: torch.save(state, stream))
+
+
+def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a state saved by ``save_state`` with torch's weights-only unpickler.
+
+    Anything else (a pickled module, a file with code in it) is refused with ``ConsinganError``, not executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConsinganError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConsinganError(f"refusing to load {path}: it holds more than tensors and plain values (tampered?)") from None
+    except Exception as error:
+        raise ConsinganError(f"cannot read checkpoint {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    if not isinstance(state, dict):
+        raise ConsinganError(f"checkpoint {path} does not hold a state dict")
+    return state
+
+
+def save_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    _atomic_write(Path(path), lambda stream: stream.write(text))

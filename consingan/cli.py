@@ -1,0 +1,131 @@
+"""The ``consingan`` command line: builds a configuration and calls the library; it never trains by itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from consingan.config import TrainConfig, option_names
+from consingan.errors import ConsinganError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Learn from one 2D image or 3D volume, then generate new, varied ones (ConSinGAN in N-D).",
+)
+console = Console(stderr=True)
+
+
+@app.callback()
+def main() -> None:
+    """consingan: single-image GANs for 2D images and 3D medical volumes."""
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit with code 2 (no traceback)."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+# --- train: one flag per TrainConfig field, generated so names, help and defaults have one source -------------------
+
+
+def _flag_names(field: dataclasses.Field) -> list[str]:
+    primary = "--" + field.name.lower().replace("_", "-")
+    extra = field.metadata.get("flag")
+    return [primary] + ([extra] if extra and extra != primary else [])
+
+
+def _train_parameters() -> list[inspect.Parameter]:
+    parameters = [
+        inspect.Parameter(
+            "config_file", inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[Optional[Path], typer.Option(
+                "--config", help="YAML or TOML file of options; flags given on the command line win over it.")],
+        ),
+        inspect.Parameter(
+            "dry_run", inspect.Parameter.KEYWORD_ONLY, default=False,
+            annotation=Annotated[bool, typer.Option(
+                "--dry-run", help="Check the input, print the configuration and pyramid, write nothing.")],
+        ),
+    ]
+    for name, field in option_names().items():
+        kind = {bool: bool, int: int, float: float}.get(type(field.default), str)
+        if name == "seed":
+            kind = int
+        names = _flag_names(field)
+        if kind is bool:
+            names = [f"{names[0]}/--no-{names[0][2:]}"]
+        help_text = f"{field.metadata['help']} [default: {field.default}]"
+        annotation = Annotated[Optional[kind], typer.Option(*names, help=help_text, show_default=False)]
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+    return parameters
+
+
+def _print_config(config: TrainConfig) -> None:
+    table = Table(title="configuration", show_header=True, header_style="bold")
+    table.add_column("option")
+    table.add_column("value")
+    defaults = TrainConfig()
+    for key, value in config.to_dict().items():
+        changed = value != getattr(defaults, key)
+        table.add_row(key, f"[bold]{value}[/]" if changed else str(value))
+    console.print(table)
+
+
+def _train(config_file: Path | None = None, dry_run: bool = False, **flags: Any) -> None:
+    from consingan.config import resolve_config
+
+    try:
+        config = resolve_config(config_file, flags)
+        if dry_run:
+            from consingan.singan.trainer import prepare
+            from consingan.singan.pyramid import pyramid_shapes
+
+            config, volume = prepare(config)
+            _print_config(config)
+            shapes = pyramid_shapes(volume.spatial_shape, config.num_scales, config.max_size, config.min_size)
+            console.print("pyramid: " + "  ".join("x".join(map(str, s)) for s in shapes))
+            return
+        from consingan.singan.trainer import prepare, train_prepared
+        from consingan.ui import RichReporter, summary_table
+
+        config, volume = prepare(config)
+        _print_config(config)
+        with RichReporter(console) as reporter:
+            result = train_prepared(config, volume, reporter)
+        console.print(summary_table(result.scales))
+        console.print(f"run folder: [bold]{result.run_dir}[/]")
+    except ConsinganError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: the scales completed so far are saved in the run folder")
+        raise typer.Exit(code=130)
+
+
+_train.__signature__ = inspect.Signature(_train_parameters())  # type: ignore[attr-defined]
+_train.__annotations__ = {p.name: p.annotation for p in _train_parameters()}
+app.command(
+    "train",
+    help="Train a ConSinGAN pyramid on one image (--dim 2) or volume (--dim 3); writes a new run folder under out/.",
+)(_train)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except ConsinganError as error:  # pragma: no cover - commands catch their own; this is the last guard
+        console.print(f"[bold red]error:[/] {error}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

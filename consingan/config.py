@@ -1,0 +1,197 @@
+"""Options of the single-image engine: one dataclass, the seed's table plus what users need around it.
+
+The names and defaults of the seed's configuration table are kept exactly (``Dsteps`` and ``Gsteps`` included). A
+config file (YAML or TOML) and CLI flags fill the same dataclass; flags win over the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from consingan.errors import ConsinganError
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``consingan train`` with its default (the seed's table first)."""
+
+    # --- the seed's table -------------------------------------------------------------------------------------------
+    data_dir: str = _opt("data", "Folder searched for --image when the path given does not exist as is.")
+    out_dir: str = _opt("out", "Root folder under which a new run folder is created.")
+    dimension: int = _opt(3, "Spatial dimensions of the input image: 2 or 3.", flag="--dim")
+    epochs: int = _opt(2000, "Epochs per scale.")
+    num_scales: int = _opt(8, "Number of scales in the pyramid (stages of the generator).")
+    active_scales: int = _opt(3, "Number of newest stages trained concurrently.")
+    num_layers: int = _opt(3, "Convolutional blocks per stage (generator body and critic).")
+    num_feature_channels: int = _opt(64, "Feature channels in the convolutional blocks.")
+    kernel_size: int = _opt(3, "Kernel size of the convolutions (odd).")
+    padding: int = _opt(1, "Zero padding of the convolutions; at most (kernel_size - 1) / 2.")
+    batch_norm: bool = _opt(True, "Batch normalisation in the critic's blocks.")
+    cbam: bool = _opt(True, "CBAM attention at the end of every generator stage and after the critic's body.")
+    lrelu_alpha: float = _opt(0.05, "Negative slope of the leaky ReLUs.")
+    beta1_adam: float = _opt(0.5, "First beta of the Adam optimisers.")
+    lr: float = _opt(0.0005, "Learning rate of the newest generator stage and of the critic.")
+    lr_factor: float = _opt(0.1, "A stage k levels below the newest trains at lr * lr_factor**k.")
+    gamma_scheduler: float = _opt(0.1, "Learning-rate decay factor applied at lr_decay_at of each scale's epochs.")
+    noise_amp: float = _opt(0.1, "Noise amplitude of a new stage = noise_amp x RMSE of its reconstruction.")
+    alpha_rec_loss: float = _opt(10.0, "Weight of the reconstruction loss.")
+    lambda_grad_penalty: float = _opt(0.1, "Weight of the WGAN-GP gradient penalty.")
+    Dsteps: int = _opt(3, "Critic updates per epoch.", flag="--dsteps")
+    Gsteps: int = _opt(3, "Generator updates per epoch, each with its own gradient.", flag="--gsteps")
+    max_size: int = _opt(250, "Longest side (in voxels) of the finest scale; larger images are downscaled.")
+    min_size: int = _opt(25, "Shortest side (in voxels) of the coarsest scale.")
+    # --- beyond the table -------------------------------------------------------------------------------------------
+    image: str = _opt("", "Input image or volume (NIfTI, MHA/MHD/NRRD, PNG/TIFF/JPEG, NPY).")
+    seed: int | None = _opt(None, "Random seed; drawn at random and recorded in config.json when not given.")
+    device: str = _opt("auto", "Device: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
+    save_every: int = _opt(500, "Write a sample, a reconstruction and a preview every N epochs (0: end of scale only).")
+    lr_decay_at: float = _opt(0.8, "Fraction of each scale's epochs after which the learning rate is decayed.")
+    run_name: str = _opt("", "Name of the run folder under out_dir (default: numbered from the image name).")
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Raise ``ConsinganError`` naming the first option whose value is not allowed; return self."""
+        positive_ints = ["epochs", "num_scales", "active_scales", "num_layers", "num_feature_channels", "kernel_size",
+                         "Dsteps", "Gsteps", "max_size", "min_size"]
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConsinganError(f"{name} must be a positive integer, got {value!r}")
+        positive_floats = ["lr", "lr_factor", "gamma_scheduler", "noise_amp"]
+        non_negative_floats = ["lrelu_alpha", "alpha_rec_loss", "lambda_grad_penalty"]
+        for name in positive_floats + non_negative_floats:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConsinganError(f"{name} must be a finite number, got {value!r}")
+            if value < 0 or (value == 0 and name in positive_floats):
+                kind = "positive" if name in positive_floats else "zero or positive"
+                raise ConsinganError(f"{name} must be {kind}, got {value!r}")
+        if self.dimension not in (2, 3):
+            raise ConsinganError(f"dimension must be 2 or 3, got {self.dimension!r}")
+        if self.kernel_size % 2 != 1:
+            raise ConsinganError(f"kernel_size must be odd, got {self.kernel_size}")
+        if not isinstance(self.padding, int) or not 0 <= self.padding <= (self.kernel_size - 1) // 2:
+            raise ConsinganError(f"padding must be between 0 and {(self.kernel_size - 1) // 2}, got {self.padding!r}")
+        if not 0 <= self.beta1_adam < 1:
+            raise ConsinganError(f"beta1_adam must be in [0, 1), got {self.beta1_adam}")
+        if self.gamma_scheduler > 1:
+            raise ConsinganError(f"gamma_scheduler must be at most 1, got {self.gamma_scheduler}")
+        if not 0 < self.lr_decay_at <= 1:
+            raise ConsinganError(f"lr_decay_at must be in (0, 1], got {self.lr_decay_at}")
+        if self.min_size > self.max_size:
+            raise ConsinganError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ConsinganError(f"save_every must be zero or a positive integer, got {self.save_every!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ConsinganError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConsinganError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_json(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        return apply_overrides(cls(), values, source)
+
+
+def option_names() -> dict[str, dataclasses.Field]:
+    """Fields by name, for the CLI and config-file parsing."""
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _canonical_key(key: str) -> str | None:
+    """Map 'num-scales', 'dsteps', 'Dsteps' ... to the field name, or None when unknown."""
+    normalised = key.strip().replace("-", "_").lower()
+    for name in option_names():
+        if name.lower() == normalised:
+            return name
+    return "dimension" if normalised == "dim" else None
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    expected = type(getattr(TrainConfig(), name))
+    if name == "seed":
+        expected = int
+    if value is None:
+        if name == "seed":
+            return None
+        raise ConsinganError(f"{source}: {name} has no value")
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConsinganError(f"{source}: {name} must be true or false, got {value!r}")
+    if expected is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConsinganError(f"{source}: {name} must be an integer, got {value!r}")
+        return int(value)
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConsinganError(f"{source}: {name} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConsinganError(f"{source}: {name} must be a string, got {value!r}")
+    return value
+
+
+def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
+    """Return a copy of ``config`` with ``values`` set; unknown keys and wrong types raise ``ConsinganError``."""
+    updates: dict[str, Any] = {}
+    for key, value in values.items():
+        name = _canonical_key(str(key))
+        if name is None:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), list(option_names()), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConsinganError(f"{source}: unknown option {key!r}{hint}")
+        updates[name] = _coerce(name, value, source)
+    return dataclasses.replace(config, **updates)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file of options into a flat dict."""
+    if not path.is_file():
+        raise ConsinganError(f"config file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text()
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConsinganError(f"config file must be .yaml, .yml, .toml or .json, got {path.name}")
+    except ConsinganError:
+        raise
+    except Exception as error:  # parser errors differ by library; all mean the same to the user
+        raise ConsinganError(f"cannot parse config file {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConsinganError(f"config file {path} must hold a mapping of option names to values")
+    return data
+
+
+def resolve_config(config_file: Path | None, flags: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the config file, then the flags that were given (not None); validated."""
+    config = TrainConfig()
+    if config_file is not None:
+        config = apply_overrides(config, load_config_file(config_file), f"config file {config_file.name}")
+    given = {key: value for key, value in flags.items() if value is not None}
+    return apply_overrides(config, given, "command line").validate()

@@ -1,0 +1,257 @@
+"""Volume: an image array [C, *spatial] with the geometry and format it came from; readers and writers by file type.
+
+Geometry is kept as one homogeneous affine that maps array indices (in the array's own axis order) to physical
+coordinates, whatever the format: NIfTI's affine as is, ITK's origin / spacing / direction converted. Resizing a
+volume to another grid is then a single rule on that affine (``resized_affine``), shared by every format.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from consingan.errors import ConsinganError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_VOLUME_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+PICTURE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+NUMPY_SUFFIXES = (".npy",)
+SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_VOLUME_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
+
+
+def file_suffix(path: Path | str) -> str:
+    """The format-defining suffix, lower case ('.nii.gz' counts as one)."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+@dataclass
+class Volume:
+    """An image with its geometry.
+
+    Attributes:
+        array: float32 [C, *spatial].
+        affine: (spatial_dims + 1) square matrix mapping array indices to physical coordinates (mm for medical data).
+        suffix: the file type it was read from ('.nii.gz', '.png', ...); outputs are written in the same type.
+        source_dtype: numpy dtype of the stored intensities, for writing integer formats back.
+        header: the NIfTI header (a copy), when the source was NIfTI.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    suffix: str
+    source_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
+    header: Any = None
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.array.ndim - 1
+
+    @property
+    def channels(self) -> int:
+        return self.array.shape[0]
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:])
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Physical size of a voxel along each array axis."""
+        return np.linalg.norm(self.affine[:-1, :-1], axis=0)
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """A volume holding ``array`` on a grid of the same extent; the affine is rescaled if the shape changed."""
+        affine = resized_affine(self.affine, self.spatial_shape, array.shape[1:])
+        return Volume(np.asarray(array, dtype=np.float32), affine, self.suffix, self.source_dtype, self.header)
+
+
+def resized_affine(affine: np.ndarray, old_shape: Sequence[int], new_shape: Sequence[int]) -> np.ndarray:
+    """Affine of the grid that covers the same physical extent as ``old_shape`` with ``new_shape`` voxels.
+
+    Voxel centres follow the half-voxel convention of ``align_corners=False`` resizing: new index i sits at old index
+    (i + 0.5) * ratio - 0.5, with ratio = old / new per axis.
+    """
+    ratio = np.asarray(old_shape, dtype=np.float64) / np.asarray(new_shape, dtype=np.float64)
+    result = np.array(affine, dtype=np.float64, copy=True)
+    linear = affine[:-1, :-1]
+    result[:-1, :-1] = linear * ratio[None, :]
+    result[:-1, -1] = affine[:-1, -1] + linear @ (0.5 * ratio - 0.5)
+    return result
+
+
+# --- reading -------------------------------------------------------------------------------------------------------
+
+
+def read_volume(path: Path | str, spatial_dims: int) -> Volume:
+    """Read an image as a ``Volume`` with ``spatial_dims`` spatial axes; every problem becomes a ``ConsinganError``."""
+    path = Path(path)
+    if not path.exists():
+        raise ConsinganError(f"image not found: {path}")
+    if path.is_dir():
+        raise ConsinganError(f"image path is a folder, not a file: {path}")
+    suffix = file_suffix(path)
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise ConsinganError(f"unsupported image type {suffix or path.name!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            volume = _read_nifti(path, spatial_dims)
+        elif suffix in NUMPY_SUFFIXES:
+            volume = _read_numpy(path, spatial_dims)
+        else:
+            volume = _read_itk(path, spatial_dims, suffix)
+    except ConsinganError:
+        raise
+    except Exception as error:  # corrupt files raise many different exception types in nibabel / SimpleITK / numpy
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConsinganError(f"cannot read {path}: {message}") from None
+    _check_values(volume.array, path)
+    return volume
+
+
+def _dimension_error(path: Path, shape: Sequence[int], spatial_dims: int, detail: str = "") -> ConsinganError:
+    return ConsinganError(
+        f"{path.name} has shape {tuple(shape)}, which is not a {spatial_dims}D image{detail}; check --dim"
+    )
+
+
+def _read_nifti(path: Path, spatial_dims: int) -> Volume:
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    data = np.asanyarray(image.dataobj)
+    shape = data.shape
+    # A trailing run of singleton axes beyond the spatial ones carries no information (2D NIfTI is stored X, Y, 1).
+    while data.ndim > spatial_dims and data.shape[-1] == 1 and not (data.ndim == 5 and spatial_dims == 3):
+        data = data[..., 0]
+    if data.ndim == 5 and spatial_dims == 3 and data.shape[3] == 1:
+        array = np.moveaxis(data[:, :, :, 0, :], -1, 0)  # NIfTI vector image: X, Y, Z, 1, C
+    elif data.ndim == spatial_dims:
+        array = data[None]
+    elif data.ndim == 4 and spatial_dims == 3:
+        raise _dimension_error(path, shape, 3, " (a 4D series; give one volume, or channels as a 5D X,Y,Z,1,C vector image)")
+    else:
+        raise _dimension_error(path, shape, spatial_dims)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if spatial_dims == 2:
+        # Keep the in-plane part of the 3D affine; the slice position is restored from the header when writing.
+        affine = np.delete(np.delete(affine, 2, axis=0), 2, axis=1)
+    return Volume(
+        np.ascontiguousarray(array, dtype=np.float32), affine, file_suffix(path),
+        np.dtype(image.get_data_dtype()), copy.deepcopy(image.header),
+    )
+
+
+def _read_numpy(path: Path, spatial_dims: int) -> Volume:
+    # allow_pickle=False: a .npy holding Python objects is refused instead of executed.
+    data = np.load(path, allow_pickle=False)
+    if data.ndim == spatial_dims:
+        data = data[None]
+    elif data.ndim != spatial_dims + 1:
+        raise _dimension_error(path, data.shape, spatial_dims, " (expected [*spatial] or [C, *spatial])")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise ConsinganError(f"{path.name} holds {data.dtype} values, not real numbers")
+    return Volume(np.ascontiguousarray(data, dtype=np.float32), np.eye(spatial_dims + 1), ".npy", data.dtype)
+
+
+def _read_itk(path: Path, spatial_dims: int, suffix: str) -> Volume:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    if image.GetDimension() != spatial_dims:
+        size = tuple(reversed(image.GetSize()))
+        # A 2D picture saved as a single-slice stack is still 2D.
+        if not (spatial_dims == 2 and image.GetDimension() == 3 and image.GetSize()[2] == 1):
+            raise _dimension_error(path, size, spatial_dims)
+        image = image[:, :, 0]
+    data = sitk.GetArrayFromImage(image)  # [*reversed spatial] or [*reversed spatial, C] for vector pixels
+    components = image.GetNumberOfComponentsPerPixel()
+    array = np.moveaxis(data, -1, 0) if components > 1 else data[None]
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(spatial_dims, spatial_dims)
+    affine = np.eye(spatial_dims + 1)
+    # ITK orders (x, y, z) while the array is (z, y, x): reverse the columns.
+    affine[:-1, :-1] = (direction * spacing[None, :])[:, ::-1]
+    affine[:-1, -1] = image.GetOrigin()
+    return Volume(np.ascontiguousarray(array, dtype=np.float32), affine, suffix, data.dtype)
+
+
+def _check_values(array: np.ndarray, path: Path) -> None:
+    if array.size == 0:
+        raise ConsinganError(f"{path.name} holds no voxels")
+    if not np.isfinite(array).all():
+        count = int((~np.isfinite(array)).sum())
+        raise ConsinganError(f"{path.name} contains {count} NaN or infinite values; clean the image first")
+    for channel, values in enumerate(array):
+        if values.min() == values.max():
+            raise ConsinganError(
+                f"{path.name} is constant ({values.min():g}) in channel {channel}: there is nothing to learn"
+            )
+
+
+# --- writing -------------------------------------------------------------------------------------------------------
+
+
+def write_volume(path: Path | str, volume: Volume) -> Path:
+    """Write ``volume`` in the format of its ``suffix`` (``path``'s own suffix is replaced); returns the path written.
+
+    Float formats (NIfTI, ITK volumes, TIFF, NPY) store float32; PNG/JPEG sources are written as PNG in the source's
+    integer type with rounding and clipping, since PNG has no float pixels (and JPEG would add compression artefacts).
+    """
+    suffix = ".png" if volume.suffix in (".png", ".jpg", ".jpeg") else volume.suffix
+    suffix = ".mha" if suffix in (".mhd", ".nhdr") else suffix  # one file instead of a header + raw pair
+    path = Path(path)
+    path = path.with_name(path.name.split(".")[0] + suffix)
+    array = np.asarray(volume.array, dtype=np.float32)
+    if suffix in NIFTI_SUFFIXES:
+        _write_nifti(path, volume, array)
+    elif suffix == ".npy":
+        np.save(path, array if array.shape[0] > 1 else array[0])
+    else:
+        _write_itk(path, volume, array, suffix)
+    return path
+
+
+def _write_nifti(path: Path, volume: Volume, array: np.ndarray) -> None:
+    import nibabel as nib
+
+    header = volume.header.copy() if volume.header is not None else None
+    affine = volume.affine
+    if volume.spatial_dims == 2:
+        base = header.get_best_affine() if header is not None else np.eye(4)
+        affine = np.array(base, dtype=np.float64)
+        keep = [0, 1, 3]
+        affine[np.ix_(keep, keep)] = volume.affine
+    data = np.moveaxis(array, 0, -1)  # [*spatial, C]
+    if volume.spatial_dims == 2:
+        data = data[:, :, None, :]
+    data = data[..., 0] if array.shape[0] == 1 else data[:, :, :, None, :]
+    image = nib.Nifti1Image(data.astype(np.float32), affine, header=header)
+    image.set_data_dtype(np.float32)
+    # scl_slope/inter of an integer source would rescale our float data a second time.
+    image.header.set_slope_inter(1.0, 0.0)
+    if array.shape[0] > 1:
+        image.header.set_intent("vector")
+    nib.save(image, str(path))
+
+
+def _write_itk(path: Path, volume: Volume, array: np.ndarray, suffix: str) -> None:
+    import SimpleITK as sitk
+
+    if suffix == ".png":
+        dtype = volume.source_dtype if np.issubdtype(volume.source_dtype, np.integer) else np.dtype(np.uint8)
+        limits = np.iinfo(dtype)
+        array = np.clip(np.rint(array), limits.min, limits.max).astype(dtype)
+    channels = array.shape[0]
+    data = np.moveaxis(array, 0, -1) if channels > 1 else array[0]
+    image = sitk.GetImageFromArray(data, isVector=channels > 1)
+    linear = volume.affine[:-1, :-1][:, ::-1]  # back to ITK's (x, y, z) column order
+    spacing = np.linalg.norm(linear, axis=0)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in (linear / spacing[None, :]).ravel()])
+    image.SetOrigin([float(v) for v in volume.affine[:-1, -1]])
+    sitk.WriteImage(image, str(path), useCompression=suffix in (".mha", ".nrrd"))

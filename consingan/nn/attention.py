@@ -1,0 +1,61 @@
+"""CBAM: Convolutional Block Attention Module (Woo et al., ECCV 2018), for 2D and 3D feature maps.
+
+Channel attention first, spatial attention second, as in the paper. (The thesis implementation described in the seed
+pooled with an average where the max belonged in 3D, swapped the order and crashed with ``cbam=false``.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from consingan.nn import factory
+
+
+class ChannelAttention(nn.Module):
+    """Per-channel weights in (0, 1) from average- and max-pooled descriptors through one shared bottleneck MLP."""
+
+    def __init__(self, spatial_dims: int, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.spatial_dims = spatial_dims
+        self.avg_pool = factory.pool(spatial_dims, "adaptive_avg", output_size=1)
+        self.max_pool = factory.pool(spatial_dims, "adaptive_max", output_size=1)
+        # A 1x1 convolution on the pooled [N, C, 1, ...] descriptor is the paper's shared fully connected MLP.
+        self.mlp = nn.Sequential(
+            factory.conv(spatial_dims, channels, hidden, kernel_size=1),
+            factory.activation("relu"),
+            factory.conv(spatial_dims, hidden, channels, kernel_size=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the attention map of shape [N, C, 1, ...] (not yet applied)."""
+        return torch.sigmoid(self.mlp(self.avg_pool(x)) + self.mlp(self.max_pool(x)))
+
+
+class SpatialAttention(nn.Module):
+    """Per-position weights in (0, 1) from the channel-wise mean and max through a single wide convolution."""
+
+    def __init__(self, spatial_dims: int, kernel_size: int = 7) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"SpatialAttention kernel_size must be odd, got {kernel_size}")
+        self.conv = factory.conv(spatial_dims, 2, 1, kernel_size=kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the attention map of shape [N, 1, *spatial] (not yet applied)."""
+        descriptor = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.conv(descriptor))
+
+
+class CBAM(nn.Module):
+    """Refine features by channel attention, then by spatial attention; output shape equals input shape."""
+
+    def __init__(self, spatial_dims: int, channels: int, reduction: int = 16, spatial_kernel_size: int = 7) -> None:
+        super().__init__()
+        self.channel_attention = ChannelAttention(spatial_dims, channels, reduction)
+        self.spatial_attention = SpatialAttention(spatial_dims, spatial_kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.channel_attention(x)
+        return x * self.spatial_attention(x)

@@ -1,0 +1,234 @@
+"""The growing generator and the patch critic of ConSinGAN, for 2D and 3D."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from consingan.nn import CBAM, ConvBlock, factory
+
+
+def init_weights(module: nn.Module) -> None:
+    """DCGAN-style initialisation used by SinGAN and ConSinGAN: conv N(0, 0.02), norm scale N(1, 0.02), shift 0."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)) and module.affine:
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class GrowingGenerator(nn.Module):
+    """A generator that grows one stage per scale (Hinz et al. 2020), N-dimensional.
+
+    ``head`` maps image-space noise to features, ``body[k]`` is the stage of scale k (``num_layers`` conv blocks, then
+    CBAM when enabled), ``tail`` maps features back to the image with tanh. Each stage refines the upsampled output of
+    the one before it, to which feature-space noise scaled by that stage's amplitude is added. The amplitudes and the
+    fixed reconstruction noise are buffers, so they travel with the state dict.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        num_feature_channels: channels of every conv block.
+        num_layers: conv blocks per stage.
+        kernel_size, padding: of every conv; each conv shrinks a side by ``kernel_size - 1 - 2 * padding``.
+        negative_slope: of the leaky ReLUs.
+        cbam: put a CBAM module at the end of each stage.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_feature_channels: int = 64,
+        num_layers: int = 3,
+        kernel_size: int = 3,
+        padding: int = 1,
+        negative_slope: float = 0.05,
+        cbam: bool = True,
+    ) -> None:
+        super().__init__()
+        shrink = kernel_size - 1 - 2 * padding
+        if shrink < 0 or shrink % 2:
+            raise ValueError(f"kernel_size={kernel_size} with padding={padding} must keep or shrink sizes evenly")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.num_feature_channels = num_feature_channels
+        self.conv_shrink = shrink
+        self.body_shrink = shrink * num_layers
+        self._block_args = dict(kernel_size=kernel_size, padding=padding, negative_slope=negative_slope)
+        self._num_layers = num_layers
+        self._cbam = cbam
+        self._mode = factory.interpolation_mode(spatial_dims, "linear")
+        self.head = nn.Sequential(
+            factory.pad(spatial_dims, "zeros", shrink // 2),
+            ConvBlock(spatial_dims, in_channels, num_feature_channels, **self._block_args),
+        )
+        self.body = nn.ModuleList([self._new_stage()])
+        self.tail = nn.Sequential(
+            factory.pad(spatial_dims, "zeros", shrink // 2),
+            factory.conv(spatial_dims, num_feature_channels, in_channels, kernel_size, padding=padding),
+            factory.activation("tanh"),
+        )
+        self.apply(init_weights)
+        self.register_buffer("noise_amps", torch.ones(1))
+
+    def _new_stage(self) -> nn.Sequential:
+        stage = nn.Sequential()
+        for index in range(self._num_layers):
+            stage.add_module(
+                f"block{index}",
+                ConvBlock(self.spatial_dims, self.num_feature_channels, self.num_feature_channels, **self._block_args),
+            )
+        if self._cbam:
+            stage.add_module("cbam", CBAM(self.spatial_dims, self.num_feature_channels))
+        return stage
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.body)
+
+    def add_stage(self) -> None:
+        """Append a stage that starts as an exact copy of the newest one (its amplitude set later, 0 until then)."""
+        self.body.append(copy.deepcopy(self.body[-1]))
+        self.noise_amps = torch.cat([self.noise_amps, self.noise_amps.new_zeros(1)])
+
+    def set_noise_amp(self, stage: int, value: float) -> None:
+        self.noise_amps[stage] = float(value)
+
+    def reconstruction_noise(self, stage: int) -> torch.Tensor:
+        return getattr(self, f"rec_noise_{stage}")
+
+    def set_reconstruction_noise(self, stage: int, noise: torch.Tensor) -> None:
+        """Store the fixed input of stage ``stage`` for the reconstruction loss (a buffer, saved with the state)."""
+        self.register_buffer(f"rec_noise_{stage}", noise.detach().clone())
+
+    def noise_shape(self, stage: int, spatial_shape: Sequence[int], batch_size: int = 1) -> tuple[int, ...]:
+        """Shape of the noise stage ``stage`` takes to produce ``spatial_shape``."""
+        if stage == 0:
+            return (batch_size, self.in_channels, *spatial_shape)
+        return (batch_size, self.num_feature_channels, *(s + self.body_shrink for s in spatial_shape))
+
+    def output_shape(self, stage: int, noise: torch.Tensor) -> tuple[int, ...]:
+        """Spatial shape produced by stage ``stage`` from its noise (the inverse of ``noise_shape``)."""
+        offset = 0 if stage == 0 else self.body_shrink
+        return tuple(s - offset for s in noise.shape[2:])
+
+    def sample_noise(
+        self, shapes: Sequence[Sequence[int]], batch_size: int = 1, generator: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
+        """Fresh standard normal noise for every stage, for the given spatial output shapes."""
+        device = self.noise_amps.device
+        return [
+            torch.randn(self.noise_shape(k, shape, batch_size), device=device, generator=generator)
+            for k, shape in enumerate(shapes)
+        ]
+
+    def reconstruction_inputs(self) -> list[torch.Tensor]:
+        return [self.reconstruction_noise(k) for k in range(self.num_stages)]
+
+    def _resize(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        if tuple(x.shape[2:]) == tuple(size):
+            return x
+        return F.interpolate(x, size=tuple(size), mode=self._mode, align_corners=False)
+
+    def forward(self, noise: Sequence[torch.Tensor], num_stages: int | None = None) -> torch.Tensor:
+        """Generate from per-stage noise (see ``noise_shape``); the output size is that of the last stage used.
+
+        Stage 0's noise is multiplied by its amplitude (1 by default) and passed through the head; each later stage
+        adds its scaled noise to the upsampled features of the stage before.
+        """
+        num_stages = self.num_stages if num_stages is None else num_stages
+        if len(noise) < num_stages:
+            raise ValueError(f"need noise for {num_stages} stages, got {len(noise)}")
+        x = self.head(noise[0] * self.noise_amps[0])
+        x = self._resize(x, [s + self.body_shrink for s in self.output_shape(0, noise[0])])
+        features = self.body[0](x)
+        for k in range(1, num_stages):
+            shape = self.output_shape(k, noise[k])
+            upsampled = self._resize(features, shape)
+            stage_input = self._resize(features, noise[k].shape[2:]) + noise[k] * self.noise_amps[k]
+            features = self.body[k](stage_input) + upsampled
+        return self.tail(features)
+
+    def load_grown_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Grow to the number of stages in ``state`` and load it (noise amplitudes and reconstruction noise included)."""
+        stages = {int(m.group(1)) for key in state if (m := re.match(r"body\.(\d+)\.", key))}
+        if not stages or stages != set(range(max(stages) + 1)):
+            raise ValueError("state dict holds no consistent generator stages")
+        while self.num_stages < len(stages):
+            self.add_stage()
+        self.noise_amps = torch.zeros_like(state["noise_amps"])
+        for key, value in state.items():
+            if key.startswith("rec_noise_"):
+                self.register_buffer(key, torch.zeros_like(value))
+        self.load_state_dict(state, strict=True)
+
+    def param_groups(self, active_scales: int, lr: float, lr_factor: float) -> list[dict]:
+        """Optimizer groups for concurrent training; freezes everything else (requires_grad False).
+
+        The newest ``active_scales`` stages train, a stage k levels below the newest at ``lr * lr_factor**k``; the head
+        trains at stage 0's rate only while stage 0 is still active; the tail always trains at ``lr`` because every
+        stage's output passes through it.
+        """
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        groups = []
+        newest = self.num_stages - 1
+        for stage in range(max(0, self.num_stages - active_scales), self.num_stages):
+            groups.append({"params": list(self.body[stage].parameters()), "lr": lr * lr_factor ** (newest - stage)})
+        if self.num_stages <= active_scales:
+            groups.append({"params": list(self.head.parameters()), "lr": lr * lr_factor**newest})
+        groups.append({"params": list(self.tail.parameters()), "lr": lr})
+        for group in groups:
+            for parameter in group["params"]:
+                parameter.requires_grad_(True)
+        return groups
+
+
+class Critic(nn.Module):
+    """Fully convolutional patch critic: head, ``num_layers`` blocks, optional CBAM, one-channel tail (WGAN score map).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        num_feature_channels, num_layers, kernel_size, padding, negative_slope: as for the generator.
+        batch_norm: batch normalisation in every block.
+        cbam: CBAM on the body's features (the thesis code applied channel attention to the raw 1-channel input, where
+            it can only rescale the image).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_feature_channels: int = 64,
+        num_layers: int = 3,
+        kernel_size: int = 3,
+        padding: int = 1,
+        negative_slope: float = 0.05,
+        batch_norm: bool = True,
+        cbam: bool = True,
+    ) -> None:
+        super().__init__()
+        block_args = dict(
+            kernel_size=kernel_size, padding=padding, negative_slope=negative_slope,
+            norm_name="batch" if batch_norm else "none",
+        )
+        self.head = ConvBlock(spatial_dims, in_channels, num_feature_channels, **block_args)
+        self.body = nn.Sequential()
+        for index in range(num_layers):
+            self.body.add_module(
+                f"block{index}", ConvBlock(spatial_dims, num_feature_channels, num_feature_channels, **block_args)
+            )
+        if cbam:
+            self.body.add_module("cbam", CBAM(spatial_dims, num_feature_channels))
+        self.tail = factory.conv(spatial_dims, num_feature_channels, 1, kernel_size, padding=padding)
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.body(self.head(x)))

@@ -1,0 +1,104 @@
+"""The scale pyramid: sizes by ConSinGAN's rule over every spatial axis, and float antialiased resizing."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from consingan.errors import ConsinganError
+from consingan.nn import factory
+
+Shape = tuple[int, ...]
+
+
+def _gaussian_kernel1d(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    radius = max(1, math.ceil(3.0 * sigma))
+    positions = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    kernel = torch.exp(-0.5 * (positions / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian blur of ``x`` [N, C, *spatial] with one sigma per spatial axis (0 skips the axis).
+
+    Edges are replicated so that the blur neither darkens borders nor needs the axis to be longer than the kernel.
+    """
+    spatial_dims = x.dim() - 2
+    channels = x.shape[1]
+    for axis, sigma in enumerate(sigmas):
+        if sigma <= 0:
+            continue
+        kernel = _gaussian_kernel1d(sigma, x.dtype, x.device)
+        radius = kernel.numel() // 2
+        view = [1] * spatial_dims
+        view[axis] = kernel.numel()
+        weight = kernel.view(1, 1, *view).repeat(channels, 1, *([1] * spatial_dims))
+        padding = [0, 0] * spatial_dims
+        # F.pad lists the last axis first.
+        padding[2 * (spatial_dims - 1 - axis)] = radius
+        padding[2 * (spatial_dims - 1 - axis) + 1] = radius
+        x = F.pad(x, padding, mode="replicate")
+        conv = F.conv2d if spatial_dims == 2 else F.conv3d
+        x = conv(x, weight, groups=channels)
+    return x
+
+
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize ``x`` [N, C, *spatial] to ``size`` in floating point, with antialiasing on every shrinking axis.
+
+    Before a linear interpolation, each axis that shrinks by a factor s is low-pass filtered with a Gaussian of
+    sigma = (1/s - 1) / 2 (the rule scikit-image uses), so coarse scales do not alias; nothing is quantised.
+    """
+    spatial_dims = x.dim() - 2
+    size = tuple(int(s) for s in size)
+    if len(size) != spatial_dims:
+        raise ValueError(f"size {size} does not match the {spatial_dims} spatial axes of the input")
+    if tuple(x.shape[2:]) == size:
+        return x
+    sigmas = [max(0.0, (old / new - 1.0) / 2.0) for old, new in zip(x.shape[2:], size)]
+    if any(sigma > 0 for sigma in sigmas):
+        x = gaussian_blur(x, sigmas)
+    return F.interpolate(x, size=size, mode=factory.interpolation_mode(spatial_dims, "linear"), align_corners=False)
+
+
+def pyramid_shapes(image_shape: Sequence[int], num_scales: int, max_size: int, min_size: int) -> list[Shape]:
+    """Spatial shapes of every scale, coarsest first, by ConSinGAN's rule generalised to all axes.
+
+    The finest scale is the image shrunk so that its longest axis is at most ``max_size``; the coarsest has its shortest
+    axis at ``min_size``. In between, scale i (of N = num_scales - 1 steps) uses the factor
+    ``r ** ((N - 1) / ln N * ln(N - i) + 1)`` with ``r = (min_size / shortest side) ** (1 / N)``: a logarithmic schedule
+    that keeps several coarse scales close together (Hinz et al. 2020), where global structure is learned.
+    """
+    image_shape = tuple(int(s) for s in image_shape)
+    if min(image_shape) < min_size:
+        raise ConsinganError(
+            f"image of shape {image_shape} is smaller than min_size={min_size} along its shortest axis; "
+            f"lower --min-size to at most {min(image_shape)}"
+        )
+    top_scale = min(max_size / max(image_shape), 1.0)
+    top = tuple(max(1, math.ceil(s * top_scale)) for s in image_shape)
+    if min(top) < min_size:
+        raise ConsinganError(
+            f"with max_size={max_size}, the finest scale {top} is shorter than min_size={min_size}; "
+            f"raise --max-size or lower --min-size"
+        )
+    steps = num_scales - 1
+    if steps == 0:
+        return [top]
+    ratio = (min_size / min(top)) ** (1.0 / steps)
+    shapes = []
+    for i in range(steps):
+        exponent = steps if steps == 1 else (steps - 1) / math.log(steps) * math.log(steps - i) + 1
+        factor = ratio**exponent
+        # A tiny epsilon keeps ceil from rounding 25.000000001 up to 26 on the coarsest scale.
+        shapes.append(tuple(max(1, math.ceil(s * factor - 1e-9)) for s in top))
+    shapes.append(top)
+    return shapes
+
+
+def build_pyramid(image: torch.Tensor, shapes: Sequence[Shape]) -> list[torch.Tensor]:
+    """Resize ``image`` [1, C, *spatial] to every shape, each directly from the full image (no compounding blur)."""
+    return [resize(image, shape) for shape in shapes]
