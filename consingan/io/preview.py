@@ -1,4 +1,4 @@
-"""PNG previews: 2D images as they are, 3D volumes as their three central slices, arranged in a labelled-free grid."""
+"""PNG previews: 2D images as they are, 3D volumes as their three central slices, side by side in a grid."""
 
 from __future__ import annotations
 
@@ -23,15 +23,16 @@ def central_slices(array: np.ndarray) -> list[np.ndarray]:
     return [np.take(array, array.shape[axis] // 2, axis=axis) for axis in (1, 2, 3)]
 
 
-def preview_grid(rows: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
-    """One row of panels per image; every panel padded to the largest panel's size. Returns [H, W, 3] uint8."""
-    panels = [[_to_display(panel) for panel in central_slices(np.asarray(row))] for row in rows]
-    height = max(p.shape[0] for row in panels for p in row)
-    width = max(p.shape[1] for row in panels for p in row)
-    columns = max(len(row) for row in panels)
-    grid = np.zeros((len(panels) * (height + gap) - gap, columns * (width + gap) - gap, 3), dtype=np.uint8)
-    for r, row in enumerate(panels):
-        for c, panel in enumerate(row):
+def preview_grid(images: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
+    """One column per image ([C, *spatial] in [-1, 1]), one row per slice axis (a single row in 2D); every panel is
+    padded to the largest panel's size. Returns [H, W, 3] uint8."""
+    columns = [[_to_display(panel) for panel in central_slices(np.asarray(image))] for image in images]
+    height = max(p.shape[0] for column in columns for p in column)
+    width = max(p.shape[1] for column in columns for p in column)
+    rows = max(len(column) for column in columns)
+    grid = np.zeros((rows * (height + gap) - gap, len(columns) * (width + gap) - gap, 3), dtype=np.uint8)
+    for c, column in enumerate(columns):
+        for r, panel in enumerate(column):
             top, left = r * (height + gap), c * (width + gap)
             grid[top:top + panel.shape[0], left:left + panel.shape[1]] = panel
     return grid

@@ -125,17 +125,24 @@ def _read_nifti(path: Path, spatial_dims: int) -> Volume:
     image = nib.load(str(path))
     data = np.asanyarray(image.dataobj)
     shape = data.shape
-    # A trailing run of singleton axes beyond the spatial ones carries no information (2D NIfTI is stored X, Y, 1).
-    while data.ndim > spatial_dims and data.shape[-1] == 1 and not (data.ndim == 5 and spatial_dims == 3):
-        data = data[..., 0]
-    if data.ndim == 5 and spatial_dims == 3 and data.shape[3] == 1:
-        array = np.moveaxis(data[:, :, :, 0, :], -1, 0)  # NIfTI vector image: X, Y, Z, 1, C
-    elif data.ndim == spatial_dims:
-        array = data[None]
-    elif data.ndim == 4 and spatial_dims == 3:
-        raise _dimension_error(path, shape, 3, " (a 4D series; give one volume, or channels as a 5D X,Y,Z,1,C vector image)")
+    if data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector image: X, Y, Z, 1, C
+        data = data[:, :, :, 0, :]
+        if spatial_dims == 2 and data.shape[2] == 1:
+            data = data[:, :, 0, :]
+        if data.ndim != spatial_dims + 1:
+            raise _dimension_error(path, shape, spatial_dims)
+        array = np.moveaxis(data, -1, 0)
     else:
-        raise _dimension_error(path, shape, spatial_dims)
+        # Trailing singleton axes carry no information (a 2D NIfTI is stored as X, Y, 1).
+        while data.ndim > spatial_dims and data.shape[-1] == 1:
+            data = data[..., 0]
+        if data.ndim == 4 and spatial_dims == 3:
+            raise _dimension_error(
+                path, shape, 3, " (a 4D series; give one volume, or channels as a 5D X,Y,Z,1,C vector image)"
+            )
+        if data.ndim != spatial_dims:
+            raise _dimension_error(path, shape, spatial_dims)
+        array = data[None]
     affine = np.asarray(image.affine, dtype=np.float64)
     if spatial_dims == 2:
         # Keep the in-plane part of the 3D affine; the slice position is restored from the header when writing.

@@ -1,0 +1,88 @@
+import json
+
+import pytest
+
+from consingan.config import TrainConfig, resolve_config
+from consingan.errors import ConsinganError
+from consingan.cli import app
+
+SEED_TABLE = {
+    "data_dir": "data", "out_dir": "out", "dimension": 3, "epochs": 2000, "num_scales": 8, "active_scales": 3,
+    "num_layers": 3, "num_feature_channels": 64, "kernel_size": 3, "padding": 1, "batch_norm": True, "cbam": True,
+    "lrelu_alpha": 0.05, "beta1_adam": 0.5, "lr": 0.0005, "lr_factor": 0.1, "gamma_scheduler": 0.1, "noise_amp": 0.1,
+    "alpha_rec_loss": 10, "lambda_grad_penalty": 0.1, "Dsteps": 3, "Gsteps": 3, "max_size": 250, "min_size": 25,
+}
+
+
+def test_defaults_are_the_seed_table():
+    config = TrainConfig().to_dict()
+    for name, value in SEED_TABLE.items():
+        assert config[name] == value, name
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".yaml", "num_scales: 5\nDsteps: 4\ncbam: false\nlr: 0.001\nepochs: 100\n"),
+    (".toml", "num_scales = 5\nDsteps = 4\ncbam = false\nlr = 0.001\nepochs = 100\n"),
+])
+def test_file_then_flags_win(tmp_path, suffix, text):
+    path = tmp_path / f"options{suffix}"
+    path.write_text(text)
+    config = resolve_config(path, {"num_scales": 6, "epochs": None})
+    assert config.num_scales == 6  # flag wins
+    assert config.epochs == 100  # flag not given: the file's value stays
+    assert config.Dsteps == 4 and config.cbam is False and config.lr == 0.001
+    assert config.Gsteps == 3  # neither: default
+
+
+@pytest.mark.parametrize("text, match", [
+    ("num_scale: 5\n", "unknown option 'num_scale'.*num_scales"),
+    ("epochs: ten\n", "epochs must be an integer"),
+    ("cbam: 3\n", "cbam must be true or false"),
+    ("- a\n- b\n", "mapping"),
+    ("epochs: [\n", "cannot parse"),
+])
+def test_bad_config_files(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConsinganError, match=match):
+        resolve_config(path, {})
+
+
+@pytest.mark.parametrize("flags, match", [
+    ({"epochs": 0}, "epochs must be a positive integer"),
+    ({"num_scales": -2}, "num_scales must be a positive integer"),
+    ({"lr": -0.1}, "lr must be positive"),
+    ({"lr": 0.0}, "lr must be positive"),
+    ({"noise_amp": 0.0}, "noise_amp must be positive"),
+    ({"lambda_grad_penalty": -1.0}, "lambda_grad_penalty must be zero or positive"),
+    ({"kernel_size": 4}, "kernel_size must be odd"),
+    ({"padding": 2}, "padding must be between 0 and 1"),
+    ({"min_size": 300}, "min_size"),
+    ({"dimension": 4}, "dimension must be 2 or 3"),
+    ({"device": "tpu"}, "device"),
+])
+def test_invalid_values(flags, match):
+    with pytest.raises(ConsinganError, match=match):
+        resolve_config(None, flags)
+
+
+def test_cli_flags_in_lower_case_with_dashes_and_precedence(tmp_path, runner, nifti_3d):
+    path = tmp_path / "options.toml"
+    path.write_text('num_scales = 3\nGsteps = 5\nbatch_norm = false\nmin_size = 10\n')
+    result = runner.invoke(app, [
+        "train", "--image", str(nifti_3d), "--config", str(path), "--dry-run", "--gsteps", "2", "--dsteps", "4",
+        "--no-cbam", "--num-feature-channels", "16", "--lrelu-alpha", "0.2", "--out-dir", str(tmp_path / "o"),
+    ], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
+            if line.count("│") == 3}
+    assert rows["Gsteps"] == "2" and rows["Dsteps"] == "4" and rows["num_scales"] == "3"
+    assert rows["cbam"] == "False" and rows["batch_norm"] == "False" and rows["lrelu_alpha"] == "0.2"
+    assert rows["num_feature_channels"] == "16"
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing
+
+
+def test_saved_config_json_round_trips(tmp_path):
+    config = resolve_config(None, {"epochs": 7, "seed": 3})
+    config.save_json(tmp_path / "config.json")
+    assert TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == config

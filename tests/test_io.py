@@ -1,0 +1,72 @@
+import nibabel as nib
+import numpy as np
+import pytest
+
+from consingan.errors import ConsinganError
+from consingan.io import IntensityRange, Volume, read_volume, resized_affine, write_volume
+
+
+def test_intensity_range_maps_to_tanh_range_and_back():
+    rng = np.random.default_rng(0)
+    array = np.stack([rng.uniform(-1000, 3000, (8, 8)), rng.uniform(0, 65535, (8, 8))]).astype(np.float32)
+    intensity = IntensityRange.of(array)
+    normalised = intensity.normalise(array)
+    assert normalised.min() == pytest.approx(-1) and normalised.max() == pytest.approx(1)
+    for channel in range(2):
+        assert normalised[channel].min() == pytest.approx(-1) and normalised[channel].max() == pytest.approx(1)
+    assert np.allclose(intensity.denormalise(normalised), array, rtol=1e-5, atol=1e-2)
+    assert IntensityRange.from_dict(intensity.to_dict()) == intensity
+
+
+def test_resized_affine_keeps_field_of_view():
+    affine = np.array([[0.0, 0, 2, 10], [0, -1.5, 0, 4], [1, 0, 0, -3], [0, 0, 0, 1]])
+    new = resized_affine(affine, (30, 40, 50), (15, 20, 10))
+    for corner_old, corner_new in [((-0.5,) * 3, (-0.5,) * 3), ((29.5, 39.5, 49.5), (14.5, 19.5, 9.5))]:
+        assert np.allclose(affine @ [*corner_old, 1], new @ [*corner_new, 1])
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mha", ".nrrd", ".npy", ".tif"])
+def test_3d_write_read_round_trip(tmp_path, suffix):
+    rng = np.random.default_rng(1)
+    array = rng.normal(size=(1, 6, 7, 8)).astype(np.float32)
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    affine[:3, 3] = [1.0, -2.0, 3.0]
+    if suffix == ".npy":
+        affine = np.eye(4)  # .npy stores no geometry
+    header = nib.Nifti1Header() if suffix == ".nii.gz" else None
+    written = write_volume(tmp_path / "vol", Volume(array, affine, suffix, np.dtype(np.float32), header))
+    back = read_volume(written, 3)
+    assert back.array.shape == array.shape and np.allclose(back.array, array, atol=1e-6)
+    if suffix != ".tif":  # SimpleITK's TIFF keeps spacing only
+        assert np.allclose(back.affine, affine, atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".nii.gz", ".npy"])
+def test_2d_rgb_round_trip(tmp_path, suffix):
+    rng = np.random.default_rng(2)
+    array = rng.integers(0, 256, size=(3, 9, 11)).astype(np.float32)
+    header = nib.Nifti1Header() if suffix == ".nii.gz" else None
+    dtype = np.dtype(np.uint8) if suffix == ".png" else np.dtype(np.float32)
+    written = write_volume(tmp_path / "img", Volume(array, np.eye(3), suffix, dtype, header))
+    back = read_volume(written, 2)
+    assert back.array.shape == (3, 9, 11) and np.allclose(back.array, array)
+
+
+def test_png_16_bit_is_not_squashed(tmp_path):
+    array = np.linspace(0, 60000, 64, dtype=np.float32).reshape(1, 8, 8)
+    written = write_volume(tmp_path / "deep", Volume(array, np.eye(3), ".png", np.dtype(np.uint16)))
+    back = read_volume(written, 2)
+    assert back.source_dtype == np.uint16 and np.allclose(back.array, np.rint(array))
+
+
+def test_npy_with_objects_is_refused(tmp_path):
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ConsinganError, match="cannot read"):
+        read_volume(tmp_path / "objects.npy", 2)
+
+
+def test_shipped_examples_read():
+    volume = read_volume("data/vol.nii.gz", 3)
+    assert volume.spatial_shape == (33, 41, 25) and np.allclose(volume.spacing, 2.0)
+    picture = read_volume("data/ihc.png", 2)
+    assert picture.channels == 3 and picture.spatial_shape == (512, 512)

@@ -1,0 +1,120 @@
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from consingan.checkpoint import load_state
+from consingan.config import TrainConfig
+from consingan.io import Volume
+from consingan.losses import gradient_penalty
+from consingan.singan.trainer import SinGANTrainer, scale_dir
+from tests.conftest import blobs
+
+
+def make_trainer(tmp_path, dims=2, **overrides):
+    torch.manual_seed(0)
+    size = 32 if dims == 2 else 16
+    array = blobs((size,) * dims)[None].astype(np.float32)
+    config = TrainConfig(
+        dimension=dims, epochs=4, num_scales=3, num_feature_channels=8, num_layers=2, min_size=10, max_size=size,
+        save_every=0, device="cpu", seed=0,
+    )
+    config = dataclasses.replace(config, **overrides).validate()
+    volume = Volume(array, np.eye(dims + 1), ".npy")
+    return SinGANTrainer(config, volume, tmp_path)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_noise_amp_is_factor_times_rmse_of_new_stage_reconstruction(tmp_path, dims):
+    trainer = make_trainer(tmp_path, dims, noise_amp=0.25)
+    trainer.grow(0)
+    assert trainer.generator.noise_amps.tolist() == [1.0]
+    assert torch.equal(trainer.generator.reconstruction_noise(0), trainer.reals[0])
+    trainer.grow(1)
+    generator = copy.deepcopy(trainer.generator)
+    generator.set_noise_amp(1, 0.0)
+    with torch.no_grad():
+        rec = generator(generator.reconstruction_inputs())
+    expected = 0.25 * torch.sqrt(torch.mean((rec - trainer.reals[1]) ** 2)).item()
+    assert trainer.generator.noise_amps[1].item() == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+
+
+def test_scheduler_really_decays_late_in_each_scale(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=5, lr=1e-3, gamma_scheduler=0.5, lr_decay_at=0.6, active_scales=2)
+    trainer.grow(0)
+    trainer.grow(1)
+    optimizer_g, optimizer_d, schedulers = trainer.make_optimizers()
+    start = [group["lr"] for group in optimizer_g.param_groups]
+    seen = []
+    for _ in range(5):
+        trainer.train_epoch(1, optimizer_g, optimizer_d)
+        for scheduler in schedulers:
+            scheduler.step()
+        seen.append(optimizer_d.param_groups[0]["lr"])
+    assert seen == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 5e-4])  # milestone at 0.6 * 5 = epoch 3
+    assert [g["lr"] for g in optimizer_g.param_groups] == pytest.approx([lr * 0.5 for lr in start])
+
+
+def test_each_generator_and_critic_step_is_a_real_update_with_its_own_gradient(tmp_path):
+    trainer = make_trainer(tmp_path, Dsteps=3, Gsteps=3)
+    trainer.grow(0)
+    optimizer_g, optimizer_d, _ = trainer.make_optimizers()
+    tail_grads, critic_grads = [], []
+    tail_weight = trainer.generator.tail[1].weight
+    critic_weight = trainer.critic.tail.weight
+    optimizer_g.register_step_pre_hook(lambda *_: tail_grads.append(tail_weight.grad.clone()))
+    optimizer_d.register_step_pre_hook(lambda *_: critic_grads.append(critic_weight.grad.clone()))
+    trainer.train_epoch(0, optimizer_g, optimizer_d)
+    assert len(tail_grads) == 3 and len(critic_grads) == 3
+    for grads in (tail_grads, critic_grads):
+        assert not torch.allclose(grads[0], grads[1]) and not torch.allclose(grads[1], grads[2])
+    assert optimizer_g.state[tail_weight]["step"].item() == 3
+
+
+def test_only_active_stages_train_and_critic_carries_over(tmp_path):
+    trainer = make_trainer(tmp_path, active_scales=1, epochs=2)
+    trainer.train_scale(0)
+    saved_critic = load_state(scale_dir(tmp_path, 0) / "critic.pt")
+    stage0 = copy.deepcopy(trainer.generator.body[0].state_dict())
+    head = copy.deepcopy(trainer.generator.head.state_dict())
+    tail = copy.deepcopy(trainer.generator.tail.state_dict())
+    trainer.grow(1)
+    for key, value in trainer.critic.state_dict().items():
+        assert torch.equal(value, saved_critic[key]), key  # the new scale's critic starts from the last one
+    optimizer_g, optimizer_d, _ = trainer.make_optimizers()
+    for _ in range(2):
+        trainer.train_epoch(1, optimizer_g, optimizer_d)
+    for key, value in trainer.generator.body[0].state_dict().items():
+        assert torch.equal(value, stage0[key]), key
+    for key, value in trainer.generator.head.state_dict().items():
+        assert torch.equal(value, head[key]), key
+    assert any(not torch.equal(v, tail[k]) for k, v in trainer.generator.tail.state_dict().items())
+    assert any(not torch.equal(a, b) for a, b in zip(trainer.generator.body[1].state_dict().values(), stage0.values()))
+
+
+def test_training_lowers_reconstruction_error(tmp_path):
+    trainer = make_trainer(tmp_path, num_scales=1, epochs=60, alpha_rec_loss=10.0)
+    summary = trainer.train_scale(0)
+    import csv
+
+    with open(scale_dir(tmp_path, 0) / "losses.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 60
+    first = np.mean([float(r["reconstruction"]) for r in rows[:5]])
+    last = np.mean([float(r["reconstruction"]) for r in rows[-5:]])
+    assert last < 0.5 * first
+    assert summary.losses["reconstruction"] == pytest.approx(float(rows[-1]["reconstruction"]), rel=1e-4)
+
+
+def test_gradient_penalty_known_value():
+    # For a linear critic D(x) = sum(w * x), the gradient is w everywhere: penalty = (||w|| - 1)^2.
+    weight = torch.full((1, 1, 4, 4), 0.5)
+
+    def critic(x):
+        return (x * weight).sum(dim=(1, 2, 3))
+
+    penalty = gradient_penalty(critic, torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4))
+    assert penalty.item() == pytest.approx((2.0 - 1.0) ** 2)
