@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from consingan.nn import fast_conv
+
 SUPPORTED_DIMS = (2, 3)
 
 
@@ -31,7 +33,7 @@ def _lookup(kind: str, name: str, table: dict[str, Any]) -> Any:
     raise ValueError(f"unknown {kind} {name!r}; choose one of {sorted(table)}.{hint}")
 
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_CONV = {2: nn.Conv2d, 3: fast_conv.Conv3d}
 _CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _PAD = {
     "zeros": {2: nn.ZeroPad2d, 3: nn.ZeroPad3d},
@@ -65,7 +67,11 @@ def conv(
     padding_mode: str = "zeros",
     bias: bool = True,
 ) -> nn.Module:
-    """A convolution for ``spatial_dims``; ``padding_mode`` is 'zeros', 'reflect' or 'replicate'."""
+    """A convolution for ``spatial_dims``; ``padding_mode`` is 'zeros', 'reflect' or 'replicate'.
+
+    In 3D this is a subclass of ``nn.Conv3d`` that runs stride-1 convolutions on the CPU through oneDNN
+    (``consingan.nn.fast_conv``); parameters, state-dict keys and results are those of the plain layer.
+    """
     mode = _lookup("padding mode", padding_mode, _PAD_ALIASES)
     return _CONV[_check_dims(spatial_dims)](
         in_channels, out_channels, kernel_size, stride=stride, padding=padding, padding_mode=mode, bias=bias

@@ -171,16 +171,19 @@ class SinGANTrainer:
 
         critic.requires_grad_(False)  # no critic gradients are needed for generator updates
         rec_inputs = generator.reconstruction_inputs()
+        use_rec = config.alpha_rec_loss > 0
         for _ in range(config.Gsteps):
             optimizer_g.zero_grad(set_to_none=True)
-            adversarial = wasserstein_generator_loss(critic(generator(generator.sample_noise(shapes))))
-            total = adversarial
-            if config.alpha_rec_loss > 0:
-                rec = reconstruction_loss(generator(rec_inputs), real)
-                total = total + config.alpha_rec_loss * rec
+            noise = generator.sample_noise(shapes)
+            if use_rec:
+                # One batch of two (random, fixed) instead of two passes: the generator has no batch statistics, so
+                # this is the same computation, and a batch of 2 takes PyTorch's fast CPU convolution path.
+                output = generator([torch.cat([n, r]) for n, r in zip(noise, rec_inputs)])
+                fake, rec = output[:1], reconstruction_loss(output[1:], real)
             else:
-                rec = torch.zeros((), device=real.device)
-            total.backward()
+                fake, rec = generator(noise), torch.zeros((), device=real.device)
+            adversarial = wasserstein_generator_loss(critic(fake))
+            (adversarial + config.alpha_rec_loss * rec).backward()
             optimizer_g.step()
         critic.requires_grad_(True)
         return {
