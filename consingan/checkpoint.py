@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str
     if not path.is_file():
         raise ConsinganError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle protocol warns before it is refused: one message is enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise ConsinganError(f"refusing to load {path}: it holds more than tensors and plain values (tampered?)") from None
     except Exception as error:

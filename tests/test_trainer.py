@@ -118,3 +118,19 @@ def test_gradient_penalty_known_value():
 
     penalty = gradient_penalty(critic, torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4))
     assert penalty.item() == pytest.approx((2.0 - 1.0) ** 2)
+
+
+def test_two_channel_3d_volume_trains_and_keeps_its_channels(tmp_path):
+    torch.manual_seed(0)
+    ct = blobs((16, 16, 16), 3) * 2000 - 1000  # Hounsfield-like range
+    pet = blobs((16, 16, 16), 4) * 5.0  # SUV-like range
+    volume = Volume(np.stack([ct, pet]).astype(np.float32), np.eye(4), ".npy")
+    config = TrainConfig(dimension=3, epochs=2, num_scales=2, num_feature_channels=8, num_layers=2, min_size=10,
+                         max_size=16, save_every=0, device="cpu", seed=0).validate()
+    trainer = SinGANTrainer(config, volume, tmp_path)
+    trainer.train()
+    sample = np.load(scale_dir(tmp_path, 1) / "samples" / "epoch00002_sample.npy")
+    assert sample.shape == (2, 16, 16, 16)
+    # Each channel comes back in its own units.
+    assert -1000.5 <= sample[0].min() and sample[0].max() <= 1000.5
+    assert 0 - 1e-3 <= sample[1].min() and sample[1].max() <= 5.0 + 1e-3
