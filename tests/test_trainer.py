@@ -134,3 +134,12 @@ def test_two_channel_3d_volume_trains_and_keeps_its_channels(tmp_path):
     # Each channel comes back in its own units.
     assert -1000.5 <= sample[0].min() and sample[0].max() <= 1000.5
     assert 0 - 1e-3 <= sample[1].min() and sample[1].max() <= 5.0 + 1e-3
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_unpadded_convolutions_train_at_every_scale(tmp_path, dims):
+    trainer = make_trainer(tmp_path, dims, kernel_size=3, padding=0, epochs=1, num_layers=2)
+    trainer.train()
+    for stage, shape in enumerate(trainer.shapes):
+        sample = np.load(scale_dir(tmp_path, stage) / "samples" / "epoch00001_sample.npy")
+        assert sample.shape == shape
