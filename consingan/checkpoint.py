@@ -56,7 +56,12 @@ def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str
     return state
 
 
+def save_text(path: Path, text: str) -> None:
+    """Write text atomically."""
+    data = text.encode()
+    _atomic_write(Path(path), lambda stream: stream.write(data))
+
+
 def save_json(path: Path, data: Any) -> None:
     """Write JSON atomically."""
-    text = (json.dumps(data, indent=2) + "\n").encode()
-    _atomic_write(Path(path), lambda stream: stream.write(text))
+    save_text(path, json.dumps(data, indent=2) + "\n")

@@ -51,6 +51,12 @@ def _train_parameters() -> list[inspect.Parameter]:
                 "--config", help="YAML or TOML file of options; flags given on the command line win over it.")],
         ),
         inspect.Parameter(
+            "resume", inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[Optional[Path], typer.Option(
+                "--resume", help="Continue RUN_DIR from its last checkpoint; its config.json fixes every option "
+                                 "except --device.")],
+        ),
+        inspect.Parameter(
             "dry_run", inspect.Parameter.KEYWORD_ONLY, default=False,
             annotation=Annotated[bool, typer.Option(
                 "--dry-run", help="Check the input, print the configuration and pyramid, write nothing.")],
@@ -80,10 +86,13 @@ def _print_config(config: TrainConfig) -> None:
     console.print(table)
 
 
-def _train(config_file: Path | None = None, dry_run: bool = False, **flags: Any) -> None:
+def _train(config_file: Path | None = None, resume: Path | None = None, dry_run: bool = False, **flags: Any) -> None:
     from consingan.config import resolve_config
 
     try:
+        if resume is not None:
+            _resume(resume, config_file, flags)
+            return
         config = resolve_config(config_file, flags)
         if dry_run:
             from consingan.singan.trainer import prepare
@@ -108,6 +117,20 @@ def _train(config_file: Path | None = None, dry_run: bool = False, **flags: Any)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the scales completed so far are saved in the run folder")
         raise typer.Exit(code=130)
+
+
+def _resume(run_dir: Path, config_file: Path | None, flags: dict[str, Any]) -> None:
+    from consingan.singan.trainer import resume
+    from consingan.ui import RichReporter, summary_table
+
+    given = sorted(name for name, value in flags.items() if value is not None and name != "device")
+    if config_file is not None or given:
+        names = ", ".join(["--config"] * (config_file is not None) + [_flag_names(option_names()[n])[0] for n in given])
+        raise ConsinganError(f"--resume takes every option from {run_dir}/config.json; drop {names}")
+    with RichReporter(console) as reporter:
+        result = resume(run_dir, reporter, device=flags.get("device"))
+    console.print(summary_table(result.scales))
+    console.print(f"run folder: [bold]{result.run_dir}[/]")
 
 
 _train.__signature__ = inspect.Signature(_train_parameters())  # type: ignore[attr-defined]

@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int | None = _opt(None, "Random seed; drawn at random and recorded in config.json when not given.")
     device: str = _opt("auto", "Device: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
     save_every: int = _opt(500, "Write a sample, a reconstruction and a preview every N epochs (0: end of scale only).")
+    checkpoint_every: int = _opt(100, "Save a resumable training state every N epochs within a scale (0: end of scale only).")
     lr_decay_at: float = _opt(0.8, "Fraction of each scale's epochs after which the learning rate is decayed.")
     run_name: str = _opt("", "Name of the run folder under out_dir (default: numbered from the image name).")
 
@@ -91,8 +92,10 @@ class TrainConfig:
             raise ConsinganError(f"lr_decay_at must be in (0, 1], got {self.lr_decay_at}")
         if self.min_size > self.max_size:
             raise ConsinganError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
-        if not isinstance(self.save_every, int) or self.save_every < 0:
-            raise ConsinganError(f"save_every must be zero or a positive integer, got {self.save_every!r}")
+        for name in ("save_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConsinganError(f"{name} must be zero or a positive integer, got {value!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ConsinganError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):

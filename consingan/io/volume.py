@@ -7,7 +7,9 @@ volume to another grid is then a single rule on that affine (``resized_affine``)
 
 from __future__ import annotations
 
+import base64
 import copy
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -82,6 +84,24 @@ def resized_affine(affine: np.ndarray, old_shape: Sequence[int], new_shape: Sequ
     result[:-1, :-1] = linear * ratio[None, :]
     result[:-1, -1] = affine[:-1, -1] + linear @ (0.5 * ratio - 0.5)
     return result
+
+
+def encode_header(header: Any) -> str | None:
+    """A NIfTI header as base64 text (for run.json), or None."""
+    if header is None:
+        return None
+    return base64.b64encode(header.binaryblock).decode("ascii")
+
+
+def decode_header(text: str | None) -> Any:
+    """Inverse of ``encode_header``."""
+    if not text:
+        return None
+    import nibabel as nib
+
+    block = base64.b64decode(text)
+    header_class = nib.Nifti2Header if len(block) == 540 else nib.Nifti1Header
+    return header_class.from_fileobj(io.BytesIO(block))
 
 
 # --- reading -------------------------------------------------------------------------------------------------------

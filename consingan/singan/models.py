@@ -162,10 +162,11 @@ class GrowingGenerator(nn.Module):
             raise ValueError("state dict holds no consistent generator stages")
         while self.num_stages < len(stages):
             self.add_stage()
-        self.noise_amps = torch.zeros_like(state["noise_amps"])
+        device = self.noise_amps.device
+        self.noise_amps = torch.zeros_like(state["noise_amps"], device=device)
         for key, value in state.items():
             if key.startswith("rec_noise_"):
-                self.register_buffer(key, torch.zeros_like(value))
+                self.register_buffer(key, torch.zeros_like(value, device=device))
         self.load_state_dict(state, strict=True)
 
     def param_groups(self, active_scales: int, lr: float, lr_factor: float) -> list[dict]:

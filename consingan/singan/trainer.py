@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import secrets
@@ -15,10 +14,10 @@ import numpy as np
 import torch
 
 from consingan import __version__
-from consingan.checkpoint import save_json, save_state
+from consingan.checkpoint import load_state, save_json, save_state, save_text
 from consingan.config import TrainConfig
 from consingan.errors import ConsinganError
-from consingan.io import IntensityRange, Volume, read_volume, write_volume
+from consingan.io import IntensityRange, Volume, encode_header, read_volume, write_volume
 from consingan.io.preview import preview_grid, write_png
 from consingan.losses import (
     gradient_penalty,
@@ -43,6 +42,12 @@ class ScaleSummary:
     noise_amp: float
     losses: dict[str, float]
     lr_end: float
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "ScaleSummary":
+        """From a scale.json (which holds more keys than these)."""
+        values = {f.name: meta[f.name] for f in dataclasses.fields(cls)}
+        return cls(**{**values, "shape": tuple(values["shape"])})
 
 
 @dataclass
@@ -191,34 +196,72 @@ class SinGANTrainer:
             "adversarial": adversarial.item(), "reconstruction": rec.item(),
         }
 
-    def train_scale(self, stage: int) -> ScaleSummary:
+    def train_scale(self, stage: int, resume_state: dict | None = None) -> ScaleSummary:
+        """Train scale ``stage`` from its start, or from ``resume_state`` (a training state saved inside it)."""
         config = self.config
-        self.grow(stage)
+        if resume_state is None:
+            self.grow(stage)
         optimizer_g, optimizer_d, schedulers = self.make_optimizers()
-        self.reporter.start_scale(stage, self.shapes[stage], config.epochs)
         history: list[dict[str, float]] = []
-        started = time.perf_counter()
-        for epoch in range(config.epochs):
+        start_epoch, seconds_before = 0, 0.0
+        if resume_state is not None:
+            optimizer_g.load_state_dict(resume_state["optimizer_g"])
+            optimizer_d.load_state_dict(resume_state["optimizer_d"])
+            for scheduler, key in zip(schedulers, ("scheduler_g", "scheduler_d")):
+                scheduler.load_state_dict(resume_state[key])
+            start_epoch, seconds_before = int(resume_state["epoch"]), float(resume_state["seconds"])
+            history = [dict(zip(LOSS_NAMES, row)) for row in resume_state["history"].tolist()]
+            torch.set_rng_state(resume_state["rng_torch"].cpu())
+            if "rng_cuda" in resume_state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(resume_state["rng_cuda"].cpu(), self.device)
+        self.reporter.start_scale(stage, self.shapes[stage], config.epochs)
+        started = time.perf_counter() - seconds_before
+        optimizers = (optimizer_g, optimizer_d, schedulers)
+        for epoch in range(start_epoch + 1, config.epochs + 1):
             losses = self.train_epoch(stage, optimizer_g, optimizer_d)
             for scheduler in schedulers:
                 scheduler.step()
             if not all(math.isfinite(v) for v in losses.values()):
-                raise ConsinganError(f"training diverged at scale {stage}, epoch {epoch + 1} (losses {losses}); "
+                raise ConsinganError(f"training diverged at scale {stage}, epoch {epoch} (losses {losses}); "
                                      f"try a lower --lr")
             history.append(losses)
-            self.reporter.update(stage, epoch + 1, losses)
-            if config.save_every and (epoch + 1) % config.save_every == 0 and epoch + 1 < config.epochs:
-                self.write_outputs(stage, epoch + 1)
+            self.reporter.update(stage, epoch, losses)
+            if epoch < config.epochs:
+                if config.save_every and epoch % config.save_every == 0:
+                    self.write_outputs(stage, epoch)
+                if config.checkpoint_every and epoch % config.checkpoint_every == 0:
+                    self.save_training_state(stage, epoch, history, time.perf_counter() - started, optimizers)
         seconds = time.perf_counter() - started
-        self.write_outputs(stage, config.epochs)
+        finished_before = start_epoch >= config.epochs  # killed between the final state and scale.json
+        if not finished_before:
+            self.write_outputs(stage, config.epochs)
         summary = ScaleSummary(
             stage=stage, shape=self.shapes[stage], epochs=config.epochs, seconds=seconds,
             noise_amp=float(self.generator.noise_amps[stage]), losses=history[-1],
             lr_end=optimizer_g.param_groups[-1]["lr"],
         )
+        if not finished_before:
+            self.save_training_state(stage, config.epochs, history, seconds, optimizers)
         self.save_scale(stage, summary, history)
         self.reporter.end_scale(summary)
         return summary
+
+    def save_training_state(
+        self, stage: int, epoch: int, history: Sequence[dict[str, float]], seconds: float, optimizers: tuple
+    ) -> None:
+        """Everything needed to continue bit-for-bit: weights, optimizer and scheduler states, losses, RNG state."""
+        optimizer_g, optimizer_d, (scheduler_g, scheduler_d) = optimizers
+        state = {
+            "stage": stage, "epoch": epoch, "seconds": seconds,
+            "generator": self.generator.state_dict(), "critic": self.critic.state_dict(),
+            "optimizer_g": optimizer_g.state_dict(), "optimizer_d": optimizer_d.state_dict(),
+            "scheduler_g": scheduler_g.state_dict(), "scheduler_d": scheduler_d.state_dict(),
+            "history": torch.tensor([[row[name] for name in LOSS_NAMES] for row in history], dtype=torch.float64),
+            "rng_torch": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        save_state(scale_dir(self.run_dir, stage) / "training_state.pt", state)
 
     # --- outputs -------------------------------------------------------------------------------------------------
 
@@ -243,15 +286,13 @@ class SinGANTrainer:
         folder.mkdir(parents=True, exist_ok=True)
         save_state(folder / "generator.pt", self.generator.state_dict())
         save_state(folder / "critic.pt", self.critic.state_dict())
-        with open(folder / "losses.csv", "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=["epoch", *LOSS_NAMES])
-            writer.writeheader()
-            for epoch, losses in enumerate(history, 1):
-                writer.writerow({"epoch": epoch, **{k: f"{v:.6g}" for k, v in losses.items()}})
+        lines = [",".join(["epoch", *LOSS_NAMES])]
+        lines += [",".join([str(epoch), *(f"{row[k]:.6g}" for k in LOSS_NAMES)]) for epoch, row in enumerate(history, 1)]
+        save_text(folder / "losses.csv", "\n".join(lines) + "\n")
         meta = dataclasses.asdict(summary)
         meta["shapes"] = [list(s) for s in self.shapes[: stage + 1]]
         meta["noise_amps"] = self.generator.noise_amps.tolist()
-        save_json(folder / "scale.json", meta)
+        save_json(folder / "scale.json", meta)  # written last: its presence marks the scale as complete
 
     def run_info(self) -> dict:
         """What sampling needs besides the weights: shapes, channels, intensity range, geometry and source type."""
@@ -266,6 +307,7 @@ class SinGANTrainer:
             "source_affine": self.volume.affine.tolist(),
             "shapes": [list(s) for s in self.shapes],
             "intensity": self.intensity.to_dict(),
+            "nifti_header": encode_header(self.volume.header),
         }
 
     def train(self) -> list[ScaleSummary]:
@@ -328,7 +370,7 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, Volume]:
     if config.seed is None:
         config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
     image = find_image(config)
-    config = dataclasses.replace(config, image=str(image))
+    config = dataclasses.replace(config, image=str(image.resolve()))  # absolute, so --resume works from anywhere
     volume = read_volume(image, config.dimension)
     pyramid_shapes(volume.spatial_shape, config.num_scales, config.max_size, config.min_size)  # fails early
     resolve_device(config.device)
@@ -351,3 +393,43 @@ def train_prepared(config: TrainConfig, volume: Volume, reporter: Reporter | Non
     np.random.seed(config.seed % 2**32)
     trainer = SinGANTrainer(config, volume, run_dir, reporter)
     return TrainResult(run_dir, config, trainer.train())
+
+
+def resume(run_dir: Path | str, reporter: Reporter | None = None, device: str | None = None) -> TrainResult:
+    """Continue a run from its last completed scale, or from the last training state saved inside a scale.
+
+    The configuration (architecture included) comes from the run's config.json; only the device may change. With the
+    same device, the result equals a run that never stopped: weights, optimizer and scheduler states, losses and the
+    random-number state are all restored.
+    """
+    from consingan.singan.run import open_run
+
+    run = open_run(run_dir)
+    config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
+    volume = read_volume(config.image, config.dimension)
+    if IntensityRange.of(volume.array).to_dict() != run.info["intensity"] or list(volume.spatial_shape) != run.info[
+            "source_shape"]:
+        raise ConsinganError(f"{config.image} differs from the image this run was trained on; cannot resume")
+    trainer = SinGANTrainer(config, volume, run.path, reporter)
+    state_path = run.latest_training_state()
+    if state_path is None:  # stopped before its first checkpoint: start over in the same folder
+        torch.manual_seed(config.seed)
+        return TrainResult(run.path, config, trainer.train())
+    state = load_state(state_path, map_location=trainer.device)
+    stage = int(state["stage"])
+    trainer.generator.load_grown_state(state["generator"])
+    trainer.critic.load_state_dict(state["critic"])
+    done = [k for k in run.completed_scales() if k <= stage]
+    summaries = [ScaleSummary.from_meta(run.scale_meta(k)) for k in done]
+    if stage in done:
+        torch.set_rng_state(state["rng_torch"].cpu())
+        if "rng_cuda" in state and trainer.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), trainer.device)
+        first, resume_state = stage + 1, None
+    else:
+        first, resume_state = stage, state
+    trainer.generator.train()
+    trainer.critic.train()
+    for k in range(first, config.num_scales):
+        summaries.append(trainer.train_scale(k, resume_state if k == first else None))
+    return TrainResult(run.path, config, summaries)

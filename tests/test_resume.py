@@ -1,0 +1,102 @@
+"""Resume: same result as an uninterrupted run, survives a real kill, refuses tampered checkpoints."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from consingan.checkpoint import load_state
+from consingan.cli import app
+from consingan.config import TrainConfig
+from consingan.singan.trainer import SilentReporter, resume, train
+from tests.conftest import TINY
+
+
+class StopAt(SilentReporter):
+    """Raises KeyboardInterrupt after a given epoch of a given scale, like a user pressing Ctrl-C."""
+
+    def __init__(self, stage, epoch):
+        self.stop = (stage, epoch)
+
+    def update(self, stage, epoch, losses):
+        if (stage, epoch) == self.stop:
+            raise KeyboardInterrupt
+
+
+def tiny_config(image, out_dir, name):
+    return TrainConfig(image=str(image), dimension=3, epochs=4, num_scales=3, num_feature_channels=8, num_layers=2,
+                       min_size=10, save_every=2, checkpoint_every=2, seed=5, device="cpu", out_dir=str(out_dir),
+                       run_name=name)
+
+
+def final_states(run_dir, stage):
+    return load_state(run_dir / f"scale_{stage:02d}" / "training_state.pt")
+
+
+@pytest.mark.parametrize("stop", [(1, 3), (1, 1), (0, 4), (2, 2)])
+def test_interrupted_and_resumed_equals_uninterrupted(nifti_3d, out_dir, stop):
+    reference = train(tiny_config(nifti_3d, out_dir, "whole"))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(nifti_3d, out_dir, "cut"), reporter=StopAt(*stop))
+    resumed = resume(out_dir / "cut")
+    assert [s.stage for s in resumed.scales] == [0, 1, 2]
+    whole, cut = final_states(reference.run_dir, 2), final_states(resumed.run_dir, 2)
+    for part in ("generator", "critic"):
+        assert whole[part].keys() == cut[part].keys()
+        for key in whole[part]:
+            assert torch.equal(whole[part][key], cut[part][key]), (part, key)
+    assert torch.equal(whole["history"], cut["history"])
+    assert whole["optimizer_g"]["state"][0]["step"] == cut["optimizer_g"]["state"][0]["step"]
+
+
+def test_killed_process_resumes(nifti_3d, out_dir, runner):
+    args = [sys.executable, "-m", "consingan.cli", "train", "--image", str(nifti_3d), "--dim", "3",
+            "--out-dir", str(out_dir), "--run-name", "killed", *TINY, "--epochs", "400", "--checkpoint-every", "1",
+            "--save-every", "0"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out_dir / "killed" / "scale_00" / "training_state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # kill at an arbitrary moment, very likely while a checkpoint is being written
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.exists()
+    load_state(state)  # whatever moment it died at, the checkpoint on disk is whole
+    result = runner.invoke(app, ["train", "--resume", str(out_dir / "killed"), "--device", "cpu"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert (out_dir / "killed" / "scale_01" / "scale.json").is_file()
+
+
+class _Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_tampered_checkpoint_is_refused_on_resume(nifti_3d, out_dir, runner, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(nifti_3d, out_dir, "run"), reporter=StopAt(1, 3))
+    marker = tmp_path / "pwned"
+    with open(out_dir / "run" / "scale_01" / "training_state.pt", "wb") as stream:
+        pickle.dump({"generator": _Payload(marker)}, stream)
+    result = runner.invoke(app, ["train", "--resume", str(out_dir / "run")], terminal_width=200)
+    assert result.exit_code == 2 and "refusing to load" in result.output
+    assert not marker.exists()
+
+
+def test_resume_takes_options_from_the_run(nifti_3d, out_dir, runner):
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(nifti_3d, out_dir, "run"), reporter=StopAt(0, 1))
+    result = runner.invoke(app, ["train", "--resume", str(out_dir / "run"), "--num-scales", "5"], terminal_width=200)
+    assert result.exit_code == 2 and "drop --num-scales" in result.output
+    result = runner.invoke(app, ["train", "--resume", str(out_dir / "nothing")], terminal_width=200)
+    assert result.exit_code == 2 and "run folder not found" in result.output
