@@ -56,7 +56,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(nifti_3d, out_dir, stop):
 
 def test_killed_process_resumes(nifti_3d, out_dir, runner):
     args = [sys.executable, "-m", "consingan.cli", "train", "--image", str(nifti_3d), "--dim", "3",
-            "--out-dir", str(out_dir), "--run-name", "killed", *TINY, "--epochs", "400", "--checkpoint-every", "1",
+            "--out-dir", str(out_dir), "--run-name", "killed", *TINY, "--epochs", "60", "--checkpoint-every", "1",
             "--save-every", "0"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out_dir / "killed" / "scale_00" / "training_state.pt"
@@ -66,6 +66,8 @@ def test_killed_process_resumes(nifti_3d, out_dir, runner):
     time.sleep(0.3)  # kill at an arbitrary moment, very likely while a checkpoint is being written
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert process.returncode == -signal.SIGKILL  # it really died mid-run
+    assert not (out_dir / "killed" / "scale_01" / "scale.json").exists()
     assert state.exists()
     load_state(state)  # whatever moment it died at, the checkpoint on disk is whole
     result = runner.invoke(app, ["train", "--resume", str(out_dir / "killed"), "--device", "cpu"],
