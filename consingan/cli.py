@@ -141,6 +141,53 @@ app.command(
 )(_train)
 
 
+def _numbers(text: str | None, kind: type, name: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(part) for part in text.replace("x", ",").split(",") if part.strip()]
+    except ValueError:
+        raise ConsinganError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+@app.command("sample")
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder written by consingan train.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the samples (created; nothing is overwritten).")],
+    num: Annotated[int, typer.Option("--num", help="Number of samples.")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same files.")] = 0,
+    scale: Annotated[Optional[str], typer.Option(
+        "--scale", help="Retarget by per-axis factors, e.g. 1.5,1 (2D) or 1,1,2 (3D); one number scales all axes.")] = None,
+    shape: Annotated[Optional[str], typer.Option("--shape", help="Retarget to this output shape, e.g. 64,96.")] = None,
+    start_scale: Annotated[int, typer.Option(
+        "--start-scale", help="Keep scales below this on the training image's layout; vary from here up.")] = 0,
+    inject: Annotated[Optional[Path], typer.Option(
+        "--inject", help="Image whose layout is kept (editing, harmonisation); same channels as the training image.")
+    ] = None,
+    use_scale: Annotated[Optional[int], typer.Option(
+        "--use-scale", help="Generate with the pyramid up to this scale (default: the last completed).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples generated at once.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    source_dtype: Annotated[bool, typer.Option(
+        "--source-dtype", help="Write the source's data type (rounded and clipped) instead of float32.")] = False,
+) -> None:
+    """Draw new images from a trained pyramid, in the input's file type and geometry, plus a PNG contact sheet."""
+    try:
+        from consingan.io import read_volume
+        from consingan.singan.sampler import TrainedPyramid, write_samples
+
+        pyramid = TrainedPyramid.load(run_dir, device=device, scale=use_scale)
+        injected = read_volume(inject, pyramid.spatial_dims).array if inject is not None else None
+        written = write_samples(
+            pyramid, out, num, seed=seed, source_dtype=source_dtype, batch_size=batch_size,
+            scale_factors=_numbers(scale, float, "--scale"), shape=_numbers(shape, int, "--shape"),
+            start_scale=start_scale, inject=injected,
+        )
+        console.print(f"wrote {len(written)} samples and contact_sheet.png to [bold]{out}[/]")
+    except ConsinganError as error:
+        fail(str(error))
+
+
 def run() -> None:
     """Console-script entry point."""
     try:

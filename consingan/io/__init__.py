@@ -7,10 +7,11 @@ from consingan.io.volume import (
     decode_header,
     encode_header,
     file_suffix,
+    output_suffix,
     read_volume,
     resized_affine,
     write_volume,
 )
 
-__all__ = ["IntensityRange", "SUPPORTED_SUFFIXES", "Volume", "decode_header", "encode_header", "file_suffix", "read_volume", "resized_affine",
+__all__ = ["IntensityRange", "SUPPORTED_SUFFIXES", "Volume", "decode_header", "encode_header", "file_suffix", "output_suffix", "read_volume", "resized_affine",
            "write_volume"]

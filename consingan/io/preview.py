@@ -44,3 +44,17 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
 
     sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=True), str(path))
     return path
+
+
+def contact_sheet(images: Sequence[np.ndarray], columns: int = 8, gap: int = 4) -> np.ndarray:
+    """Many images ([C, *spatial] in [-1, 1]) in a grid of tiles, each tile the image's ``preview_grid``."""
+    tiles = [preview_grid([image], gap=1) for image in images]
+    height = max(t.shape[0] for t in tiles)
+    width = max(t.shape[1] for t in tiles)
+    columns = max(1, min(columns, len(tiles)))
+    rows = -(-len(tiles) // columns)
+    sheet = np.zeros((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), dtype=np.uint8)
+    for index, tile in enumerate(tiles):
+        top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
+        sheet[top:top + tile.shape[0], left:left + tile.shape[1]] = tile
+    return sheet

@@ -107,8 +107,11 @@ def decode_header(text: str | None) -> Any:
 # --- reading -------------------------------------------------------------------------------------------------------
 
 
-def read_volume(path: Path | str, spatial_dims: int) -> Volume:
-    """Read an image as a ``Volume`` with ``spatial_dims`` spatial axes; every problem becomes a ``ConsinganError``."""
+def read_volume(path: Path | str, spatial_dims: int, check_values: bool = True) -> Volume:
+    """Read an image as a ``Volume`` with ``spatial_dims`` spatial axes; every problem becomes a ``ConsinganError``.
+
+    ``check_values`` refuses NaN/Inf and constant channels (what training needs); turn it off to read outputs.
+    """
     path = Path(path)
     if not path.exists():
         raise ConsinganError(f"image not found: {path}")
@@ -129,7 +132,8 @@ def read_volume(path: Path | str, spatial_dims: int) -> Volume:
     except Exception as error:  # corrupt files raise many different exception types in nibabel / SimpleITK / numpy
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConsinganError(f"cannot read {path}: {message}") from None
-    _check_values(volume.array, path)
+    if check_values:
+        _check_values(volume.array, path)
     return volume
 
 
@@ -223,17 +227,29 @@ def _check_values(array: np.ndarray, path: Path) -> None:
 # --- writing -------------------------------------------------------------------------------------------------------
 
 
-def write_volume(path: Path | str, volume: Volume) -> Path:
+def output_suffix(source_suffix: str) -> str:
+    """The file type outputs of a ``source_suffix`` image are written in."""
+    if source_suffix in (".jpg", ".jpeg"):
+        return ".png"  # lossless: JPEG would add compression artefacts
+    if source_suffix in (".mhd", ".nhdr"):
+        return ".mha"  # one file instead of a header + raw pair
+    return source_suffix
+
+
+def write_volume(path: Path | str, volume: Volume, source_dtype: bool = False) -> Path:
     """Write ``volume`` in the format of its ``suffix`` (``path``'s own suffix is replaced); returns the path written.
 
-    Float formats (NIfTI, ITK volumes, TIFF, NPY) store float32; PNG/JPEG sources are written as PNG in the source's
-    integer type with rounding and clipping, since PNG has no float pixels (and JPEG would add compression artefacts).
+    Float formats (NIfTI, ITK volumes, TIFF, NPY) store float32, or with ``source_dtype`` the source's type: values
+    are rounded (integer types) and clipped to that type's range. PNG/JPEG sources are always written as PNG in the
+    source's integer type, since PNG has no float pixels (and JPEG would add compression artefacts).
     """
-    suffix = ".png" if volume.suffix in (".png", ".jpg", ".jpeg") else volume.suffix
-    suffix = ".mha" if suffix in (".mhd", ".nhdr") else suffix  # one file instead of a header + raw pair
+    suffix = output_suffix(volume.suffix)
     path = Path(path)
     path = path.with_name(path.name.split(".")[0] + suffix)
     array = np.asarray(volume.array, dtype=np.float32)
+    if source_dtype or suffix == ".png":
+        array = cast_to(array, volume.source_dtype if suffix != ".png" or np.issubdtype(
+            volume.source_dtype, np.integer) else np.dtype(np.uint8))
     if suffix in NIFTI_SUFFIXES:
         _write_nifti(path, volume, array)
     elif suffix == ".npy":
@@ -241,6 +257,15 @@ def write_volume(path: Path | str, volume: Volume) -> Path:
     else:
         _write_itk(path, volume, array, suffix)
     return path
+
+
+def cast_to(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Round (for integer types) and clip ``array`` into ``dtype``."""
+    dtype = np.dtype(dtype).newbyteorder("=")  # native order: SimpleITK rejects swapped bytes
+    if np.issubdtype(dtype, np.integer):
+        limits = np.iinfo(dtype)
+        return np.clip(np.rint(array), limits.min, limits.max).astype(dtype)
+    return array.astype(dtype)
 
 
 def _write_nifti(path: Path, volume: Volume, array: np.ndarray) -> None:
@@ -257,8 +282,8 @@ def _write_nifti(path: Path, volume: Volume, array: np.ndarray) -> None:
     if volume.spatial_dims == 2:
         data = data[:, :, None, :]
     data = data[..., 0] if array.shape[0] == 1 else data[:, :, :, None, :]
-    image = nib.Nifti1Image(data.astype(np.float32), affine, header=header)
-    image.set_data_dtype(np.float32)
+    image = nib.Nifti1Image(data, affine, header=header)
+    image.set_data_dtype(data.dtype)
     # scl_slope/inter of an integer source would rescale our float data a second time.
     image.header.set_slope_inter(1.0, 0.0)
     if array.shape[0] > 1:
@@ -269,10 +294,6 @@ def _write_nifti(path: Path, volume: Volume, array: np.ndarray) -> None:
 def _write_itk(path: Path, volume: Volume, array: np.ndarray, suffix: str) -> None:
     import SimpleITK as sitk
 
-    if suffix == ".png":
-        dtype = volume.source_dtype if np.issubdtype(volume.source_dtype, np.integer) else np.dtype(np.uint8)
-        limits = np.iinfo(dtype)
-        array = np.clip(np.rint(array), limits.min, limits.max).astype(dtype)
     channels = array.shape[0]
     data = np.moveaxis(array, 0, -1) if channels > 1 else array[0]
     image = sitk.GetImageFromArray(data, isVector=channels > 1)

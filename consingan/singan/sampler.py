@@ -1,0 +1,239 @@
+"""Drawing new images from a trained pyramid: random samples, retargeted sizes, coarse-fixed variations, injection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from consingan.checkpoint import load_state
+from consingan.errors import ConsinganError
+from consingan.io import IntensityRange, Volume, decode_header, output_suffix, resized_affine, write_volume
+from consingan.io.preview import contact_sheet, write_png
+from consingan.nn import factory
+from consingan.singan.models import GrowingGenerator
+from consingan.singan.pyramid import Shape, resize
+from consingan.singan.run import RunFolder, open_run
+from consingan.singan.trainer import resolve_device
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a draw seeded with ``seed``: independent of batch size and of the other samples."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+class TrainedPyramid:
+    """A trained generator with what it needs to produce images in the source's units and geometry.
+
+    Load with ``TrainedPyramid.load(run_dir)``; by default the furthest completed scale is used.
+    """
+
+    def __init__(self, run: RunFolder, generator: GrowingGenerator, device: torch.device) -> None:
+        self.run = run
+        self.generator = generator.eval()
+        self.device = device
+        self.num_stages = generator.num_stages
+        self.shapes: list[Shape] = [tuple(s) for s in run.info["shapes"][: self.num_stages]]
+        self.intensity = IntensityRange.from_dict(run.info["intensity"])
+        self.spatial_dims = int(run.info["spatial_dims"])
+        self.channels = int(run.info["channels"])
+
+    @classmethod
+    def load(cls, run_dir: Path | str, device: str = "cpu", scale: int | None = None) -> "TrainedPyramid":
+        run = open_run(run_dir)
+        completed = run.completed_scales()
+        if not completed:
+            raise ConsinganError(f"{run.path} has no completed scale yet; train (or --resume) first")
+        scale = completed[-1] if scale is None else scale
+        if scale not in completed:
+            raise ConsinganError(f"scale {scale} of {run.path} is not trained; completed: {completed}")
+        config = run.config
+        torch_device = resolve_device(device)
+        generator = GrowingGenerator(
+            config.dimension, int(run.info["channels"]), num_feature_channels=config.num_feature_channels,
+            num_layers=config.num_layers, kernel_size=config.kernel_size, padding=config.padding,
+            negative_slope=config.lrelu_alpha, cbam=config.cbam,
+        ).to(torch_device)
+        generator.load_grown_state(load_state(run.scale_dir(scale) / "generator.pt", map_location=torch_device))
+        generator.requires_grad_(False)
+        return cls(run, generator, torch_device)
+
+    # --- shapes ----------------------------------------------------------------------------------------------------
+
+    def output_shapes(self, scale_factors: Sequence[float] | None = None, shape: Sequence[int] | None = None
+                      ) -> list[Shape]:
+        """Per-stage shapes for an output retargeted by per-axis ``scale_factors`` or to the final ``shape``."""
+        top = self.shapes[-1]
+        if shape is not None and scale_factors is not None:
+            raise ConsinganError("give either scale factors or an output shape, not both")
+        if shape is not None:
+            if len(shape) != self.spatial_dims or min(shape) < 1:
+                raise ConsinganError(f"output shape {tuple(shape)} must have {self.spatial_dims} positive sizes")
+            scale_factors = [s / t for s, t in zip(shape, top)]
+        if scale_factors is None:
+            return list(self.shapes)
+        factors = list(scale_factors)
+        if len(factors) == 1:
+            factors = factors * self.spatial_dims
+        if len(factors) != self.spatial_dims or min(factors) <= 0:
+            raise ConsinganError(f"scale factors {tuple(scale_factors)} must be {self.spatial_dims} positive numbers")
+        shapes = [tuple(max(1, round(s * f)) for s, f in zip(stage_shape, factors)) for stage_shape in self.shapes]
+        if shape is not None:
+            shapes[-1] = tuple(shape)
+        return shapes
+
+    def check_options(self, num: int, batch_size: int, scale_factors: Sequence[float] | None,
+                      shape: Sequence[int] | None, start_scale: int) -> list[Shape]:
+        """Validate sampling options (``ConsinganError`` on a bad one); returns the output shapes."""
+        if num < 1 or batch_size < 1:
+            raise ConsinganError("--num and --batch-size must be positive")
+        if not 0 <= start_scale < self.num_stages:
+            raise ConsinganError(f"start scale must be between 0 and {self.num_stages - 1}, got {start_scale}")
+        return self.output_shapes(scale_factors, shape)
+
+    # --- generation ------------------------------------------------------------------------------------------------
+
+    def _noise(self, shapes: Sequence[Shape], seed: int, start_scale: int, injected: torch.Tensor | None
+               ) -> list[torch.Tensor]:
+        generator = self.generator
+        rng = torch.Generator().manual_seed(seed)
+        noise = [torch.randn(generator.noise_shape(k, s), generator=rng) for k, s in enumerate(shapes)]
+        noise = [n.to(self.device) for n in noise]
+        for stage in range(min(start_scale, len(shapes))):
+            fixed = generator.reconstruction_noise(stage)
+            if tuple(fixed.shape[2:]) != tuple(noise[stage].shape[2:]):
+                fixed = (resize(fixed, noise[stage].shape[2:]) if stage == 0 else F.interpolate(
+                    fixed, size=noise[stage].shape[2:], mode=factory.interpolation_mode(self.spatial_dims)))
+            noise[stage] = fixed
+        if injected is not None:
+            noise[0] = resize(injected, shapes[0])
+        return noise
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num: int = 1,
+        seed: int = 0,
+        batch_size: int = 8,
+        scale_factors: Sequence[float] | None = None,
+        shape: Sequence[int] | None = None,
+        start_scale: int = 0,
+        inject: np.ndarray | None = None,
+        first_index: int = 0,
+    ) -> torch.Tensor:
+        """``num`` images [N, C, *spatial] in the generator's [-1, 1] range.
+
+        Sample i (counted from ``first_index``) depends only on (seed, i), so a draw can be split or repeated. ``start_scale`` K keeps the stages
+        below K on their fixed reconstruction input (the training image's coarse layout) and randomises only from K
+        up: the larger K, the finer the variations. ``inject`` ([C, *spatial] in source units, any size) replaces
+        the coarsest input, so its layout is kept and the trained stages add the texture, as in ConSinGAN's editing
+        and harmonisation; combine it with ``start_scale`` to choose from where new detail is drawn.
+        """
+        shapes = self.check_options(num, batch_size, scale_factors, shape, start_scale)
+        injected = None
+        if inject is not None:
+            if inject.ndim != self.spatial_dims + 1 or inject.shape[0] != self.channels:
+                raise ConsinganError(f"injected image has shape {inject.shape}, expected [{self.channels}, "
+                                     f"{self.spatial_dims} spatial axes]")
+            injected = torch.from_numpy(self.intensity.normalise(inject)).clamp(-1, 1)[None].to(self.device)
+        outputs = []
+        for first in range(first_index, first_index + num, batch_size):
+            indices = range(first, min(first_index + num, first + batch_size))
+            per_sample = [self._noise(shapes, sample_seed(seed, i), start_scale, injected) for i in indices]
+            batch = [torch.cat([noise[k] for noise in per_sample]) for k in range(len(shapes))]
+            outputs.append(self.generator(batch).cpu())
+        return torch.cat(outputs)
+
+    def to_source_units(self, images: torch.Tensor) -> list[np.ndarray]:
+        return [self.intensity.denormalise(image.numpy()) for image in images]
+
+    def to_volumes(self, images: torch.Tensor) -> list[Volume]:
+        """Images as Volumes in the source's units, file type and geometry (voxel size of the finest scale)."""
+        info = self.run.info
+        source_affine = np.asarray(info["source_affine"], dtype=np.float64)
+        # Voxels of the last stage used; a retargeted output keeps them and covers a larger (or smaller) extent.
+        affine = resized_affine(source_affine, info["source_shape"], self.shapes[-1])
+        header = decode_header(info.get("nifti_header"))
+        dtype = np.dtype(info["source_dtype"])
+        return [Volume(array, affine, info["source_suffix"], dtype, header) for array in self.to_source_units(images)]
+
+
+class AugmentationDataset(torch.utils.data.Dataset):
+    """Fresh samples from a trained pyramid as a torch Dataset, for a ``DataLoader`` (workers included).
+
+    Item i is a float32 tensor [C, *spatial] in the source's units. With a ``seed``, item i is the same on every epoch
+    and in every worker; with ``seed=None``, every access draws a new sample. The generator is loaded lazily in each
+    worker process, so the dataset pickles cheaply.
+    """
+
+    def __init__(self, run_dir: Path | str, length: int, seed: int | None = None, start_scale: int = 0,
+                 scale_factors: Sequence[float] | None = None, device: str = "cpu") -> None:
+        open_run(run_dir)  # fail now, not in a worker
+        self.run_dir, self.length, self.seed = Path(run_dir), length, seed
+        self.options = dict(start_scale=start_scale, scale_factors=scale_factors)
+        self.device = device
+        self._pyramid: TrainedPyramid | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        if self._pyramid is None:
+            self._pyramid = TrainedPyramid.load(self.run_dir, device=self.device)
+        # A DataLoader seeds each worker's torch RNG differently, so unseeded draws differ across workers.
+        if self.seed is not None:  # item i equals sample i of `consingan sample --seed SEED`
+            image = self._pyramid.sample(1, seed=self.seed, first_index=index, **self.options)
+        else:
+            image = self._pyramid.sample(1, seed=int(torch.randint(0, 2**62, (1,)).item()), **self.options)
+        return torch.from_numpy(self._pyramid.to_source_units(image)[0])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_pyramid"] = None
+        return state
+
+
+def write_samples(
+    pyramid: TrainedPyramid,
+    out_dir: Path | str,
+    num: int,
+    seed: int = 0,
+    source_dtype: bool = False,
+    batch_size: int = 8,
+    **options,
+) -> list[Path]:
+    """Write ``num`` samples (``sample_0000`` ...) in the source's file type and geometry, plus ``contact_sheet.png``.
+
+    Nothing is overwritten: if any target file exists the call fails before generating anything.
+    """
+    pyramid.check_options(num, batch_size, options.get("scale_factors"), options.get("shape"),
+                          options.get("start_scale", 0))
+    out_dir = Path(out_dir)
+    suffix = output_suffix(pyramid.run.info["source_suffix"])
+    names = [out_dir / f"sample_{i:04d}{suffix}" for i in range(num)] + [out_dir / "contact_sheet.png"]
+    taken = [p.name for p in names if p.exists()]
+    if taken:
+        raise ConsinganError(f"{out_dir} already holds {taken[0]}{' and more' if len(taken) > 1 else ''}; "
+                             f"choose another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".consingan_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConsinganError(f"output folder {out_dir} cannot be written: {error.strerror or error}") from None
+    written, previews = [], []
+    for first in range(0, num, batch_size):
+        count = min(batch_size, num - first)
+        images = pyramid.sample(count, seed=seed, batch_size=batch_size, first_index=first, **options)
+        for offset, volume in enumerate(pyramid.to_volumes(images)):
+            written.append(write_volume(names[first + offset], volume, source_dtype=source_dtype))
+        previews.extend(image.numpy() for image in images)
+    write_png(names[-1], contact_sheet(previews))
+    return written
+
