@@ -95,12 +95,11 @@ def _train(config_file: Path | None = None, resume: Path | None = None, dry_run:
             return
         config = resolve_config(config_file, flags)
         if dry_run:
-            from consingan.singan.trainer import prepare
-            from consingan.singan.pyramid import pyramid_shapes
+            from consingan.singan.trainer import prepare, volume_pyramid_shapes
 
             config, volume = prepare(config)
             _print_config(config)
-            shapes = pyramid_shapes(volume.spatial_shape, config.num_scales, config.max_size, config.min_size)
+            shapes = volume_pyramid_shapes(volume, config)
             console.print("pyramid: " + "  ".join("x".join(map(str, s)) for s in shapes))
             return
         from consingan.singan.trainer import prepare, train_prepared

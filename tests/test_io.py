@@ -70,3 +70,45 @@ def test_shipped_examples_read():
     assert volume.spatial_shape == (33, 41, 25) and np.allclose(volume.spacing, 2.0)
     picture = read_volume("data/ihc.png", 2)
     assert picture.channels == 3 and picture.spatial_shape == (512, 512)
+
+
+def write_dicom_series(folder, array, spacing, origin):
+    """Write a [Z, Y, X] int16 array as a DICOM series with SimpleITK (one file per slice)."""
+    import SimpleITK as sitk
+
+    folder.mkdir()
+    volume = sitk.GetImageFromArray(array.astype(np.int16))
+    volume.SetSpacing(spacing)
+    volume.SetOrigin(origin)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(array.shape[0]):
+        image = volume[:, :, z]
+        position = volume.TransformIndexToPhysicalPoint((0, 0, z))
+        for tag, value in {
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.1.1", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.2",
+            "0008|0060": "CT", "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": "\\".join(map(str, position)),
+            "0020|0013": str(z + 1), "0008|0018": f"1.2.826.0.1.3680043.2.1125.1.3.{z + 1}",
+            "0018|0050": str(spacing[2]),
+        }.items():
+            image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.Execute(image)
+
+
+def test_dicom_series_folder(tmp_path):
+    rng = np.random.default_rng(3)
+    array = rng.integers(-1000, 2000, size=(6, 10, 12))
+    write_dicom_series(tmp_path / "series", array, (0.7, 0.8, 2.5), (10.0, -5.0, 30.0))
+    volume = read_volume(tmp_path / "series", 3)
+    assert volume.spatial_shape == (6, 10, 12)
+    assert np.array_equal(volume.array[0], array)
+    assert np.allclose(volume.spacing, [2.5, 0.8, 0.7], atol=1e-4)  # array order (z, y, x)
+    assert np.allclose(volume.affine[:3, 3], [10.0, -5.0, 30.0])
+    written = write_volume(tmp_path / "out", volume)
+    assert written.suffix == ".mha"
+    back = read_volume(written, 3)
+    assert np.allclose(back.affine, volume.affine, atol=1e-4) and np.array_equal(back.array, volume.array)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConsinganError, match="without a DICOM series"):
+        read_volume(tmp_path / "empty", 3)

@@ -56,3 +56,16 @@ def test_build_pyramid_shapes_and_range(dims):
     assert [tuple(p.shape[2:]) for p in pyramid] == shapes
     assert torch.equal(pyramid[-1], image)
     assert all(p.min() >= -1 and p.max() <= 1 for p in pyramid)
+
+
+def test_anisotropic_pyramid_works_on_physical_extents():
+    # 200 x 200 x 40 voxels of 1 x 1 x 5 mm: a 200 mm cube.
+    shapes = pyramid_shapes((200, 200, 40), num_scales=5, max_size=250, min_size=25, spacing=(1, 1, 5))
+    assert shapes[-1] == (200, 200, 40) and shapes[0] == (25, 25, 25)
+    for shape in shapes:
+        # The thick axis is never squashed: its voxels stay at 5 mm until the scale's voxel size passes 5 mm.
+        voxel_fine = 200 / shape[0]
+        voxel_thick = 200 / shape[2]
+        assert voxel_thick == pytest.approx(max(5.0, voxel_fine), rel=0.05)
+    # Isotropic spacing gives exactly the voxel rule.
+    assert pyramid_shapes((60, 80, 40), 6, 250, 20, spacing=(2, 2, 2)) == pyramid_shapes((60, 80, 40), 6, 250, 20)

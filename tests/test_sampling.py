@@ -114,3 +114,21 @@ def test_sampling_errors(runs, runner, tmp_path):
     result = runner.invoke(app, ["sample", str(runs[2]), "--out", str(tmp_path / "o"), "--scale", "1,1,1"])
     assert result.exit_code == 2 and "scale factors" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_samples_come_back_on_the_source_grid(tmp_path, runner):
+    # 1 x 1 x 2.5 mm voxels and max_size 20: the pyramid works on a coarser grid, the samples land on the source's.
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    nib.save(nib.Nifti1Image((blobs((24, 24, 12), 9) * 100).astype(np.float32), affine), str(tmp_path / "a.nii.gz"))
+    config = TrainConfig(image=str(tmp_path / "a.nii.gz"), dimension=3, epochs=2, num_scales=2,
+                         num_feature_channels=8, num_layers=2, min_size=8, max_size=20, save_every=0, seed=0,
+                         device="cpu", out_dir=str(tmp_path / "out"))
+    run_dir = train(config).run_dir
+    import json
+
+    shapes = json.loads((run_dir / "run.json").read_text())["shapes"]
+    # Longest extent 30 mm over max_size 20: 1.5 mm voxels in-plane (24 mm -> 16), the 2.5 mm axis kept at 12.
+    assert shapes[-1] == [16, 16, 12]
+    assert runner.invoke(app, ["sample", str(run_dir), "--num", "1", "--out", str(tmp_path / "s")]).exit_code == 0
+    sample = nib.load(str(tmp_path / "s" / "sample_0000.nii.gz"))
+    assert sample.shape == (24, 24, 12) and np.allclose(sample.affine, affine)

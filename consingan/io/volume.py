@@ -116,7 +116,9 @@ def read_volume(path: Path | str, spatial_dims: int, check_values: bool = True) 
     if not path.exists():
         raise ConsinganError(f"image not found: {path}")
     if path.is_dir():
-        raise ConsinganError(f"image path is a folder, not a file: {path}")
+        if spatial_dims != 3:
+            raise ConsinganError(f"image path is a folder, not a file: {path} (DICOM series folders are 3D)")
+        return _read_dicom_series(path, check_values)
     suffix = file_suffix(path)
     if suffix not in SUPPORTED_SUFFIXES:
         raise ConsinganError(f"unsupported image type {suffix or path.name!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
@@ -189,10 +191,39 @@ def _read_numpy(path: Path, spatial_dims: int) -> Volume:
     return Volume(np.ascontiguousarray(data, dtype=np.float32), np.eye(spatial_dims + 1), ".npy", data.dtype)
 
 
+def _read_dicom_series(folder: Path, check_values: bool) -> Volume:
+    """A DICOM series folder (one series), through SimpleITK/GDCM; outputs are written as .mha with its geometry."""
+    import SimpleITK as sitk
+
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError:
+        series = ()
+    if not series:
+        raise ConsinganError(f"image path is a folder without a DICOM series: {folder}")
+    if len(series) > 1:
+        raise ConsinganError(f"{folder} holds {len(series)} DICOM series; put the one to train on in its own folder")
+    try:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise ConsinganError(f"cannot read DICOM series in {folder}: {str(error).strip().splitlines()[-1]}") from None
+    volume = _volume_from_itk(image, 3, ".dcm", folder)
+    if check_values:
+        _check_values(volume.array, folder)
+    return volume
+
+
 def _read_itk(path: Path, spatial_dims: int, suffix: str) -> Volume:
     import SimpleITK as sitk
 
-    image = sitk.ReadImage(str(path))
+    return _volume_from_itk(sitk.ReadImage(str(path)), spatial_dims, suffix, path)
+
+
+def _volume_from_itk(image: Any, spatial_dims: int, suffix: str, path: Path) -> Volume:
+    import SimpleITK as sitk
+
     if image.GetDimension() != spatial_dims:
         size = tuple(reversed(image.GetSize()))
         # A 2D picture saved as a single-slice stack is still 2D.
@@ -231,8 +262,8 @@ def output_suffix(source_suffix: str) -> str:
     """The file type outputs of a ``source_suffix`` image are written in."""
     if source_suffix in (".jpg", ".jpeg"):
         return ".png"  # lossless: JPEG would add compression artefacts
-    if source_suffix in (".mhd", ".nhdr"):
-        return ".mha"  # one file instead of a header + raw pair
+    if source_suffix in (".mhd", ".nhdr", ".dcm"):
+        return ".mha"  # one file (DICOM series are written as MHA, which keeps their geometry)
     return source_suffix
 
 

@@ -150,12 +150,23 @@ class TrainedPyramid:
     def to_source_units(self, images: torch.Tensor) -> list[np.ndarray]:
         return [self.intensity.denormalise(image.numpy()) for image in images]
 
-    def to_volumes(self, images: torch.Tensor) -> list[Volume]:
-        """Images as Volumes in the source's units, file type and geometry (voxel size of the finest scale)."""
+    def to_volumes(self, images: torch.Tensor, source_grid: bool = True) -> list[Volume]:
+        """Images as Volumes in the source's units, file type and geometry.
+
+        An image of the full pyramid's finest shape is resampled onto the source grid when that grid is different
+        (``max_size`` or anisotropy shrank it), with ``source_grid``. Otherwise (earlier scales, retargeted sizes)
+        the image keeps its own grid: the stage's voxel size, the source's origin and orientation.
+        """
         info = self.run.info
         source_affine = np.asarray(info["source_affine"], dtype=np.float64)
-        # Voxels of the last stage used; a retargeted output keeps them and covers a larger (or smaller) extent.
-        affine = resized_affine(source_affine, info["source_shape"], self.shapes[-1])
+        source_shape = tuple(info["source_shape"])
+        finest = tuple(info["shapes"][-1])
+        voxel_shape = self.shapes[-1]
+        affine = resized_affine(source_affine, source_shape, voxel_shape)
+        on_source = source_grid and tuple(images.shape[2:]) == finest and finest != source_shape
+        if on_source:
+            images = resize(images, source_shape)
+            affine = source_affine
         header = decode_header(info.get("nifti_header"))
         dtype = np.dtype(info["source_dtype"])
         return [Volume(array, affine, info["source_suffix"], dtype, header) for array in self.to_source_units(images)]

@@ -84,6 +84,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def volume_pyramid_shapes(volume: Volume, config: TrainConfig) -> list[Shape]:
+    """The pyramid of ``volume``, on its physical extents (its voxel spacing)."""
+    return pyramid_shapes(volume.spatial_shape, config.num_scales, config.max_size, config.min_size, volume.spacing)
+
+
 def scale_dir(run_dir: Path, stage: int) -> Path:
     return run_dir / f"scale_{stage:02d}"
 
@@ -110,7 +115,7 @@ class SinGANTrainer:
         self.reporter = reporter or SilentReporter()
         self.device = resolve_device(config.device)
         self.intensity = IntensityRange.of(volume.array)
-        self.shapes = pyramid_shapes(volume.spatial_shape, config.num_scales, config.max_size, config.min_size)
+        self.shapes = volume_pyramid_shapes(volume, config)
         image = torch.from_numpy(self.intensity.normalise(volume.array))[None].to(self.device)
         self.reals = build_pyramid(image, self.shapes)
         block = dict(
@@ -372,7 +377,7 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, Volume]:
     image = find_image(config)
     config = dataclasses.replace(config, image=str(image.resolve()))  # absolute, so --resume works from anywhere
     volume = read_volume(image, config.dimension)
-    pyramid_shapes(volume.spatial_shape, config.num_scales, config.max_size, config.min_size)  # fails early
+    volume_pyramid_shapes(volume, config)  # fails early
     resolve_device(config.device)
     return config, volume
 
