@@ -53,6 +53,7 @@ class TrainConfig:
     min_size: int = _opt(25, "Shortest side (in voxels) of the coarsest scale.")
     # --- beyond the table -------------------------------------------------------------------------------------------
     image: str = _opt("", "Input image or volume (NIfTI, MHA/MHD/NRRD, PNG/TIFF/JPEG, NPY).")
+    label: str = _opt("", "Label map (integer classes, same grid as --image) trained jointly: samples come with labels.")
     seed: int | None = _opt(None, "Random seed; drawn at random and recorded in config.json when not given.")
     device: str = _opt("auto", "Device: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
     save_every: int = _opt(500, "Write a sample, a reconstruction and a preview every N epochs (0: end of scale only).")

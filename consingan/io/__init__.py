@@ -1,6 +1,7 @@
 """Reading and writing images with their geometry, and intensity normalisation."""
 
 from consingan.io.intensity import IntensityRange
+from consingan.io.labels import LabelEncoding
 from consingan.io.volume import (
     SUPPORTED_SUFFIXES,
     Volume,
@@ -10,8 +11,9 @@ from consingan.io.volume import (
     output_suffix,
     read_volume,
     resized_affine,
+    write_outputs,
     write_volume,
 )
 
-__all__ = ["IntensityRange", "SUPPORTED_SUFFIXES", "Volume", "decode_header", "encode_header", "file_suffix", "output_suffix", "read_volume", "resized_affine",
+__all__ = ["IntensityRange", "LabelEncoding", "write_outputs", "SUPPORTED_SUFFIXES", "Volume", "decode_header", "encode_header", "file_suffix", "output_suffix", "read_volume", "resized_affine",
            "write_volume"]

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from consingan.errors import ConsinganError
+from consingan.io.labels import LabelEncoding
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_VOLUME_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
@@ -41,6 +42,7 @@ class Volume:
         suffix: the file type it was read from ('.nii.gz', '.png', ...); outputs are written in the same type.
         source_dtype: numpy dtype of the stored intensities, for writing integer formats back.
         header: the NIfTI header (a copy), when the source was NIfTI.
+        labels: when the last channels are one-hot label channels (trained with ``--label``), their encoding.
     """
 
     array: np.ndarray
@@ -48,6 +50,7 @@ class Volume:
     suffix: str
     source_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     header: Any = None
+    labels: LabelEncoding | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -69,7 +72,8 @@ class Volume:
     def with_array(self, array: np.ndarray) -> "Volume":
         """A volume holding ``array`` on a grid of the same extent; the affine is rescaled if the shape changed."""
         affine = resized_affine(self.affine, self.spatial_shape, array.shape[1:])
-        return Volume(np.asarray(array, dtype=np.float32), affine, self.suffix, self.source_dtype, self.header)
+        return Volume(np.asarray(array, dtype=np.float32), affine, self.suffix, self.source_dtype, self.header,
+                      self.labels)
 
 
 def resized_affine(affine: np.ndarray, old_shape: Sequence[int], new_shape: Sequence[int]) -> np.ndarray:
@@ -297,6 +301,19 @@ def cast_to(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
         limits = np.iinfo(dtype)
         return np.clip(np.rint(array), limits.min, limits.max).astype(dtype)
     return array.astype(dtype)
+
+
+def write_outputs(path: Path | str, volume: Volume, source_dtype: bool = False) -> list[Path]:
+    """Write ``volume``; if it carries label channels, the image and a ``<name>_label`` integer file beside it."""
+    if volume.labels is None:
+        return [write_volume(path, volume, source_dtype)]
+    image, label = volume.labels.split(volume.array)
+    path = Path(path)
+    image_volume = Volume(image, volume.affine, volume.suffix, volume.source_dtype, volume.header)
+    label_volume = Volume(label.astype(np.float32), volume.affine, volume.suffix, volume.labels.dtype, volume.header)
+    stem = path.name.split(".")[0]
+    return [write_volume(path, image_volume, source_dtype),
+            write_volume(path.with_name(f"{stem}_label"), label_volume, source_dtype=True)]
 
 
 def _write_nifti(path: Path, volume: Volume, array: np.ndarray) -> None:

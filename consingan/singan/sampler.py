@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from consingan.checkpoint import load_state
 from consingan.errors import ConsinganError
-from consingan.io import IntensityRange, Volume, decode_header, output_suffix, resized_affine, write_volume
+from consingan.io import IntensityRange, LabelEncoding, Volume, decode_header, output_suffix, resized_affine, write_outputs
 from consingan.io.preview import contact_sheet, write_png
 from consingan.nn import factory
 from consingan.singan.models import GrowingGenerator
@@ -40,6 +40,8 @@ class TrainedPyramid:
         self.intensity = IntensityRange.from_dict(run.info["intensity"])
         self.spatial_dims = int(run.info["spatial_dims"])
         self.channels = int(run.info["channels"])
+        self.labels = LabelEncoding.from_dict(run.info.get("labels"))
+        self.image_channels = self.labels.image_channels if self.labels else self.channels
 
     @classmethod
     def load(cls, run_dir: Path | str, device: str = "cpu", scale: int | None = None) -> "TrainedPyramid":
@@ -134,6 +136,8 @@ class TrainedPyramid:
         """
         shapes = self.check_options(num, batch_size, scale_factors, shape, start_scale)
         injected = None
+        if inject is not None and self.labels is not None:
+            raise ConsinganError("injection is not supported for runs trained with --label")
         if inject is not None:
             if inject.ndim != self.spatial_dims + 1 or inject.shape[0] != self.channels:
                 raise ConsinganError(f"injected image has shape {inject.shape}, expected [{self.channels}, "
@@ -169,13 +173,16 @@ class TrainedPyramid:
             affine = source_affine
         header = decode_header(info.get("nifti_header"))
         dtype = np.dtype(info["source_dtype"])
-        return [Volume(array, affine, info["source_suffix"], dtype, header) for array in self.to_source_units(images)]
+        labels = LabelEncoding.from_dict(info.get("labels"))
+        return [Volume(array, affine, info["source_suffix"], dtype, header, labels)
+                for array in self.to_source_units(images)]
 
 
 class AugmentationDataset(torch.utils.data.Dataset):
     """Fresh samples from a trained pyramid as a torch Dataset, for a ``DataLoader`` (workers included).
 
-    Item i is a float32 tensor [C, *spatial] in the source's units. With a ``seed``, item i is the same on every epoch
+    Item i is a float32 tensor [C, *spatial] in the source's units (for a run trained with labels, a pair of it and
+    its int64 label map [1, *spatial]). With a ``seed``, item i is the same on every epoch
     and in every worker; with ``seed=None``, every access draws a new sample. The generator is loaded lazily in each
     worker process, so the dataset pickles cheaply.
     """
@@ -191,7 +198,7 @@ class AugmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(index)
         if self._pyramid is None:
@@ -201,7 +208,11 @@ class AugmentationDataset(torch.utils.data.Dataset):
             image = self._pyramid.sample(1, seed=self.seed, first_index=index, **self.options)
         else:
             image = self._pyramid.sample(1, seed=int(torch.randint(0, 2**62, (1,)).item()), **self.options)
-        return torch.from_numpy(self._pyramid.to_source_units(image)[0])
+        array = self._pyramid.to_source_units(image)[0]
+        if self._pyramid.labels is None:
+            return torch.from_numpy(array)
+        image_part, label = self._pyramid.labels.split(array)
+        return torch.from_numpy(image_part), torch.from_numpy(label)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -218,7 +229,8 @@ def write_samples(
     batch_size: int = 8,
     **options,
 ) -> list[Path]:
-    """Write ``num`` samples (``sample_0000`` ...) in the source's file type and geometry, plus ``contact_sheet.png``.
+    """Write ``num`` samples (``sample_0000`` ...) in the source's file type and geometry, plus ``contact_sheet.png``;
+    a run trained with labels also writes ``sample_0000_label`` ... integer label maps on the same grid.
 
     Nothing is overwritten: if any target file exists the call fails before generating anything.
     """
@@ -227,7 +239,8 @@ def write_samples(
     out_dir = Path(out_dir)
     suffix = output_suffix(pyramid.run.info["source_suffix"])
     names = [out_dir / f"sample_{i:04d}{suffix}" for i in range(num)] + [out_dir / "contact_sheet.png"]
-    taken = [p.name for p in names if p.exists()]
+    label_names = [out_dir / f"sample_{i:04d}_label{suffix}" for i in range(num)] if pyramid.run.info.get("labels") else []
+    taken = [p.name for p in names + label_names if p.exists()]
     if taken:
         raise ConsinganError(f"{out_dir} already holds {taken[0]}{' and more' if len(taken) > 1 else ''}; "
                              f"choose another --out")
@@ -243,8 +256,8 @@ def write_samples(
         count = min(batch_size, num - first)
         images = pyramid.sample(count, seed=seed, batch_size=batch_size, first_index=first, **options)
         for offset, volume in enumerate(pyramid.to_volumes(images)):
-            written.append(write_volume(names[first + offset], volume, source_dtype=source_dtype))
-        previews.extend(image.numpy() for image in images)
+            written.extend(write_outputs(names[first + offset], volume, source_dtype=source_dtype))
+        previews.extend(image[: pyramid.image_channels].numpy() for image in images)
     write_png(names[-1], contact_sheet(previews))
     return written
 

@@ -17,7 +17,7 @@ from consingan import __version__
 from consingan.checkpoint import load_state, save_json, save_state, save_text
 from consingan.config import TrainConfig
 from consingan.errors import ConsinganError
-from consingan.io import IntensityRange, Volume, encode_header, read_volume, write_volume
+from consingan.io import IntensityRange, LabelEncoding, Volume, encode_header, read_volume, write_outputs
 from consingan.io.preview import preview_grid, write_png
 from consingan.losses import (
     gradient_penalty,
@@ -282,9 +282,11 @@ class SinGANTrainer:
         folder = scale_dir(self.run_dir, stage) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in (("sample", sample), ("reconstruction", reconstruction)):
-            write_volume(folder / f"epoch{epoch:05d}_{name}", self.volume.with_array(self.intensity.denormalise(array)))
+            write_outputs(folder / f"epoch{epoch:05d}_{name}", self.volume.with_array(self.intensity.denormalise(array)))
+        shown = self.volume.labels.image_channels if self.volume.labels else self.volume.channels
         real = self.reals[stage][0].cpu().numpy()
-        write_png(folder / f"epoch{epoch:05d}_preview.png", preview_grid([real, sample, reconstruction]))
+        images = [real[:shown], sample[:shown], reconstruction[:shown]]
+        write_png(folder / f"epoch{epoch:05d}_preview.png", preview_grid(images))
 
     def save_scale(self, stage: int, summary: ScaleSummary, history: Sequence[dict[str, float]]) -> None:
         folder = scale_dir(self.run_dir, stage)
@@ -313,6 +315,7 @@ class SinGANTrainer:
             "shapes": [list(s) for s in self.shapes],
             "intensity": self.intensity.to_dict(),
             "nifti_header": encode_header(self.volume.header),
+            "labels": self.volume.labels.to_dict() if self.volume.labels else None,
         }
 
     def train(self) -> list[ScaleSummary]:
@@ -369,6 +372,17 @@ def create_run_dir(config: TrainConfig, image: Path) -> Path:
     raise ConsinganError(f"no free run folder name under {root}")
 
 
+def attach_labels(volume: Volume, label: Volume, name: str) -> Volume:
+    """The image with its label map appended as one-hot channels (see ``consingan.io.labels``)."""
+    if label.spatial_shape != volume.spatial_shape:
+        raise ConsinganError(f"{name} has shape {label.spatial_shape} but the image has {volume.spatial_shape}")
+    if not np.allclose(label.affine, volume.affine, atol=1e-3):
+        raise ConsinganError(f"{name} is not on the image's grid (different origin, spacing or orientation)")
+    encoding = LabelEncoding.of(label.array, volume.channels, name)
+    array = np.concatenate([volume.array, encoding.encode(label.array)])
+    return dataclasses.replace(volume, array=array, labels=encoding)
+
+
 def prepare(config: TrainConfig) -> tuple[TrainConfig, Volume]:
     """Validate the configuration and read the image, before anything is written."""
     config = config.validate()
@@ -377,6 +391,10 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, Volume]:
     image = find_image(config)
     config = dataclasses.replace(config, image=str(image.resolve()))  # absolute, so --resume works from anywhere
     volume = read_volume(image, config.dimension)
+    if config.label:
+        label_path = Path(config.label)
+        config = dataclasses.replace(config, label=str(label_path.resolve()))
+        volume = attach_labels(volume, read_volume(label_path, config.dimension, check_values=False), label_path.name)
     volume_pyramid_shapes(volume, config)  # fails early
     resolve_device(config.device)
     return config, volume
@@ -412,6 +430,8 @@ def resume(run_dir: Path | str, reporter: Reporter | None = None, device: str | 
     run = open_run(run_dir)
     config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
     volume = read_volume(config.image, config.dimension)
+    if config.label:
+        volume = attach_labels(volume, read_volume(config.label, config.dimension, check_values=False), config.label)
     if IntensityRange.of(volume.array).to_dict() != run.info["intensity"] or list(volume.spatial_shape) != run.info[
             "source_shape"]:
         raise ConsinganError(f"{config.image} differs from the image this run was trained on; cannot resume")
