@@ -17,7 +17,7 @@ from consingan.nn import factory
 from consingan.singan.models import GrowingGenerator
 from consingan.singan.pyramid import Shape, resize
 from consingan.singan.run import RunFolder, open_run
-from consingan.singan.trainer import resolve_device
+from consingan.singan.trainer import architecture, resolve_device
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -54,11 +54,8 @@ class TrainedPyramid:
             raise ConsinganError(f"scale {scale} of {run.path} is not trained; completed: {completed}")
         config = run.config
         torch_device = resolve_device(device)
-        generator = GrowingGenerator(
-            config.dimension, int(run.info["channels"]), num_feature_channels=config.num_feature_channels,
-            num_layers=config.num_layers, kernel_size=config.kernel_size, padding=config.padding,
-            negative_slope=config.lrelu_alpha, cbam=config.cbam,
-        ).to(torch_device)
+        generator = GrowingGenerator(config.dimension, int(run.info["channels"]), **architecture(config))
+        generator = generator.to(torch_device)
         generator.load_grown_state(load_state(run.scale_dir(scale) / "generator.pt", map_location=torch_device))
         generator.requires_grad_(False)
         return cls(run, generator, torch_device)

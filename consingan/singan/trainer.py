@@ -84,6 +84,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def architecture(config: TrainConfig) -> dict:
+    """The keyword arguments that the generator and the critic share, from a configuration."""
+    return dict(
+        num_feature_channels=config.num_feature_channels, num_layers=config.num_layers,
+        kernel_size=config.kernel_size, padding=config.padding, negative_slope=config.lrelu_alpha, cbam=config.cbam,
+    )
+
+
 def volume_pyramid_shapes(volume: Volume, config: TrainConfig) -> list[Shape]:
     """The pyramid of ``volume``, on its physical extents (its voxel spacing)."""
     return pyramid_shapes(volume.spatial_shape, config.num_scales, config.max_size, config.min_size, volume.spacing)
@@ -118,10 +126,7 @@ class SinGANTrainer:
         self.shapes = volume_pyramid_shapes(volume, config)
         image = torch.from_numpy(self.intensity.normalise(volume.array))[None].to(self.device)
         self.reals = build_pyramid(image, self.shapes)
-        block = dict(
-            num_feature_channels=config.num_feature_channels, num_layers=config.num_layers,
-            kernel_size=config.kernel_size, padding=config.padding, negative_slope=config.lrelu_alpha, cbam=config.cbam,
-        )
+        block = architecture(config)
         self.generator = GrowingGenerator(config.dimension, volume.channels, **block).to(self.device)
         self.critic = Critic(config.dimension, volume.channels, batch_norm=config.batch_norm, **block).to(self.device)
 
