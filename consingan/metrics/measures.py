@@ -1,0 +1,173 @@
+"""Offline measures of sample quality, diversity and memorisation, for 2D and 3D images [N, C, *spatial].
+
+Nothing here downloads anything: the feature network for the Frechet distance is built from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg, stats
+
+from consingan.singan.pyramid import gaussian_blur, resize
+
+
+def _spatial(x: torch.Tensor) -> int:
+    return x.dim() - 2
+
+
+def extract_patches(x: torch.Tensor, size: int, stride: int = 1) -> torch.Tensor:
+    """All ``size``-wide patches of ``x`` [N, C, *spatial] (step ``stride``) as rows [P, C * size**dims]."""
+    dims = _spatial(x)
+    for axis in range(2, 2 + dims):
+        x = x.unfold(axis, min(size, x.shape[axis]), stride)
+    # After unfolding: [N, C, *positions, *window]; put the channels beside the window, then flatten.
+    x = x.permute(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+    count = x.shape[0] * math.prod(x.shape[1:1 + dims])
+    return x.reshape(count, -1)
+
+
+def laplacian_pyramid(x: torch.Tensor, levels: int, min_size: int = 8) -> list[torch.Tensor]:
+    """Band-pass levels (finest first) and the coarsest low-pass, as in Karras et al. 2018; N-dimensional."""
+    bands = []
+    current = x
+    for _ in range(levels - 1):
+        if min(current.shape[2:]) // 2 < min_size:
+            break
+        smaller = resize(current, [max(1, s // 2) for s in current.shape[2:]])
+        bands.append(current - resize(smaller, current.shape[2:]))
+        current = smaller
+    bands.append(current)
+    return bands
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-1 distance between two sets of vectors [P, D] (equal-quantile matching on projections)."""
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.randn(a.shape[1], directions, generator=generator, dtype=a.dtype)
+    projection /= projection.norm(dim=0, keepdim=True)
+    count = min(len(a), len(b))
+    quantiles = torch.linspace(0, 1, count, dtype=a.dtype)
+    pa = torch.quantile((a @ projection), quantiles, dim=0) if len(a) != count else (a @ projection).sort(0).values
+    pb = torch.quantile((b @ projection), quantiles, dim=0) if len(b) != count else (b @ projection).sort(0).values
+    return float((pa - pb).abs().mean())
+
+
+def multiscale_swd(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, levels: int = 4,
+                   max_patches: int = 4096, seed: int = 0) -> dict:
+    """Sliced Wasserstein distance between patches of ``real`` [1, C, ...] and ``fake`` [N, C, ...] per Laplacian
+    level (Karras et al. 2018): patches normalised per channel with the real image's statistics at each level."""
+    generator = torch.Generator().manual_seed(seed)
+    real_levels, fake_levels = laplacian_pyramid(real, levels), laplacian_pyramid(fake, levels)
+    per_level = []
+    for r, f in zip(real_levels, fake_levels):
+        mean = r.mean(dim=[0, *range(2, r.dim())], keepdim=True)
+        std = r.std(dim=[0, *range(2, r.dim())], keepdim=True).clamp_min(1e-6)
+        rp, fp = extract_patches((r - mean) / std, patch_size), extract_patches((f - mean) / std, patch_size)
+        rp = rp[torch.randperm(len(rp), generator=generator)[:max_patches]]
+        fp = fp[torch.randperm(len(fp), generator=generator)[:max_patches]]
+        per_level.append(sliced_wasserstein(rp.double(), fp.double(), seed=seed))
+    return {"per_level": per_level, "mean": float(np.mean(per_level))}
+
+
+class RandomFeatures(torch.nn.Module):
+    """A fixed random convolutional feature extractor (seeded He-initialised convs + ReLU + average pooling).
+
+    Its Frechet distances compare runs of this project with each other; they are not the published SIFID numbers,
+    which use Inception features.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, width: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        conv = F.conv2d if spatial_dims == 2 else F.conv3d
+        self.conv = conv
+        self.pool = F.avg_pool2d if spatial_dims == 2 else F.avg_pool3d
+        shapes = [(width, in_channels), (width, width), (width, width)]
+        self.weights = [torch.randn(o, i, *([3] * spatial_dims), generator=generator) * math.sqrt(2.0 / (i * 3**spatial_dims))
+                        for o, i in shapes]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature vectors [P, width], one per position of the final map."""
+        for index, weight in enumerate(self.weights):
+            x = F.relu(self.conv(x, weight, padding=1))
+            if index == 0 and min(x.shape[2:]) >= 8:
+                x = self.pool(x, 2)
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a [P, D] and b [Q, D]."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # A small ridge keeps the square root defined when few feature vectors make the covariances singular.
+    ridge = np.eye(len(cov_a)) * 1e-8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = np.real(linalg.sqrtm((cov_a + ridge) @ (cov_b + ridge)))
+    return float(max(0.0, ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root)))
+
+
+def single_image_frechet(real: torch.Tensor, fake: torch.Tensor, features: torch.nn.Module) -> float:
+    """SIFID-style: Frechet distance between the real image's feature positions and those of every sample, averaged."""
+    real_features = features(real).double().numpy()
+    return float(np.mean([frechet_distance(real_features, features(f[None]).double().numpy()) for f in fake]))
+
+
+def diversity(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """SinGAN's diversity: per-voxel std across samples, averaged over voxels and channels, over the image's std."""
+    return float(fake.std(dim=0).mean() / real.std().clamp_min(1e-12))
+
+
+def histogram_distance(real: torch.Tensor, fake: torch.Tensor) -> list[float]:
+    """Wasserstein-1 distance between the intensity distributions of real and generated voxels, per channel."""
+    return [float(stats.wasserstein_distance(real[:, c].flatten().numpy(), fake[:, c].flatten().numpy()))
+            for c in range(real.shape[1])]
+
+
+def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, max_patches: int = 2048,
+                 seed: int = 0, threshold: float = 0.5) -> dict:
+    """How close sample patches come to training patches, against the image's own patch-to-patch distances.
+
+    For each sample patch, the distance to its nearest training patch; for each training patch, the distance to its
+    nearest training patch that does not overlap it. A model that copies its input gives sample distances far below
+    the image's own (ratio near 0); ``copying`` is flagged when the median ratio is below ``threshold``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    dims = _spatial(real)
+    real_patches = extract_patches(real, patch_size).double()
+    positions = torch.stack(torch.meshgrid(*[torch.arange(s - patch_size + 1) for s in real.shape[2:]],
+                                           indexing="ij"), -1).reshape(-1, dims)
+    fake_patches = extract_patches(fake, patch_size).double()
+    chosen = torch.randperm(len(real_patches), generator=generator)[:max_patches]
+    distances = torch.cdist(real_patches[chosen], real_patches)
+    overlap = (positions[chosen][:, None, :] - positions[None, :, :]).abs().max(-1).values < patch_size
+    distances[overlap] = float("inf")
+    own = distances.min(1).values
+    fake_chosen = fake_patches[torch.randperm(len(fake_patches), generator=generator)[:max_patches]]
+    nearest = torch.cdist(fake_chosen, real_patches).min(1).values
+    ratio = float(nearest.median() / own.median().clamp_min(1e-12))
+    return {"sample_to_real_median": float(nearest.median()), "real_to_real_median": float(own.median()),
+            "ratio": ratio, "copying": ratio < threshold}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
+    mse = F.mse_loss(a, b).item()
+    return float("inf") if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, sigma: float = 1.5) -> float:
+    """Structural similarity (Wang et al. 2004) with a Gaussian window, in 2D or 3D, averaged over channels."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    sigmas = [sigma] * _spatial(a)
+    mu_a, mu_b = gaussian_blur(a, sigmas), gaussian_blur(b, sigmas)
+    var_a = gaussian_blur(a * a, sigmas) - mu_a**2
+    var_b = gaussian_blur(b * b, sigmas) - mu_b**2
+    cov = gaussian_blur(a * b, sigmas) - mu_a * mu_b
+    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(value.mean())

@@ -1,0 +1,98 @@
+"""Evaluation measures with known answers, in 2D and 3D."""
+
+import json
+
+import pytest
+import torch
+
+from consingan.metrics import measures
+from consingan.metrics.evaluate import EvaluateConfig, compute_measures
+from consingan.singan.pyramid import gaussian_blur
+from tests.conftest import blobs
+
+DIMS = [2, 3]
+
+
+def image(dims, seed=0):
+    size = 32 if dims == 2 else 16
+    return torch.from_numpy(blobs((size,) * dims, seed) * 2 - 1).float()[None, None]
+
+
+@pytest.mark.parametrize("dims", DIMS)
+def test_identical_inputs_give_zero_distance(dims):
+    real = image(dims)
+    fake = real.repeat(3, 1, *([1] * dims))
+    assert measures.multiscale_swd(real, fake, levels=2)["mean"] == pytest.approx(0, abs=1e-5)
+    features = measures.RandomFeatures(dims, 1)
+    assert measures.single_image_frechet(real, fake, features) == pytest.approx(0, abs=1e-6)
+    assert measures.histogram_distance(real, fake) == [pytest.approx(0, abs=1e-9)]
+    assert measures.diversity(real, fake) == pytest.approx(0, abs=1e-9)
+    assert measures.psnr(real, real) == float("inf") and measures.ssim(real, real) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dims", DIMS)
+def test_distances_grow_with_noise_and_blur(dims):
+    real = image(dims)
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(4, 1, *real.shape[2:], generator=generator)
+    features = measures.RandomFeatures(dims, 1)
+    swd, frechet, hist, psnr, ssim = [], [], [], [], []
+    for level in (0.05, 0.2, 0.6):
+        fake = real + level * noise
+        swd.append(measures.multiscale_swd(real, fake, levels=2)["mean"])
+        frechet.append(measures.single_image_frechet(real, fake, features))
+        hist.append(measures.histogram_distance(real, fake)[0])
+        psnr.append(measures.psnr(fake[:1], real))
+        ssim.append(measures.ssim(fake[:1], real))
+    assert swd == sorted(swd) and frechet == sorted(frechet) and hist == sorted(hist)
+    assert psnr == sorted(psnr, reverse=True) and ssim == sorted(ssim, reverse=True)
+    blurred = [measures.multiscale_swd(real, gaussian_blur(real, [s] * dims), levels=2)["mean"] for s in (0.5, 1.5, 3)]
+    assert blurred == sorted(blurred) and blurred[0] > 0
+
+
+@pytest.mark.parametrize("dims", DIMS)
+def test_memorisation_flags_a_model_that_returns_its_training_image(dims):
+    real = image(dims)
+    copies = real.repeat(4, 1, *([1] * dims))
+    assert measures.memorisation(real, copies)["copying"] is True
+    assert measures.memorisation(real, copies)["ratio"] == pytest.approx(0, abs=1e-5)
+    # Different images made by the same process are not copies.
+    others = torch.cat([image(dims, seed) for seed in range(1, 5)])
+    result = measures.memorisation(real, others)
+    assert result["copying"] is False and result["ratio"] > 0.5
+
+
+@pytest.mark.parametrize("dims", DIMS)
+def test_diversity_matches_definition(dims):
+    real = image(dims)
+    fake = torch.cat([image(dims, s) for s in range(1, 4)])
+    assert measures.diversity(real, fake) == pytest.approx((fake.std(0).mean() / real.std()).item())
+
+
+def test_compute_measures_is_json_ready():
+    real = image(2)
+    fake = torch.cat([image(2, s) for s in range(1, 4)])
+    result = compute_measures(real, fake, real, EvaluateConfig(num=3))
+    result.pop("_arrays")
+    assert json.loads(json.dumps(result))["reconstruction"]["ssim"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dims, name", [(2, "tiny.png"), (3, "tiny.nii.gz")])
+def test_evaluate_cli_writes_json_table_and_report(runner, png_rgb, nifti_3d, out_dir, dims, name):
+    from consingan.cli import app
+    from tests.conftest import TINY
+
+    image = png_rgb if dims == 2 else nifti_3d
+    result = runner.invoke(app, ["train", "--image", str(image), "--dim", str(dims), "--out-dir", str(out_dir), *TINY],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    run_dir = out_dir / "tiny_001"
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--num", "3"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "memorisation ratio" in result.output and "SWD mean" in result.output
+    report = json.loads((run_dir / "evaluation_001" / "evaluation.json").read_text())
+    assert report["settings"]["num"] == 3 and len(report["histogram_w1"]) == (3 if dims == 2 else 1)
+    assert {"swd", "random_feature_frechet", "diversity", "memorisation", "reconstruction"} <= report.keys()
+    assert (run_dir / "evaluation_001" / "report.png").stat().st_size > 1000
+    again = runner.invoke(app, ["evaluate", str(run_dir), "--num", "1"], terminal_width=200)
+    assert again.exit_code == 2 and "at least 2" in again.output
