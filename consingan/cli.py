@@ -195,6 +195,9 @@ def evaluate_command(
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Folder for evaluation.json and report.png (default: RUN_DIR/evaluation_NNN).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    inception_weights: Annotated[Optional[Path], typer.Option(
+        "--inception-weights", help="Local Inception-v3 weights (pytorch-fid state dict) for the standard 2D SIFID.")
+    ] = None,
 ) -> None:
     """Judge a trained pyramid offline: SWD, random-feature Frechet distance, diversity, intensity histograms,
     memorisation, reconstruction PSNR/SSIM."""
@@ -206,7 +209,9 @@ def evaluate_command(
                        if not (run_dir / f"evaluation_{n:03d}").exists())
         elif out.exists():
             raise ConsinganError(f"{out} already exists; choose another --out")
-        result = evaluate(run_dir, EvaluateConfig(num=num, seed=seed, device=device))
+        options = EvaluateConfig(num=num, seed=seed, device=device,
+                                 inception_weights=str(inception_weights) if inception_weights else "")
+        result = evaluate(run_dir, options)
         json_path, png_path = write_report(result, out)
         table = Table(title=f"evaluation of {run_dir} (scale {result['scale']}, {num} samples)", header_style="bold")
         table.add_column("measure")

@@ -96,3 +96,22 @@ def test_evaluate_cli_writes_json_table_and_report(runner, png_rgb, nifti_3d, ou
     assert (run_dir / "evaluation_001" / "report.png").stat().st_size > 1000
     again = runner.invoke(app, ["evaluate", str(run_dir), "--num", "1"], terminal_width=200)
     assert again.exit_code == 2 and "at least 2" in again.output
+
+
+def test_inception_stem_from_a_local_file(tmp_path):
+    from consingan.checkpoint import save_state
+    from consingan.errors import ConsinganError
+
+    torch.manual_seed(0)
+    stem = measures.InceptionStem()
+    # pytorch-fid's file holds the whole network; extra keys are ignored, the stem's own must be there.
+    save_state(tmp_path / "inception.pth", {**stem.state_dict(), "Mixed_5b.branch1x1.conv.weight": torch.ones(1)})
+    loaded = measures.InceptionStem.from_file(str(tmp_path / "inception.pth"))
+    rgb = torch.rand(2, 3, 48, 48) * 2 - 1
+    assert torch.equal(loaded(rgb), stem.eval()(rgb))
+    assert loaded(rgb[:1]).shape[1] == 64 and loaded(rgb[:1, :1]).shape[1] == 64  # grey works too
+    real = image(2).repeat(1, 3, 1, 1)
+    assert measures.single_image_frechet(real, real.repeat(2, 1, 1, 1), loaded) == pytest.approx(0, abs=1e-6)
+    save_state(tmp_path / "other.pth", {"weight": torch.ones(1)})
+    with pytest.raises(ConsinganError, match="not an Inception"):
+        measures.InceptionStem.from_file(str(tmp_path / "other.pth"))

@@ -26,6 +26,7 @@ class EvaluateConfig:
     patch_size: int = 7  # patch width for SWD and the memorisation check
     swd_levels: int = 4  # Laplacian levels
     memorisation_threshold: float = 0.5  # flag copying below this ratio of sample-to-real over real-to-real distance
+    inception_weights: str = ""  # local Inception-v3 state dict (pytorch-fid's) for the standard 2D SIFID
     device: str = "cpu"
 
 
@@ -63,7 +64,14 @@ def compute_measures(real: torch.Tensor, fake: torch.Tensor, reconstruction: tor
                      options: EvaluateConfig) -> dict:
     """All measures for a real image [1, C, ...], samples [N, C, ...] and a reconstruction [1, C, ...] in [-1, 1]."""
     features = measures.RandomFeatures(real.dim() - 2, real.shape[1], seed=options.seed)
+    extra = {}
+    if options.inception_weights:
+        if real.dim() != 4 or real.shape[1] not in (1, 3):
+            raise ConsinganError("SIFID with Inception features needs a 2D grey or RGB image")
+        inception = measures.InceptionStem.from_file(options.inception_weights)
+        extra["sifid_inception"] = measures.single_image_frechet(real, fake, inception)
     return {
+        **extra,
         "swd": measures.multiscale_swd(real, fake, options.patch_size, options.swd_levels, seed=options.seed),
         "random_feature_frechet": measures.single_image_frechet(real, fake, features),
         "diversity": measures.diversity(real, fake),
@@ -126,4 +134,6 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         ("reconstruction PSNR", f"{result['reconstruction']['psnr']:.2f} dB"),
         ("reconstruction SSIM", f"{result['reconstruction']['ssim']:.4f}"),
     ]
+    if "sifid_inception" in result:
+        rows.append(("SIFID (Inception)", f"{result['sifid_inception']:.4f}"))
     return rows

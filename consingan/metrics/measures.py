@@ -171,3 +171,44 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, sigma: float
     cov = gaussian_blur(a * b, sigmas) - mu_a * mu_b
     value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return float(value.mean())
+
+
+class InceptionStem(torch.nn.Module):
+    """The first block of Inception-v3 (three 3x3 convs with batch norm, then max pooling: 64 channels), the features
+    of SinGAN's SIFID. Weights come only from a local file the user gives (pytorch-fid's ``pt_inception-...pth`` state
+    dict, whose keys ``Conv2d_1a_3x3.conv.weight`` ... this module matches); nothing is downloaded."""
+
+    _LAYERS = (("Conv2d_1a_3x3", 3, 32, 2, 0), ("Conv2d_2a_3x3", 32, 32, 1, 0), ("Conv2d_2b_3x3", 32, 64, 1, 1))
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, cin, cout, stride, padding in self._LAYERS:
+            block = torch.nn.Module()
+            block.conv = torch.nn.Conv2d(cin, cout, 3, stride=stride, padding=padding, bias=False)
+            block.bn = torch.nn.BatchNorm2d(cout, eps=0.001)
+            self.add_module(name, block)
+
+    @classmethod
+    def from_file(cls, path: str) -> "InceptionStem":
+        from consingan.checkpoint import load_state
+        from consingan.errors import ConsinganError
+
+        state = load_state(path)
+        module = cls()
+        wanted = module.state_dict().keys()
+        missing = [key for key in wanted if key not in state]
+        if missing:
+            raise ConsinganError(f"{path} is not an Inception-v3 state dict (missing {missing[0]})")
+        module.load_state_dict({key: state[key] for key in wanted})
+        return module.eval()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, H, W] in [-1, 1] (grey is repeated to RGB) -> feature vectors [P, 64]."""
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        for name, *_ in self._LAYERS:
+            block = getattr(self, name)
+            x = F.relu(block.bn(block.conv(x)))
+        x = F.max_pool2d(x, 3, stride=2)
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
