@@ -23,7 +23,8 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) 
     Returned unweighted; the caller multiplies by its lambda. One mixing weight per batch element.
     """
     weight = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
-    mixed = (weight * real.detach() + (1.0 - weight) * fake.detach()).requires_grad_(True)
+    # A non-leaf input (the clone) keeps autograd.grad compatible with torch.utils.flop_counter (benchmarks/).
+    mixed = (weight * real.detach() + (1.0 - weight) * fake.detach()).requires_grad_(True).clone()
     score = critic(mixed)
     (gradient,) = torch.autograd.grad(score.sum(), mixed, create_graph=True)
     return ((gradient.flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()
