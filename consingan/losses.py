@@ -33,3 +33,29 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) 
 def reconstruction_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error, as in SinGAN/ConSinGAN's reconstruction term."""
     return F.mse_loss(output, target)
+
+
+def adversarial_loss(logits: torch.Tensor, target_is_real: bool, mode: str, for_discriminator: bool = True
+                     ) -> torch.Tensor:
+    """One GAN criterion on raw logits: 'lsgan' (squared error to 1/0), 'bce' (binary cross-entropy with logits),
+    'hinge' (discriminator: relu(1 -/+ logits); generator: -logits), 'wgan' (-/+ mean logits)."""
+    if mode == "lsgan":
+        return F.mse_loss(logits, torch.full_like(logits, 1.0 if target_is_real else 0.0))
+    if mode == "bce":
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, 1.0 if target_is_real else 0.0))
+    if mode == "hinge":
+        if not for_discriminator:
+            return -logits.mean()
+        return F.relu(1.0 - logits).mean() if target_is_real else F.relu(1.0 + logits).mean()
+    if mode == "wgan":
+        return -logits.mean() if target_is_real else logits.mean()
+    raise ValueError(f"unknown GAN criterion {mode!r}; choose 'lsgan', 'bce', 'hinge' or 'wgan'")
+
+
+def feature_matching_loss(fake_features: list, real_features: list) -> torch.Tensor:
+    """pix2pixHD's feature matching: L1 between discriminator features of fake and real, every layer but the logits,
+    averaged over layers and scales. Accepts one discriminator's feature list or a list of them (multi-scale)."""
+    if fake_features and isinstance(fake_features[0], torch.Tensor):
+        fake_features, real_features = [fake_features], [real_features]
+    terms = [F.l1_loss(f, r.detach()) for fs, rs in zip(fake_features, real_features) for f, r in zip(fs[:-1], rs[:-1])]
+    return torch.stack(terms).mean()
