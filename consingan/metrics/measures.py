@@ -204,9 +204,12 @@ class InceptionStem(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W] in [-1, 1] (grey is repeated to RGB) -> feature vectors [P, 64]."""
+        """Images [N, 3, H, W] in [-1, 1] (grey is repeated to RGB) -> feature vectors [P, 64].
+
+        Inputs are resized to 299 x 299 first, as pytorch-fid's network (used by SinGAN's SIFID) does by default."""
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         for name, *_ in self._LAYERS:
             block = getattr(self, name)
             x = F.relu(block.bn(block.conv(x)))
