@@ -81,3 +81,81 @@ def test_feature_matching_known_value():
     fake = [torch.ones(1, 2, 4, 4), torch.full((1, 2, 2, 2), 3.0), torch.full((1, 1, 1, 1), 100.0)]
     assert feature_matching_loss(fake, real).item() == pytest.approx((1 + 3) / 2)  # logits (last) excluded
     assert feature_matching_loss([fake, fake], [real, real]).item() == pytest.approx(2.0)
+
+
+from consingan.nn import CBAM, SPADE, CoordinateAttention  # noqa: E402
+from consingan.paired import ResNetRefiner, UNetPlusPlusGenerator  # noqa: E402
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_coordinate_attention_pools_along_each_axis(dims):
+    torch.manual_seed(0)
+    module = CoordinateAttention(dims, 16).eval()
+    x = torch.randn(2, 16, *([6, 7, 5][:dims]))
+    assert module(x).shape == x.shape
+    assert len(module.per_axis) == dims  # one attention per spatial axis: three in 3D
+    # Each axis attention varies only along its own axis: with a constant input the output is separable.
+    out = module(torch.ones(1, 16, *([6, 7, 5][:dims])))
+    if dims == 2:
+        assert torch.allclose(out[0, 0], out[0, 0, :, :1] * out[0, 0, :1, :] / out[0, 0, :1, :1], atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_spade_is_parameter_free_norm_modulated_by_the_map(dims):
+    torch.manual_seed(0)
+    spade = SPADE(dims, 8, label_channels=2, hidden=16)
+    x = torch.randn(2, 8, *(8,) * dims) * 5 + 3
+    segmentation = (torch.rand(2, 2, *(16,) * dims) > 0.5).float()  # resized (nearest) to x's size
+    out = spade(x, segmentation)
+    assert out.shape == x.shape
+    assert not any(p.requires_grad for p in spade.norm.parameters())
+    with torch.no_grad():  # gamma = beta = 0 gives the plain instance norm
+        for conv in (spade.gamma, spade.beta):
+            conv.weight.zero_()
+            conv.bias.zero_()
+    normalised = spade(x, segmentation)
+    assert torch.allclose(normalised.mean(dim=tuple(range(2, 2 + dims))), torch.zeros(2, 8), atol=1e-5)
+
+
+def test_refiner_matches_the_seed_table_and_works_in_3d():
+    refiner = ResNetRefiner(2)
+    image, mask = torch.randn(1, 3, 64, 64), torch.randn(1, 1, 64, 64)
+    assert refiner.head(torch.cat([image, mask], 1)).shape == (1, 64, 64, 64)
+    assert refiner(image, mask).shape == (1, 3, 64, 64)
+    assert sum(isinstance(m, CoordinateAttention) for m in refiner.modules()) == 6
+    small = ResNetRefiner(3, in_channels=2, out_channels=1, channels=8, num_blocks=2)
+    assert small(torch.randn(1, 1, 8, 8, 8), torch.randn(1, 1, 8, 8, 8)).shape == (1, 1, 8, 8, 8)
+
+
+def test_cbam_unet_has_seven_attention_skips_with_2f_channels():
+    model = UNetGenerator(2, skip_attention=True).eval()
+    cbams = [m for m in model.modules() if isinstance(m, CBAM)]
+    assert len(cbams) == 7
+    assert [m.channel_attention.mlp[0].in_channels for m in cbams] == [1024, 1024, 1024, 1024, 512, 256, 128]
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 256, 256)).shape == (1, 3, 256, 256)
+
+
+@pytest.mark.parametrize("dims, size", [(2, 32), (3, 16)])
+def test_spade_unet(dims, size):
+    model = UNetGenerator(dims, in_channels=2, out_channels=1, depth=3, base_channels=4, spade_channels=2)
+    assert sum(isinstance(m, SPADE) for m in model.modules()) == 2
+    assert model(torch.randn(1, 2, *(size,) * dims)).shape == (1, 1, *(size,) * dims)
+
+
+def test_unetpp_matches_the_seed_table_at_256():
+    model = UNetPlusPlusGenerator(2).eval()
+    encoder = []
+    for level in range(5):
+        model.nodes[f"{level}_0"].register_forward_hook(lambda m, i, o: encoder.append(tuple(o.shape[1:])))
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 256, 256))
+    assert encoder == [(64, 256, 256), (128, 128, 128), (256, 64, 64), (512, 32, 32), (1024, 16, 16)]
+    assert out.shape == (1, 3, 256, 256)
+
+
+def test_unetpp_3d_deep_supervision():
+    model = UNetPlusPlusGenerator(3, in_channels=1, out_channels=2, base_channels=4, depth=3, dropout=0.0,
+                                  deep_supervision=True)
+    outputs = model(torch.randn(1, 1, 8, 8, 8))
+    assert len(outputs) == 2 and all(o.shape == (1, 2, 8, 8, 8) for o in outputs)

@@ -59,3 +59,34 @@ class CBAM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.channel_attention(x)
         return x * self.spatial_attention(x)
+
+
+class CoordinateAttention(nn.Module):
+    """Coordinate Attention (Hou et al., CVPR 2021), N-dimensional: one attention vector per spatial axis.
+
+    For each axis the features are average-pooled over every other spatial axis (two poolings in 2D, three in 3D);
+    the pooled strips go together through one shared 1x1 bottleneck (norm, hard-swish), are split again and each gets
+    its own 1x1 conv and sigmoid; the input is multiplied by all axis attentions (broadcast).
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, reduction: int = 32) -> None:
+        super().__init__()
+        hidden = max(8, channels // reduction)
+        self.spatial_dims = spatial_dims
+        self.shared = nn.Sequential(
+            nn.Conv1d(channels, hidden, 1), nn.BatchNorm1d(hidden), nn.Hardswish()
+        )
+        self.per_axis = nn.ModuleList(nn.Conv1d(hidden, channels, 1) for _ in range(spatial_dims))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axes = list(range(2, x.dim()))
+        strips = [x.mean(dim=[a for a in axes if a != axis]) for axis in axes]  # [N, C, L_axis] each
+        lengths = [s.shape[-1] for s in strips]
+        mixed = self.shared(torch.cat(strips, dim=-1))
+        out = x
+        for index, (part, conv) in enumerate(zip(mixed.split(lengths, dim=-1), self.per_axis)):
+            weight = torch.sigmoid(conv(part))
+            shape = [x.shape[0], x.shape[1]] + [1] * self.spatial_dims
+            shape[2 + index] = lengths[index]
+            out = out * weight.view(shape)
+        return out

@@ -2,6 +2,9 @@
 
 from consingan.paired.discriminators import MultiScaleDiscriminator, PatchDiscriminator
 from consingan.paired.resnet import ResidualBlock, ResNetGenerator
+from consingan.paired.refiner import ResNetRefiner
 from consingan.paired.unet import UNetGenerator
+from consingan.paired.unetpp import UNetPlusPlusGenerator
 
-__all__ = ["MultiScaleDiscriminator", "PatchDiscriminator", "ResidualBlock", "ResNetGenerator", "UNetGenerator"]
+__all__ = ["MultiScaleDiscriminator", "PatchDiscriminator", "ResidualBlock", "ResNetGenerator", "ResNetRefiner", "UNetGenerator",
+           "UNetPlusPlusGenerator"]
