@@ -1,0 +1,149 @@
+"""Paired data: source/target files matched by name, checked pair by pair, normalised, cut into tiles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from consingan.errors import ConsinganError
+from consingan.io import IntensityRange, LabelEncoding, Volume, file_suffix, read_volume
+from consingan.io.volume import SUPPORTED_SUFFIXES
+from consingan.paired.tiling import tile_grid
+
+PAIR_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".png", ".npy", ".mha", ".nrrd")
+
+
+def _stem(path: Path) -> str:
+    suffix = file_suffix(path)
+    return path.name[: len(path.name) - len(suffix)]
+
+
+def _images(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise ConsinganError(f"folder not found: {folder}")
+    files = {_stem(p): p for p in sorted(folder.iterdir())
+             if p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES and file_suffix(p) in PAIR_SUFFIXES}
+    if not files:
+        raise ConsinganError(f"no images in {folder} (NIfTI, TIFF, PNG, NPY, MHA, NRRD)")
+    return files
+
+
+def match_pairs(source_dir: Path, target_dir: Path) -> list[tuple[str, Path, Path]]:
+    """(name, source, target) for files with the same name (suffixes aside); unmatched names are an error."""
+    sources, targets = _images(Path(source_dir)), _images(Path(target_dir))
+    only_source = sorted(set(sources) - set(targets))
+    only_target = sorted(set(targets) - set(sources))
+    if only_source or only_target:
+        parts = []
+        if only_source:
+            parts.append(f"no target for {', '.join(only_source[:5])}{' ...' if len(only_source) > 5 else ''}")
+        if only_target:
+            parts.append(f"no source for {', '.join(only_target[:5])}{' ...' if len(only_target) > 5 else ''}")
+        raise ConsinganError("unmatched pairs: " + "; ".join(parts))
+    return [(name, sources[name], targets[name]) for name in sorted(sources)]
+
+
+@dataclass
+class PairedData:
+    """Every pair loaded, normalised into [-1, 1], with the mappings needed to go back."""
+
+    names: list[str]
+    sources: list[torch.Tensor]  # [C_source, *spatial] each
+    targets: list[torch.Tensor]  # [C_target, *spatial] each
+    source_volumes: list[Volume]
+    source_encoding: dict  # {"labels": LabelEncoding dict} or {"intensity": IntensityRange dict}
+    target_intensity: IntensityRange
+
+
+def encode_source(array: np.ndarray, encoding: dict) -> np.ndarray:
+    """Masks as one-hot label channels (``labels``) or intensities mapped with a fixed range (``intensity``)."""
+    if "labels" in encoding:
+        labels = LabelEncoding.from_dict(encoding["labels"])
+        unknown = set(np.unique(array).astype(int).tolist()) - set(labels.classes)
+        if unknown:
+            raise ConsinganError(f"mask holds classes {sorted(unknown)} that training did not see {labels.classes}")
+        return labels.encode(array) * 2 - 1
+    return IntensityRange.from_dict(encoding["intensity"]).normalise(array)
+
+
+def load_pairs(source_dir: Path, target_dir: Path, spatial_dims: int, one_hot: bool) -> PairedData:
+    """Read and check every pair; shape or geometry mismatches are reported by name."""
+    pairs = match_pairs(source_dir, target_dir)
+    names, sources, targets, volumes, problems = [], [], [], [], []
+    for name, source_path, target_path in pairs:
+        source = read_volume(source_path, spatial_dims, check_values=False)
+        target = read_volume(target_path, spatial_dims, check_values=False)  # an empty field is a valid target
+        if source.spatial_shape != target.spatial_shape:
+            problems.append(f"{name}: source {source.spatial_shape} vs target {target.spatial_shape}")
+            continue
+        if not np.allclose(source.affine, target.affine, atol=1e-3):
+            problems.append(f"{name}: source and target geometry (origin, spacing, orientation) differ")
+            continue
+        if not (np.isfinite(source.array).all() and np.isfinite(target.array).all()):
+            problems.append(f"{name}: NaN or infinite values")
+            continue
+        names.append(name)
+        volumes.append(source)
+        sources.append(source.array)
+        targets.append(target.array)
+    if problems:
+        raise ConsinganError("mismatched pairs: " + "; ".join(problems))
+    for kind, arrays in (("source", sources), ("target", targets)):
+        if len({a.shape[0] for a in arrays}) > 1:
+            raise ConsinganError(f"{kind} images have different channel counts")
+    if one_hot:
+        classes = np.unique(np.concatenate([np.unique(a) for a in sources]))
+        encoding = {"labels": LabelEncoding.of(classes.reshape(1, -1).astype(np.float32), 0, "masks").to_dict()}
+    else:
+        encoding = {"intensity": _joint_range(sources).to_dict()}
+    target_intensity = _joint_range(targets)
+    return PairedData(
+        names, [torch.from_numpy(encode_source(a, encoding)) for a in sources],
+        [torch.from_numpy(target_intensity.normalise(a)) for a in targets], volumes, encoding, target_intensity,
+    )
+
+
+def _joint_range(arrays: list[np.ndarray]) -> IntensityRange:
+    """One range over all images, per channel: the same intensity maps to the same value in every pair."""
+    low = np.min([a.reshape(a.shape[0], -1).min(1) for a in arrays], axis=0)
+    high = np.max([a.reshape(a.shape[0], -1).max(1) for a in arrays], axis=0)
+    high = np.where(high > low, high, low + 1)
+    return IntensityRange(tuple(float(v) for v in low), tuple(float(v) for v in high))
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Overlapping tiles of every pair (the grid of ``tiling.tile_grid``); images smaller than a tile are used whole
+    after reflection padding to the tile size."""
+
+    def __init__(self, data: PairedData, tile: int, stride: int) -> None:
+        self.data = data
+        self.items = []
+        for index, source in enumerate(data.sources):
+            spatial = source.shape[1:]
+            size = [min(tile, s) for s in spatial]
+            for start in tile_grid(spatial, size, [stride] * len(spatial)):
+                self.items.append((index, start, size))
+        self.tile = tile
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pair, start, size = self.items[index]
+        window = tuple(slice(a, a + s) for a, s in zip(start, size))
+        source = self.data.sources[pair][(slice(None), *window)]
+        target = self.data.targets[pair][(slice(None), *window)]
+        return _pad_to(source, self.tile), _pad_to(target, self.tile)
+
+
+def _pad_to(x: torch.Tensor, tile: int) -> torch.Tensor:
+    padding = []
+    for s in reversed(x.shape[1:]):
+        padding += [0, max(0, tile - s)]
+    if not any(padding):
+        return x
+    mode = "reflect" if all(tile - s < s for s in x.shape[1:]) else "replicate"
+    return torch.nn.functional.pad(x[None], padding, mode=mode)[0]
