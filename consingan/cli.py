@@ -244,7 +244,8 @@ app.add_typer(paired_app, name="paired")
 def paired_train(
     source: Annotated[Optional[Path], typer.Option("--source", help="Folder of inputs (masks, phase contrast).")] = None,
     target: Annotated[Optional[Path], typer.Option("--target", help="Folder of targets, matched by file name.")] = None,
-    model: Annotated[str, typer.Option("--model", help="unet, cbam_unet, spade_unet, resnet or unetpp.")] = "unet",
+    model: Annotated[str, typer.Option(
+        "--model", help="unet, cbam_unet, spade_unet, resnet, local_enhancer or unetpp.")] = "unet",
     dim: Annotated[int, typer.Option("--dim", help="2 or 3.")] = 2,
     epochs: Annotated[int, typer.Option("--epochs")] = 200,
     out: Annotated[Path, typer.Option("--out", help="Root of the run folders.")] = Path("out"),
@@ -257,6 +258,8 @@ def paired_train(
     discriminator: Annotated[str, typer.Option("--discriminator", help="patch or multiscale.")] = "patch",
     base_channels: Annotated[int, typer.Option("--base-channels")] = 64,
     one_hot: Annotated[bool, typer.Option("--one-hot", help="Masks as one-hot class channels.")] = False,
+    perceptual_weights: Annotated[Optional[Path], typer.Option(
+        "--perceptual-weights", help="Local VGG-19 state dict for a perceptual loss (off without it).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this paired run folder.")] = None,
@@ -278,7 +281,7 @@ def paired_train(
                 source_dir=str(source), target_dir=str(target), model=model, dimension=dim, epochs=epochs,
                 out_dir=str(out), tile=tile, stride=stride, batch_size=batch_size, lr=lr, lambda_l1=lambda_l1,
                 gan_mode=gan_mode, discriminator=discriminator, base_channels=base_channels, one_hot=one_hot,
-                seed=seed, device=device,
+                seed=seed, device=device, perceptual_weights=str(perceptual_weights) if perceptual_weights else "",
             )
             result = train_paired(config, progress)
         console.print(f"run folder: [bold]{result.run_dir}[/]")

@@ -31,6 +31,7 @@ def make_pairs(root, dims, count=2, size=None):
 
 @pytest.mark.parametrize("dims, model, extra", [
     (2, "unet", ["--one-hot"]), (3, "unet", []), (2, "cbam_unet", ["--discriminator", "multiscale", "--tile", "32"]),
+    (2, "local_enhancer", ["--tile", "32"]), (2, "unetpp", ["--tile", "32"]), (3, "spade_unet", []), (2, "resnet", []),
 ])
 def test_paired_train_and_predict(runner, tmp_path, dims, model, extra):
     source, target = make_pairs(tmp_path, dims)
@@ -90,3 +91,12 @@ def test_unmatched_and_mismatched_pairs_are_named(runner, tmp_path):
                                  str(tmp_path / "out")], terminal_width=200)
     assert result.exit_code == 2 and "cell2: source (32, 32) vs target (20, 32)" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_geometry_mismatch_is_named(runner, tmp_path):
+    source, target = make_pairs(tmp_path, 3)
+    image = nib.load(str(target / "vol1.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), np.diag([0.5, 0.5, 2.0, 1.0])), str(target / "vol1.nii.gz"))
+    result = runner.invoke(app, ["paired", "train", "--source", str(source), "--target", str(target), "--dim", "3",
+                                 "--out", str(tmp_path / "out")], terminal_width=200)
+    assert result.exit_code == 2 and "vol1: source and target geometry" in result.output

@@ -159,3 +159,41 @@ def test_unetpp_3d_deep_supervision():
                                   deep_supervision=True)
     outputs = model(torch.randn(1, 1, 8, 8, 8))
     assert len(outputs) == 2 and all(o.shape == (1, 2, 8, 8, 8) for o in outputs)
+
+
+from consingan.paired import LocalEnhancer, VGGPerceptualLoss  # noqa: E402
+
+
+@pytest.mark.parametrize("dims, size", [(2, 32), (3, 16)])
+def test_local_enhancer_coarse_to_fine(dims, size):
+    model = LocalEnhancer(dims, in_channels=1, out_channels=2, base_channels=4, num_blocks=1, global_blocks=1,
+                          global_downsampling=2)
+    assert model(torch.randn(1, 1, *(size,) * dims)).shape == (1, 2, *(size,) * dims)
+    # The global part works on the input at half resolution and ends with 2x the local channels.
+    assert model.global_features(torch.randn(1, 1, *(size // 2,) * dims)).shape[1] == 8
+
+
+def test_perceptual_loss_from_a_local_file(tmp_path):
+    from consingan.checkpoint import save_state
+    from consingan.errors import ConsinganError
+
+    torch.manual_seed(0)
+    reference = VGGPerceptualLoss()
+    for module in reference.features:
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight, 0, 0.05)
+    save_state(tmp_path / "vgg19.pth", {**{k: v for k, v in reference.state_dict().items() if k.startswith("features")},
+                                        "classifier.0.weight": torch.ones(1)})
+    loss = VGGPerceptualLoss.from_file(str(tmp_path / "vgg19.pth"))
+    real = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert loss(real, real).item() == 0
+    assert loss(real + 0.1 * torch.randn_like(real), real).item() > 0
+    save_state(tmp_path / "bad.pth", {"w": torch.ones(1)})
+    with pytest.raises(ConsinganError, match="not a VGG-19"):
+        VGGPerceptualLoss.from_file(str(tmp_path / "bad.pth"))
+
+
+def test_cbam_unet_3d():
+    model = UNetGenerator(3, in_channels=1, out_channels=1, depth=3, base_channels=4, skip_attention=True)
+    assert sum(isinstance(m, CBAM) for m in model.modules()) == 2
+    assert model(torch.randn(1, 1, 16, 16, 16)).shape == (1, 1, 16, 16, 16)

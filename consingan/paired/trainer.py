@@ -21,13 +21,14 @@ from consingan.io import IntensityRange, Volume, file_suffix, output_suffix, rea
 from consingan.losses import adversarial_loss, feature_matching_loss
 from consingan.paired.data import PairedData, TileDataset, encode_source, load_pairs
 from consingan.paired.discriminators import MultiScaleDiscriminator, PatchDiscriminator
-from consingan.paired.resnet import ResNetGenerator
+from consingan.paired.perceptual import VGGPerceptualLoss
+from consingan.paired.resnet import LocalEnhancer, ResNetGenerator
 from consingan.paired.tiling import predict_tiled
 from consingan.paired.unet import UNetGenerator
 from consingan.paired.unetpp import UNetPlusPlusGenerator
 from consingan.singan.trainer import resolve_device
 
-MODELS = ("unet", "cbam_unet", "spade_unet", "resnet", "unetpp")
+MODELS = ("unet", "cbam_unet", "spade_unet", "resnet", "local_enhancer", "unetpp")
 
 
 @dataclass
@@ -47,6 +48,8 @@ class PairedConfig:
     gan_mode: str = "lsgan"
     discriminator: str = "patch"  # or "multiscale" (pix2pixHD, with feature matching)
     lambda_feature_matching: float = 10.0
+    perceptual_weights: str = ""  # local VGG-19 state dict; empty: no perceptual loss (the default)
+    lambda_perceptual: float = 10.0
     tile: int = 256  # the report uses 512 with stride 256
     stride: int = -1  # -1: tile // 2
     base_channels: int = 64
@@ -93,6 +96,8 @@ class PairedConfig:
         """Spatial sizes the generator accepts are multiples of this."""
         if self.model == "resnet":
             return 8
+        if self.model == "local_enhancer":
+            return 16
         if self.model == "unetpp":
             return 16
         return 2 ** self.resolved_depth()
@@ -106,6 +111,8 @@ def build_generator(config: PairedConfig, in_channels: int, out_channels: int) -
                              spade_channels=in_channels if config.model == "spade_unet" else 0)
     if config.model == "resnet":
         return ResNetGenerator(dims, in_channels, out_channels, base_channels=base)
+    if config.model == "local_enhancer":
+        return LocalEnhancer(dims, in_channels, out_channels, base_channels=base)
     return UNetPlusPlusGenerator(dims, in_channels, out_channels, base_channels=base)
 
 
@@ -160,6 +167,11 @@ class PairedTrainer:
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (self.optimizer_g, self.optimizer_d)]
         self.start_epoch = 0
         self.history: list[dict] = []
+        self.perceptual = None
+        if config.perceptual_weights:
+            if config.dimension != 2:
+                raise ConsinganError("the perceptual loss is 2D only")
+            self.perceptual = VGGPerceptualLoss.from_file(config.perceptual_weights).to(self.device)
 
     def state(self, epoch: int) -> dict:
         return {
@@ -205,6 +217,8 @@ class PairedTrainer:
             real_scales = [[t.detach() for t in scale] for scale in real_scales]
             loss_fm = feature_matching_loss(fake_scales, real_scales)
             total = total + config.lambda_feature_matching * loss_fm
+        if self.perceptual is not None:
+            total = total + config.lambda_perceptual * self.perceptual(fake, target)
         total.backward()
         self.optimizer_g.step()
         return {"d": loss_d.item(), "g_gan": loss_gan.item(), "l1": loss_l1.item(), "fm": loss_fm.item()}
@@ -263,6 +277,10 @@ def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | N
     multiple = config.size_multiple()
     if config.tile % multiple:
         raise ConsinganError(f"--tile {config.tile} must be a multiple of {multiple} for model {config.model}")
+    # Models with a normalised bottleneck need it at least 2 voxels wide (U-Nets leave their innermost unnormalised).
+    smallest_tile = multiple if config.model.endswith("unet") else 2 * multiple
+    if config.tile < smallest_tile:
+        raise ConsinganError(f"--tile must be at least {smallest_tile} for model {config.model}")
     smallest = min(min(s.shape[1:]) for s in data.sources)
     if smallest < multiple:
         raise ConsinganError(f"the smallest image side ({smallest}) is below the model's minimum {multiple}")
