@@ -65,3 +65,36 @@ def save_text(path: Path, text: str) -> None:
 def save_json(path: Path, data: Any) -> None:
     """Write JSON atomically."""
     save_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def make_run_dir(root: Path, run_name: str, stem: str) -> Path:
+    """A new folder ``root/run_name``, or ``root/<stem>_NNN`` with the first free number; never an existing one.
+
+    ``mkdir`` without ``exist_ok`` is atomic, so two runs started at once never share a folder. Problems with
+    ``root`` become a one-line ``ConsinganError``.
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if run_name:
+            run_dir = root / run_name
+            if run_dir.exists():
+                raise ConsinganError(f"run folder {run_dir} already exists; choose another --run-name "
+                                     f"(a run is only continued by --resume)")
+            run_dir.mkdir()
+            return run_dir
+        for number in range(1, 100000):
+            run_dir = root / f"{stem}_{number:03d}"
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                continue
+    except PermissionError:
+        raise ConsinganError(f"output folder {root} cannot be written (permission denied)") from None
+    except NotADirectoryError:
+        raise ConsinganError(f"output folder {root} is not a folder") from None
+    except FileExistsError:
+        raise ConsinganError(f"output folder {root} exists and is not a folder") from None
+    except OSError as error:
+        raise ConsinganError(f"output folder {root} cannot be written: {error.strerror}") from None
+    raise ConsinganError(f"no free run folder name under {root}")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from consingan.checkpoint import load_state, save_json, save_state
+from consingan.checkpoint import load_state, make_run_dir, save_json, save_state
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, Volume, file_suffix, output_suffix, read_volume, write_volume
 from consingan.losses import adversarial_loss, feature_matching_loss
@@ -247,27 +247,6 @@ class PairedTrainer:
         return self.history
 
 
-def _new_run_dir(config: PairedConfig) -> Path:
-    root = Path(config.out_dir)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if config.run_name:
-            run_dir = root / config.run_name
-            if run_dir.exists():
-                raise ConsinganError(f"run folder {run_dir} already exists; choose another --run-name")
-            run_dir.mkdir()
-            return run_dir
-        for number in range(1, 100000):
-            try:
-                (root / f"paired_{number:03d}").mkdir()
-                return root / f"paired_{number:03d}"
-            except FileExistsError:
-                continue
-    except (PermissionError, NotADirectoryError, FileExistsError):
-        raise ConsinganError(f"output folder {root} cannot be written") from None
-    raise ConsinganError(f"no free run folder name under {root}")
-
-
 def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | None = None) -> PairedResult:
     """Check the data, make a run folder, train; everything is checked before anything is written."""
     config = config.validate()
@@ -284,7 +263,7 @@ def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | N
     smallest = min(min(s.shape[1:]) for s in data.sources)
     if smallest < multiple:
         raise ConsinganError(f"the smallest image side ({smallest}) is below the model's minimum {multiple}")
-    run_dir = _new_run_dir(config)
+    run_dir = make_run_dir(Path(config.out_dir), config.run_name, "paired")
     save_json(run_dir / "config.json", dataclasses.asdict(config))
     save_json(run_dir / "data.json", {
         "names": data.names, "source_encoding": data.source_encoding, "target_intensity": data.target_intensity.to_dict(),

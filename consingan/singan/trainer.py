@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from consingan import __version__
-from consingan.checkpoint import load_state, save_json, save_state, save_text
+from consingan.checkpoint import load_state, make_run_dir, save_json, save_state, save_text
 from consingan.config import TrainConfig
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding, Volume, encode_header, read_volume, write_outputs
@@ -348,33 +348,7 @@ def find_image(config: TrainConfig) -> Path:
 
 def create_run_dir(config: TrainConfig, image: Path) -> Path:
     """Make a new run folder under ``out_dir``; an existing folder is never reused or overwritten."""
-    root = Path(config.out_dir)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if config.run_name:
-            run_dir = root / config.run_name
-            if run_dir.exists():
-                raise ConsinganError(f"run folder {run_dir} already exists; choose another --run-name "
-                                     f"(a run is only continued by --resume)")
-            run_dir.mkdir()
-            return run_dir
-        stem = image.name.split(".")[0] or "run"
-        for number in range(1, 100000):
-            run_dir = root / f"{stem}_{number:03d}"
-            try:
-                run_dir.mkdir()  # atomic: two runs started together never share a folder
-                return run_dir
-            except FileExistsError:
-                continue
-    except PermissionError:
-        raise ConsinganError(f"output folder {root} cannot be written (permission denied)") from None
-    except NotADirectoryError:
-        raise ConsinganError(f"output folder {root} is not a folder") from None
-    except FileExistsError:
-        raise ConsinganError(f"output folder {root} exists and is not a folder") from None
-    except OSError as error:
-        raise ConsinganError(f"output folder {root} cannot be written: {error.strerror}") from None
-    raise ConsinganError(f"no free run folder name under {root}")
+    return make_run_dir(Path(config.out_dir), config.run_name, image.name.split(".")[0] or "run")
 
 
 def attach_labels(volume: Volume, label: Volume, name: str) -> Volume:
