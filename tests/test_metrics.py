@@ -105,7 +105,8 @@ def test_inception_stem_from_a_local_file(tmp_path):
     torch.manual_seed(0)
     stem = measures.InceptionStem()
     # pytorch-fid's file holds the whole network; extra keys are ignored, the stem's own must be there.
-    save_state(tmp_path / "inception.pth", {**stem.state_dict(), "Mixed_5b.branch1x1.conv.weight": torch.ones(1)})
+    weights = {k: v for k, v in stem.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_state(tmp_path / "inception.pth", {**weights, "Mixed_5b.branch1x1.conv.weight": torch.ones(1)})
     loaded = measures.InceptionStem.from_file(str(tmp_path / "inception.pth"))
     rgb = torch.rand(2, 3, 48, 48) * 2 - 1
     assert torch.equal(loaded(rgb), stem.eval()(rgb))

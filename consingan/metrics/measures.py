@@ -195,11 +195,12 @@ class InceptionStem(torch.nn.Module):
 
         state = load_state(path)
         module = cls()
-        wanted = module.state_dict().keys()
+        # Batch-norm step counters are not weights; files saved without them are fine.
+        wanted = [key for key in module.state_dict() if not key.endswith("num_batches_tracked")]
         missing = [key for key in wanted if key not in state]
         if missing:
             raise ConsinganError(f"{path} is not an Inception-v3 state dict (missing {missing[0]})")
-        module.load_state_dict({key: state[key] for key in wanted})
+        module.load_state_dict({key: state[key] for key in wanted}, strict=False)
         return module.eval()
 
     @torch.no_grad()
