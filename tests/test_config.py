@@ -86,3 +86,29 @@ def test_saved_config_json_round_trips(tmp_path):
     config = resolve_config(None, {"epochs": 7, "seed": 3})
     config.save_json(tmp_path / "config.json")
     assert TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == config
+
+
+def test_memory_check_says_what_would_fit(runner, nifti_3d, tmp_path, monkeypatch):
+    from consingan.singan import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 400 * 2**20)
+    result = runner.invoke(app, ["train", "--image", str(nifti_3d), "--dim", "3", "--min-size", "10",
+                                 "--out-dir", str(tmp_path / "o")], terminal_width=300)
+    assert result.exit_code == 2, result.output
+    assert "needs about" in result.output and "--num-feature-channels" in result.output
+    assert not (tmp_path / "o").exists()
+    channels = int(result.output.split("--num-feature-channels ")[1].split()[0])
+    from consingan.config import TrainConfig
+
+    fits = memory.estimate_peak_bytes(TrainConfig(num_feature_channels=channels), (16, 16, 16))
+    assert fits <= 0.9 * 400 * 2**20 < memory.estimate_peak_bytes(TrainConfig(num_feature_channels=channels + 1),
+                                                                   (16, 16, 16))
+
+
+def test_memory_estimate_is_above_measured_peaks():
+    from consingan.singan.memory import estimate_peak_bytes
+
+    # Peak resident memory measured for one epoch (3 stages, 3 blocks), benchmarks/RESULTS.md.
+    for channels, shape, measured_mib in [(64, (33, 41, 25), 1147), (32, (48, 48, 48), 1649), (64, (167, 250), 1419)]:
+        estimate = estimate_peak_bytes(TrainConfig(num_feature_channels=channels), shape) / 2**20
+        assert measured_mib <= estimate <= 1.6 * measured_mib

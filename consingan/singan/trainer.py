@@ -25,6 +25,7 @@ from consingan.losses import (
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
+from consingan.singan.memory import check_memory
 from consingan.singan.models import Critic, GrowingGenerator
 from consingan.singan.pyramid import Shape, build_pyramid, pyramid_shapes
 
@@ -374,8 +375,8 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, Volume]:
         label_path = Path(config.label)
         config = dataclasses.replace(config, label=str(label_path.resolve()))
         volume = attach_labels(volume, read_volume(label_path, config.dimension, check_values=False), label_path.name)
-    volume_pyramid_shapes(volume, config)  # fails early
-    resolve_device(config.device)
+    shapes = volume_pyramid_shapes(volume, config)  # fails early
+    check_memory(config, shapes, resolve_device(config.device))
     return config, volume
 
 
