@@ -64,13 +64,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_case(name: str, array: np.ndarray, config: TrainConfig, repeats: int, peak: float) -> dict:
+def bench_case(name: str, array: np.ndarray, config: TrainConfig, repeats: int, peak: float,
+               stages: int | None = None) -> dict:
     volume = Volume(array, np.eye(array.ndim), ".npy")
     torch.manual_seed(0)
     trainer = SinGANTrainer(config, volume, Path("/nonexistent"))
     device = trainer.device
     rows = []
-    for stage in range(config.num_scales):
+    for stage in range(config.num_scales if stages is None else min(stages, config.num_scales)):
         trainer.grow(stage)
         optimizer_g, optimizer_d, _ = trainer.make_optimizers()
         trainer.train_epoch(stage, optimizer_g, optimizer_d)  # warm-up
@@ -94,7 +95,9 @@ def bench_case(name: str, array: np.ndarray, config: TrainConfig, repeats: int, 
             "peak_memory_mb": peak_memory_mb(device), "reference_seconds": REFERENCE_2D.get(shape) if name == "2d" else None,
         })
         print(f"  {name} stage {stage} {'x'.join(map(str, shape))}: {seconds:.3f} s/epoch", flush=True)
-    projected = sum(r["seconds_per_epoch"] for r in rows) * config.epochs
+    # Stages not timed (--stages) are counted at the last timed stage's speed.
+    timed = [r["seconds_per_epoch"] for r in rows]
+    projected = (sum(timed) + timed[-1] * (config.num_scales - len(timed))) * config.epochs
     return {"case": name, "config": dataclasses.asdict(config), "stages": rows, "projected_hours": projected / 3600}
 
 
@@ -117,6 +120,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gsteps", type=int, default=3, help="generator updates per epoch (1: the reference's work)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--stages", type=int, default=None, help="time only the first N stages")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -135,7 +139,7 @@ def main() -> None:
                               ("cpu" if args.device == "auto" else args.device))
         size = (167, 250) if name == "2d" else (64, 64, 64)
         peak = roofline(config.dimension, config.num_feature_channels, size, device, args.repeats)
-        result = bench_case(name, array, config, args.repeats, peak)
+        result = bench_case(name, array, config, args.repeats, peak, args.stages)
         result["roofline_gflops"] = peak / 1e9
         results["cases"].append(result)
         print_table(result, peak)
