@@ -86,15 +86,6 @@ def _print_config(config: TrainConfig) -> None:
     console.print(table)
 
 
-def _warn_flat_pyramid(config: TrainConfig, volume: Any) -> None:
-    from consingan.singan.trainer import volume_pyramid_shapes
-
-    shapes = volume_pyramid_shapes(volume, config)
-    if len(shapes) > 1 and shapes[0] == shapes[-1]:
-        console.print(f"[yellow]note:[/] the image's shortest side is min_size ({config.min_size}), so every scale has "
-                      f"the same size; lower --min-size for a coarse-to-fine pyramid")
-
-
 def _train(config_file: Path | None = None, resume: Path | None = None, dry_run: bool = False, **flags: Any) -> None:
     from consingan.config import resolve_config
 
@@ -103,21 +94,18 @@ def _train(config_file: Path | None = None, resume: Path | None = None, dry_run:
             _resume(resume, config_file, flags)
             return
         config = resolve_config(config_file, flags)
-        if dry_run:
-            from consingan.singan.trainer import prepare, volume_pyramid_shapes
-
-            config, volume = prepare(config)
-            _print_config(config)
-            shapes = volume_pyramid_shapes(volume, config)
-            _warn_flat_pyramid(config, volume)
-            console.print("pyramid: " + "  ".join("x".join(map(str, s)) for s in shapes))
-            return
-        from consingan.singan.trainer import prepare, train_prepared
+        from consingan.singan.trainer import prepare, train_prepared, volume_pyramid_shapes
         from consingan.ui import RichReporter, summary_table
 
         config, volume = prepare(config)
         _print_config(config)
-        _warn_flat_pyramid(config, volume)
+        shapes = volume_pyramid_shapes(volume, config)
+        if len(shapes) > 1 and shapes[0] == shapes[-1]:
+            console.print(f"[yellow]note:[/] the image's shortest side is min_size ({config.min_size}), so every "
+                          f"scale has the same size; lower --min-size for a coarse-to-fine pyramid")
+        if dry_run:
+            console.print("pyramid: " + "  ".join("x".join(map(str, s)) for s in shapes))
+            return
         with RichReporter(console) as reporter:
             result = train_prepared(config, volume, reporter)
         console.print(summary_table(result.scales))

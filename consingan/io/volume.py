@@ -122,7 +122,10 @@ def read_volume(path: Path | str, spatial_dims: int, check_values: bool = True) 
     if path.is_dir():
         if spatial_dims != 3:
             raise ConsinganError(f"image path is a folder, not a file: {path} (DICOM series folders are 3D)")
-        return _read_dicom_series(path, check_values)
+        volume = _read_dicom_series(path)
+        if check_values:
+            _check_values(volume.array, path)
+        return volume
     suffix = file_suffix(path)
     if suffix not in SUPPORTED_SUFFIXES:
         raise ConsinganError(f"unsupported image type {suffix or path.name!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
@@ -195,7 +198,7 @@ def _read_numpy(path: Path, spatial_dims: int) -> Volume:
     return Volume(np.ascontiguousarray(data, dtype=np.float32), np.eye(spatial_dims + 1), ".npy", data.dtype)
 
 
-def _read_dicom_series(folder: Path, check_values: bool) -> Volume:
+def _read_dicom_series(folder: Path) -> Volume:
     """A DICOM series folder (one series), through SimpleITK/GDCM; outputs are written as .mha with its geometry."""
     import SimpleITK as sitk
 
@@ -213,10 +216,7 @@ def _read_dicom_series(folder: Path, check_values: bool) -> Volume:
         image = reader.Execute()
     except RuntimeError as error:
         raise ConsinganError(f"cannot read DICOM series in {folder}: {str(error).strip().splitlines()[-1]}") from None
-    volume = _volume_from_itk(image, 3, ".dcm", folder)
-    if check_values:
-        _check_values(volume.array, folder)
-    return volume
+    return _volume_from_itk(image, 3, ".dcm", folder)
 
 
 def _read_itk(path: Path, spatial_dims: int, suffix: str) -> Volume:
