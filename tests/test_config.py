@@ -108,7 +108,12 @@ def test_memory_check_says_what_would_fit(runner, nifti_3d, tmp_path, monkeypatc
 def test_memory_estimate_is_above_measured_peaks():
     from consingan.singan.memory import estimate_peak_bytes
 
-    # Peak resident memory measured for one epoch (3 stages, 3 blocks), benchmarks/RESULTS.md.
-    for channels, shape, measured_mib in [(64, (33, 41, 25), 1147), (32, (48, 48, 48), 1649), (64, (167, 250), 1419)]:
+    # Peak resident memory of training epochs (3 stages, 3 blocks, whole pyramid grown), benchmarks/RESULTS.md.
+    measured = [(64, (167, 250), 2610), (64, (115, 171), 1234), (64, (42, 42, 42), 3497), (64, (56, 56, 56), 6614),
+                (64, (64, 64, 64), 6695), (64, (33, 41, 25), 1147), (32, (48, 48, 48), 1649)]
+    ratios = []
+    for channels, shape, measured_mib in measured:
         estimate = estimate_peak_bytes(TrainConfig(num_feature_channels=channels), shape) / 2**20
-        assert measured_mib <= estimate <= 1.6 * measured_mib
+        assert measured_mib <= estimate <= 2.5 * measured_mib
+        ratios.append(estimate / measured_mib)
+    assert min(ratios) < 1.2  # tight where memory is tightest (2D at the largest measured size), not blanket slack

@@ -1,9 +1,10 @@
 """Peak-memory estimate for training, checked before anything starts.
 
-Measured on the CPU (peak resident memory of one epoch with 3 concurrent stages and 3 conv blocks per stage), the
-training step holds about 105-115 feature maps of the finest scale at once: 110 at 33x41x25 x 64 channels, 104 at
-48^3 x 32, 115 at 167x250 x 64 (see benchmarks/RESULTS.md). The estimate takes 30 maps per block of a stage
-(num_layers + 2, head and tail included), about a third above those measurements, plus 300 MiB for the process.
+Measured on the CPU as the resident high-water mark of training epochs (3 concurrent stages, 3 conv blocks per stage,
+64 channels, the whole pyramid grown; benchmarks/RESULTS.md), the training step holds, in feature maps of the finest
+scale: 45 per block of a stage at 167x250 (2D, seed layers), 39 at 115x171, 35 at 42^3, 29 at 56^3, 20 at 64^3. The
+estimate takes 50 maps per block (num_layers + 2, head and tail included), above every measurement, plus 300 MiB for
+the process. It errs on the safe side in 3D, where large maps are freed sooner relative to their size.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from consingan.config import TrainConfig
 from consingan.errors import ConsinganError
 
 BASE_BYTES = 300 * 2**20
-MAPS_PER_BLOCK = 30
+MAPS_PER_BLOCK = 50
 
 
 def estimate_peak_bytes(config: TrainConfig, top_shape: Sequence[int], channels: int | None = None) -> int:
