@@ -6,10 +6,10 @@
 Prints a table per case and merges it into benchmarks/results.json (one entry per case, architecture, Gsteps and
 device). Epochs are timed after one warm-up epoch (median of --repeats); FLOPs are counted with
 torch.utils.flop_counter over one epoch; the share of time in convolutions comes from one torch.profiler epoch; peak
-memory is the process's resident high-water mark over the timed epochs on the CPU (Linux), torch's peak
-allocation on CUDA. The roofline is the best
-forward + backward throughput of the engine's convolution layer over the stage sizes, and "floor" is the least time
-an epoch's counted FLOPs can take at the fastest rate any convolution reaches (the forward's).
+memory is the process's resident high-water mark over the timed epochs on the CPU (Linux), torch's peak allocation
+on CUDA. The roofline is the best forward + backward throughput of the engine's convolution layer over the stage
+sizes, and "floor" is the least time an epoch's counted FLOPs can take at the fastest rate any convolution reaches
+(the forward's).
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(step, device: torch.device, repeats: int) -> float:
-    step()  # warm-up: oneDNN and cuDNN pick and cache their kernels on the first call
+def median_seconds(step, device: torch.device, repeats: int, warm_up: bool = True) -> float:
+    if warm_up:
+        step()  # oneDNN and cuDNN pick and cache their kernels on the first call
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -106,9 +107,6 @@ def roofline(spatial_dims: int, channels: int, sizes: list[tuple[int, ...]], dev
             "forward_flops_per_second": max(rates[1] for rates in measured.values())}
 
 
-CONV_OPS = ("conv",)  # aten::mkldnn_convolution, aten::convolution_backward, aten::_slow_conv2d_*, cuDNN kernels
-
-
 def convolution_share(trainer: SinGANTrainer, stage: int, optimizers: tuple) -> float:
     """Fraction of one epoch's operator time spent inside convolution kernels (torch.profiler, self time).
 
@@ -122,7 +120,8 @@ def convolution_share(trainer: SinGANTrainer, stage: int, optimizers: tuple) -> 
     events = profiler.key_averages()
     attribute = "self_device_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, attribute) for e in events)
-    conv = sum(getattr(e, attribute) for e in events if any(k in e.key.lower() for k in CONV_OPS))
+    # aten::mkldnn_convolution, aten::convolution_backward, aten::_slow_conv2d_*, cuDNN kernels
+    conv = sum(getattr(e, attribute) for e in events if "conv" in e.key.lower())
     return conv / total if total else float("nan")
 
 
@@ -170,14 +169,9 @@ def bench_case(name: str, array: np.ndarray, config: TrainConfig, repeats: int, 
             trainer.train_epoch(stage, optimizer_g, optimizer_d)
         flops = counter.get_total_flops()
         reset_peak_memory(device)  # the peak of the timed epochs alone, not of counting or profiling
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            trainer.train_epoch(stage, optimizer_g, optimizer_d)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
+        # Already warm: the warm-up and counted epochs ran above.
+        seconds = median_seconds(lambda: trainer.train_epoch(stage, optimizer_g, optimizer_d), device, repeats,
+                                 warm_up=False)
         peak_memory = peak_memory_mb(device)
         conv_share = convolution_share(trainer, stage, (optimizer_g, optimizer_d))  # after timing and memory
         shape = tuple(trainer.shapes[stage])
@@ -249,7 +243,7 @@ def main() -> None:
         matmul_before = matmul_gflops(device)
         result = bench_case(name, array, config, args.repeats, args.stages)
         result.update(matmul_gflops_before=matmul_before, matmul_gflops_after=matmul_gflops(device))
-        result.update(architecture=args.architecture, device=str(resolve_device(config.device)),
+        result.update(architecture=args.architecture, device=str(device),
                       machine=f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
                               f"torch {torch.__version__}", timed_stages=len(result["stages"]))
         entries[(name, args.architecture, config.Gsteps, result["device"])] = result
