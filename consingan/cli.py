@@ -188,7 +188,7 @@ def sample(
 
 @app.command("evaluate")
 def evaluate_command(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder written by consingan train.")],
+    run_dir: Annotated[Optional[Path], typer.Argument(help="Run folder written by consingan train.")] = None,
     num: Annotated[int, typer.Option("--num", help="Samples drawn for the measures.")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Seed of samples, patches and projections.")] = 0,
     out: Annotated[Optional[Path], typer.Option(
@@ -197,22 +197,39 @@ def evaluate_command(
     inception_weights: Annotated[Optional[Path], typer.Option(
         "--inception-weights", help="Local Inception-v3 weights (pytorch-fid state dict) for the standard 2D SIFID.")
     ] = None,
+    samples: Annotated[Optional[Path], typer.Option(
+        "--samples", help="Instead of a run: a folder of samples from any program, judged against --image.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="The training image, with --samples.")] = None,
+    dim: Annotated[int, typer.Option("--dim", help="2 or 3, with --samples.")] = 2,
 ) -> None:
-    """Judge a trained pyramid offline: SWD, random-feature Frechet distance, diversity, intensity histograms,
-    memorisation, reconstruction PSNR/SSIM."""
+    """Judge a trained pyramid (or, with --samples and --image, any folder of samples) offline: SWD, random-feature
+    Frechet distance, diversity, intensity histograms, memorisation and coverage, a verdict (ok, low diversity,
+    collapse, copying), reconstruction PSNR/SSIM."""
     try:
-        from consingan.metrics.evaluate import EvaluateConfig, evaluate, summary_rows, write_report
+        from consingan.metrics.evaluate import EvaluateConfig, evaluate, evaluate_samples, summary_rows, write_report
 
-        if out is None:
+        if (run_dir is None) == (samples is None):
+            raise ConsinganError("give either a run folder or --samples DIR with --image IMAGE")
+        if samples is not None and image is None:
+            raise ConsinganError("--samples needs --image (the training image)")
+        if run_dir is None:
+            if out is None:
+                raise ConsinganError("--samples needs --out (a new folder for the report)")
+        elif out is None:
             out = next(run_dir / f"evaluation_{n:03d}" for n in range(1, 1000)
                        if not (run_dir / f"evaluation_{n:03d}").exists())
         elif out.exists():
             raise ConsinganError(f"{out} already exists; choose another --out")
         options = EvaluateConfig(num=num, seed=seed, device=device,
                                  inception_weights=str(inception_weights) if inception_weights else "")
-        result = evaluate(run_dir, options)
+        if samples is not None:
+            result = evaluate_samples(image, samples, dim, options)
+            title = f"evaluation of {samples} against {image.name} ({len(result['_arrays']['fake'])} samples)"
+        else:
+            result = evaluate(run_dir, options)
+            title = f"evaluation of {run_dir} (scale {result['scale']}, {num} samples)"
         json_path, png_path = write_report(result, out)
-        table = Table(title=f"evaluation of {run_dir} (scale {result['scale']}, {num} samples)", header_style="bold")
+        table = Table(title=title, header_style="bold")
         table.add_column("measure")
         table.add_column("value", justify="right")
         for name, value in summary_rows(result):

@@ -60,6 +60,15 @@ class TrainConfig:
     checkpoint_every: int = _opt(100, "Save a resumable training state every N epochs within a scale (0: end of scale only).")
     lr_decay_at: float = _opt(0.8, "Fraction of each scale's epochs after which the learning rate is decayed.")
     run_name: str = _opt("", "Name of the run folder under out_dir (default: numbered from the image name).")
+    # --- what the seed's table leaves open, chosen by the quality study (benchmarks/QUALITY.md) -----------------------
+    gradient_penalty: str = _opt("pixel", "Gradient-penalty norm: 'pixel' (per voxel over channels, averaged: "
+                                 "ConSinGAN's) or 'image' (one norm over the whole image).")
+    intensity_mapping: str = _opt("window", "Intensities onto [-1, 1]: 'window' (percentile window onto [-0.8, 0.8], "
+                                  "tails compressed into the margins) or 'minmax'.")
+    window_low_percentile: float = _opt(0.5, "Lower percentile of the intensity window.")
+    window_high_percentile: float = _opt(99.5, "Upper percentile of the intensity window.")
+    upsampling: str = _opt("linear", "Resampling between generator stages: 'linear' or 'cubic' (2D only; the "
+                           "reference's bicubic).")
 
     # ------------------------------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -99,6 +108,17 @@ class TrainConfig:
                 raise ConsinganError(f"{name} must be zero or a positive integer, got {value!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ConsinganError(f"seed must be a non-negative integer, got {self.seed!r}")
+        choices = {"gradient_penalty": ("pixel", "image"), "intensity_mapping": ("window", "minmax"),
+                   "upsampling": ("linear", "cubic")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConsinganError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.upsampling == "cubic" and self.dimension != 2:
+            raise ConsinganError("upsampling 'cubic' exists only in 2D (PyTorch has no tricubic); use 'linear' in 3D")
+        low, high = self.window_low_percentile, self.window_high_percentile
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
+                or not 0 <= low < high <= 100:
+            raise ConsinganError(f"window percentiles must satisfy 0 <= low < high <= 100, got {low!r} and {high!r}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ConsinganError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         return self

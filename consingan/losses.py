@@ -17,17 +17,32 @@ def wasserstein_generator_loss(fake_score: torch.Tensor) -> torch.Tensor:
     return -fake_score.mean()
 
 
-def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+GRADIENT_PENALTY_FORMS = ("pixel", "image")
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, form: str = "pixel") -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): mean of (||grad D(x_hat)||_2 - 1)^2 at random points between real and fake.
+
+    ``form`` says over what the norm is taken:
+
+    - ``"pixel"`` (default, SinGAN's and ConSinGAN's form): the norm over channels at each pixel or voxel, and the
+      penalty averaged over pixels. A patch critic's score map has one score per position, so this holds each local
+      score to slope 1 whatever the image size; ``lambda_grad_penalty = 0.1`` of the seed belongs to this form.
+    - ``"image"`` (Gulrajani's original form for one score per image): one norm over the whole image. For a patch
+      critic it grows with the square root of the number of positions, so at fine scales and in 3D it holds the
+      critic nearly flat.
 
     Returned unweighted; the caller multiplies by its lambda. One mixing weight per batch element.
     """
+    if form not in GRADIENT_PENALTY_FORMS:
+        raise ValueError(f"unknown gradient penalty form {form!r}; choose one of {GRADIENT_PENALTY_FORMS}")
     weight = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
     # A non-leaf input (the clone) keeps autograd.grad compatible with torch.utils.flop_counter (benchmarks/).
     mixed = (weight * real.detach() + (1.0 - weight) * fake.detach()).requires_grad_(True).clone()
     score = critic(mixed)
     (gradient,) = torch.autograd.grad(score.sum(), mixed, create_graph=True)
-    return ((gradient.flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()
+    norm = gradient.norm(2, dim=1) if form == "pixel" else gradient.flatten(1).norm(2, dim=1)
+    return ((norm - 1.0) ** 2).mean()
 
 
 def reconstruction_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,9 @@ class RichReporter:
     def end_scale(self, summary: ScaleSummary) -> None:
         self.progress.update(self.task, completed=summary.epochs)
 
+    def warn(self, stage: int, message: str) -> None:
+        self.progress.console.print(f"[yellow]warning[/] (scale {stage}): {message}")
+
 
 def summary_table(scales: Sequence[ScaleSummary]) -> Table:
     table = Table(title="training summary", header_style="bold")

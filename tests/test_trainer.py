@@ -109,15 +109,24 @@ def test_training_lowers_reconstruction_error(tmp_path):
     assert summary.losses["reconstruction"] == pytest.approx(float(rows[-1]["reconstruction"]), rel=1e-4)
 
 
-def test_gradient_penalty_known_value():
-    # For a linear critic D(x) = sum(w * x), the gradient is w everywhere: penalty = (||w|| - 1)^2.
-    weight = torch.full((1, 1, 4, 4), 0.5)
-
-    def critic(x):
-        return (x * weight).sum(dim=(1, 2, 3))
-
-    penalty = gradient_penalty(critic, torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4))
-    assert penalty.item() == pytest.approx((2.0 - 1.0) ** 2)
+@pytest.mark.parametrize("dims", [2, 3])
+def test_gradient_penalty_of_a_linear_patch_critic_has_its_closed_form(dims):
+    # A 1x1 convolution D(x)(p) = sum_c w_c x_c(p) is a linear patch critic: at every position the gradient of the
+    # summed score map is w. ConSinGAN's per-pixel penalty is then (||w|| - 1)^2; the whole-image form takes one norm
+    # over all P positions, ||w|| sqrt(P), so it grows with the image size.
+    spatial = (6, 5) if dims == 2 else (4, 5, 3)
+    conv = (torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d)(3, 1, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([0.3, -0.4, 1.2]).reshape(1, 3, *([1] * dims)))
+    norm = float(torch.tensor([0.3, -0.4, 1.2]).norm())  # 1.3
+    real, fake = torch.rand(2, 3, *spatial), torch.rand(2, 3, *spatial)
+    positions = int(np.prod(spatial))
+    assert gradient_penalty(conv, real, fake).item() == pytest.approx((norm - 1) ** 2, rel=1e-5)
+    assert gradient_penalty(conv, real, fake, "pixel").item() == pytest.approx((norm - 1) ** 2, rel=1e-5)
+    assert gradient_penalty(conv, real, fake, "image").item() == pytest.approx(
+        (norm * positions**0.5 - 1) ** 2, rel=1e-5)
+    with pytest.raises(ValueError, match="gradient penalty form"):
+        gradient_penalty(conv, real, fake, "global")
 
 
 def test_two_channel_3d_volume_trains_and_keeps_its_channels(tmp_path):

@@ -1,4 +1,9 @@
-"""PNG previews: 2D images as they are, 3D volumes as their three central slices, side by side in a grid."""
+"""PNG previews: 2D images as they are, 3D volumes as their three central slices, side by side in a grid.
+
+Coarse scales are a few dozen pixels wide; every panel is enlarged by an integer factor (nearest neighbour, so no
+detail is invented) until its longer side reaches ``MIN_PANEL`` pixels, large enough to judge texture by eye. Label
+maps are shown beside their images in a fixed colour per class.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,27 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+MIN_PANEL = 256
+# Distinct colours for label classes (class k gets colour k modulo the table): background black.
+_LABEL_COLOURS = np.array([
+    [0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+    [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [220, 190, 255],
+    [170, 110, 40], [255, 250, 200], [128, 0, 0],
+], dtype=np.float32)
+
+
+def label_image(channels: np.ndarray) -> np.ndarray:
+    """One-hot-like label channels [K, *spatial] -> an RGB picture [3, *spatial] in [-1, 1] of the winning class."""
+    winner = np.argmax(channels, axis=0)
+    colours = _LABEL_COLOURS[winner % len(_LABEL_COLOURS)]  # [*spatial, 3]
+    return np.moveaxis(colours / 127.5 - 1.0, -1, 0)
+
+
+def enlarge(pixels: np.ndarray, min_side: int = MIN_PANEL) -> np.ndarray:
+    """[H, W, 3] enlarged by the smallest integer factor that brings its longer side to ``min_side`` (nearest)."""
+    factor = max(1, -(-min_side // max(pixels.shape[:2])))
+    return pixels.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else pixels
 
 
 def _to_display(array: np.ndarray) -> np.ndarray:
@@ -23,10 +49,12 @@ def central_slices(array: np.ndarray) -> list[np.ndarray]:
     return [np.take(array, array.shape[axis] // 2, axis=axis) for axis in (1, 2, 3)]
 
 
-def preview_grid(images: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
+def preview_grid(images: Sequence[np.ndarray], gap: int = 2, min_panel: int = MIN_PANEL) -> np.ndarray:
     """One column per image ([C, *spatial] in [-1, 1]), one row per slice axis (a single row in 2D); every panel is
-    padded to the largest panel's size. Returns [H, W, 3] uint8."""
-    columns = [[_to_display(panel) for panel in central_slices(np.asarray(image))] for image in images]
+    enlarged to at least ``min_panel`` pixels (see ``enlarge``) and padded to the largest panel's size.
+    Returns [H, W, 3] uint8."""
+    columns = [[enlarge(_to_display(panel), min_panel) for panel in central_slices(np.asarray(image))]
+               for image in images]
     height = max(p.shape[0] for column in columns for p in column)
     width = max(p.shape[1] for column in columns for p in column)
     rows = max(len(column) for column in columns)
@@ -46,9 +74,12 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
     return path
 
 
-def contact_sheet(images: Sequence[np.ndarray], columns: int = 8, gap: int = 4) -> np.ndarray:
-    """Many images ([C, *spatial] in [-1, 1]) in a grid of tiles, each tile the image's ``preview_grid``."""
-    tiles = [preview_grid([image], gap=1) for image in images]
+def contact_sheet(images: Sequence[np.ndarray], columns: int = 4, gap: int = 4, min_panel: int = MIN_PANEL
+                  ) -> np.ndarray:
+    """Many images ([C, *spatial] in [-1, 1]) in a grid of tiles, each tile the image's ``preview_grid`` (its panels
+    at least ``min_panel`` pixels). An item may be a tuple of arrays shown side by side (an image and its labels)."""
+    tiles = [preview_grid(list(item) if isinstance(item, (list, tuple)) else [item], gap=1, min_panel=min_panel)
+             for item in images]
     height = max(t.shape[0] for t in tiles)
     width = max(t.shape[1] for t in tiles)
     columns = max(1, min(columns, len(tiles)))

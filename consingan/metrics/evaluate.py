@@ -6,12 +6,13 @@ import csv
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from consingan.checkpoint import save_json
 from consingan.errors import ConsinganError
-from consingan.io import read_volume
-from consingan.io.preview import contact_sheet
+from consingan.io import SUPPORTED_SUFFIXES, IntensityRange, file_suffix, read_volume
+from consingan.io.preview import contact_sheet, write_png
 from consingan.metrics import measures
 from consingan.singan.pyramid import resize
 from consingan.singan.sampler import TrainedPyramid
@@ -26,18 +27,29 @@ class EvaluateConfig:
     patch_size: int = 7  # patch width for SWD and the memorisation check
     swd_levels: int = 4  # Laplacian levels
     memorisation_threshold: float = 0.5  # flag copying below this ratio of sample-to-real over real-to-real distance
+    collapse_diversity: float = 0.05  # samples less diverse than this are a collapse (or a copy, see verdict)
     inception_weights: str = ""  # local Inception-v3 state dict (pytorch-fid's) for the standard 2D SIFID
     device: str = "cpu"
 
 
-def training_image(pyramid: TrainedPyramid) -> torch.Tensor:
-    """The training image at the finest trained scale, in [-1, 1], image channels only: [1, C, *spatial]."""
+def measurement_space(source: np.ndarray) -> IntensityRange:
+    """Every measure is taken with the source image's min-max map onto [-1, 1], whatever map a run trained with, so
+    runs with different intensity mappings, and other programs' samples, are measured alike."""
+    return IntensityRange.of(source, "minmax")
+
+
+def training_image(pyramid: TrainedPyramid) -> tuple[torch.Tensor, IntensityRange]:
+    """The training image at the finest trained scale in the measurement space, image channels only:
+    [1, C, *spatial], and that space's map."""
     config = pyramid.run.config
     volume = read_volume(config.image, config.dimension)
-    channels = pyramid.image_channels
-    low, high = pyramid.intensity.minimum[:channels], pyramid.intensity.maximum[:channels]
-    array = type(pyramid.intensity)(low, high).normalise(volume.array)
-    return resize(torch.from_numpy(array)[None], pyramid.shapes[-1])
+    space = measurement_space(volume.array)
+    return resize(torch.from_numpy(space.normalise(volume.array))[None], pyramid.shapes[-1]), space
+
+
+def _to_space(images: torch.Tensor, trained: IntensityRange, space: IntensityRange) -> torch.Tensor:
+    """Generator outputs [N, C, ...] (the run's map) -> the measurement space."""
+    return torch.stack([torch.from_numpy(space.normalise(trained.denormalise(image.numpy()))) for image in images])
 
 
 def evaluate(run_dir: Path | str, options: EvaluateConfig | None = None) -> dict:
@@ -46,11 +58,13 @@ def evaluate(run_dir: Path | str, options: EvaluateConfig | None = None) -> dict
     if options.num < 2:
         raise ConsinganError("--num must be at least 2 (diversity needs several samples)")
     pyramid = TrainedPyramid.load(run_dir, device=options.device)
-    real = training_image(pyramid)
+    real, space = training_image(pyramid)
     channels = pyramid.image_channels
-    fake = pyramid.sample(options.num, seed=options.seed)[:, :channels].float()
+    trained = pyramid.intensity.channels(channels)
+    fake = _to_space(pyramid.sample(options.num, seed=options.seed)[:, :channels].float().cpu(), trained, space)
     with torch.no_grad():
         reconstruction = pyramid.generator(pyramid.generator.reconstruction_inputs()).cpu()[:, :channels]
+    reconstruction = _to_space(reconstruction, trained, space)
     return {
         "run": str(Path(run_dir).resolve()),
         "scale": pyramid.num_stages - 1,
@@ -60,9 +74,35 @@ def evaluate(run_dir: Path | str, options: EvaluateConfig | None = None) -> dict
     }
 
 
-def compute_measures(real: torch.Tensor, fake: torch.Tensor, reconstruction: torch.Tensor,
+def evaluate_samples(image: Path | str, samples: Path | str, spatial_dims: int,
+                     options: EvaluateConfig | None = None) -> dict:
+    """The same measures for samples written by any program (for example the official ConSinGAN) against ``image``:
+    every readable file in the folder ``samples`` is one sample; the image is resized to the samples' shape."""
+    options = options or EvaluateConfig()
+    folder = Path(samples)
+    if not folder.is_dir():
+        raise ConsinganError(f"samples folder not found: {folder}")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES)
+    if len(paths) < 2:
+        raise ConsinganError(f"{folder} holds {len(paths)} readable images; at least 2 are needed")
+    volume = read_volume(image, spatial_dims)
+    space = measurement_space(volume.array)
+    arrays = [read_volume(p, spatial_dims).array for p in paths]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1 or arrays[0].shape[0] != volume.channels:
+        raise ConsinganError(f"samples in {folder} must share one shape with {volume.channels} channel(s); "
+                             f"found {sorted(shapes)}")
+    fake = torch.stack([torch.from_numpy(space.normalise(a)) for a in arrays])
+    real = resize(torch.from_numpy(space.normalise(volume.array))[None], fake.shape[2:])
+    measured = compute_measures(real, fake, None, options)
+    return {"run": None, "samples": str(folder.resolve()), "image": str(Path(image).resolve()),
+            "scale": None, "shape": list(fake.shape[2:]), "settings": asdict(options), **measured}
+
+
+def compute_measures(real: torch.Tensor, fake: torch.Tensor, reconstruction: torch.Tensor | None,
                      options: EvaluateConfig) -> dict:
-    """All measures for a real image [1, C, ...], samples [N, C, ...] and a reconstruction [1, C, ...] in [-1, 1]."""
+    """All measures for a real image [1, C, ...], samples [N, C, ...] and a reconstruction [1, C, ...] (or None) in
+    [-1, 1]."""
     features = measures.RandomFeatures(real.dim() - 2, real.shape[1], seed=options.seed)
     extra = {}
     if options.inception_weights:
@@ -70,15 +110,20 @@ def compute_measures(real: torch.Tensor, fake: torch.Tensor, reconstruction: tor
             raise ConsinganError("SIFID with Inception features needs a 2D grey or RGB image")
         inception = measures.InceptionStem.from_file(options.inception_weights)
         extra["sifid_inception"] = measures.single_image_frechet(real, fake, inception)
+    diversity = measures.diversity(real, fake)
+    memo = measures.memorisation(real, fake, options.patch_size, seed=options.seed,
+                                 threshold=options.memorisation_threshold)
+    label, reason = measures.verdict(diversity, memo, options.collapse_diversity)
     return {
         **extra,
         "swd": measures.multiscale_swd(real, fake, options.patch_size, options.swd_levels, seed=options.seed),
         "random_feature_frechet": measures.single_image_frechet(real, fake, features),
-        "diversity": measures.diversity(real, fake),
+        "diversity": diversity,
         "histogram_w1": measures.histogram_distance(real, fake),
-        "memorisation": measures.memorisation(real, fake, options.patch_size, seed=options.seed,
-                                              threshold=options.memorisation_threshold),
-        "reconstruction": {"psnr": measures.psnr(reconstruction, real), "ssim": measures.ssim(reconstruction, real)},
+        "memorisation": memo,
+        "verdict": {"label": label, "reason": reason},
+        "reconstruction": None if reconstruction is None else {
+            "psnr": measures.psnr(reconstruction, real), "ssim": measures.ssim(reconstruction, real)},
         "_arrays": {"real": real, "fake": fake},
     }
 
@@ -95,7 +140,9 @@ def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
     save_json(out_dir / "evaluation.json", result)
     real, fake = arrays["real"], arrays["fake"]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    axes[0].imshow(contact_sheet([real[0].numpy(), *[f.numpy() for f in fake[:15]]], columns=4))
+    sheet = contact_sheet([real[0].numpy(), *[f.numpy() for f in fake[:15]]], columns=4)
+    write_png(out_dir / "samples.png", sheet)  # full resolution, beside the report's reduced copy
+    axes[0].imshow(sheet)
     axes[0].set_title("real (first) and samples")
     axes[0].axis("off")
     for channel in range(real.shape[1]):
@@ -105,8 +152,8 @@ def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
                      histtype="step", linewidth=1.5, label=f"generated c{channel}")
     axes[1].set_title("intensities (normalised)")
     axes[1].legend(fontsize=7)
-    run = Path(result["run"])
-    for scale_folder in sorted(run.glob("scale_*")):
+    run = Path(result["run"]) if result["run"] else None
+    for scale_folder in sorted(run.glob("scale_*")) if run else []:
         log = scale_folder / "losses.csv"
         if log.is_file():
             with open(log) as stream:
@@ -115,7 +162,8 @@ def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
     axes[2].set_yscale("log")
     axes[2].set_xlabel("epoch")
     axes[2].set_title("reconstruction loss per scale")
-    axes[2].legend(fontsize=7)
+    if run:
+        axes[2].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out_dir / "report.png", dpi=80)
     plt.close(figure)
@@ -130,10 +178,13 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         ("Frechet (random features)", f"{result['random_feature_frechet']:.4f}"),
         ("diversity", f"{result['diversity']:.4f}"),
         ("histogram W1 per channel", ", ".join(f"{v:.4f}" for v in result["histogram_w1"])),
-        ("memorisation ratio", f"{memo['ratio']:.3f}" + ("  COPYING" if memo["copying"] else "")),
-        ("reconstruction PSNR", f"{result['reconstruction']['psnr']:.2f} dB"),
-        ("reconstruction SSIM", f"{result['reconstruction']['ssim']:.4f}"),
+        ("memorisation ratio (samples -> image)", f"{memo['ratio']:.3f}"),
+        ("coverage ratio (image -> samples)", f"{memo['coverage_ratio']:.3f}"),
+        ("verdict", f"{result['verdict']['label'].upper()}: {result['verdict']['reason']}"),
     ]
+    if result["reconstruction"] is not None:
+        rows += [("reconstruction PSNR", f"{result['reconstruction']['psnr']:.2f} dB"),
+                 ("reconstruction SSIM", f"{result['reconstruction']['ssim']:.4f}")]
     if "sifid_inception" in result:
         rows.append(("SIFID (Inception)", f"{result['sifid_inception']:.4f}"))
     return rows

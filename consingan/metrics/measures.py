@@ -137,7 +137,10 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
 
     For each sample patch, the distance to its nearest training patch; for each training patch, the distance to its
     nearest training patch that does not overlap it. A model that copies its input gives sample distances far below
-    the image's own (ratio near 0); ``copying`` is flagged when the median ratio is below ``threshold``.
+    the image's own (``ratio`` near 0). That alone does not prove copying: samples collapsed onto one flat value also
+    sit next to the image's flat background patches. So the other direction is measured too, each training patch's
+    distance to its nearest sample patch (``coverage_ratio``, of means): a copy reproduces every part of the image (near 0),
+    a collapse misses most of it (large). ``copying`` is flagged when both medians are below ``threshold``.
     """
     generator = torch.Generator().manual_seed(seed)
     dims = _spatial(real)
@@ -152,9 +155,28 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
     own = distances.min(1).values
     fake_chosen = fake_patches[torch.randperm(len(fake_patches), generator=generator)[:max_patches]]
     nearest = torch.cdist(fake_chosen, real_patches).min(1).values
+    covered = torch.cdist(real_patches[chosen], fake_patches).min(1).values
     ratio = float(nearest.median() / own.median().clamp_min(1e-12))
+    # Means, not medians: when most of an image is flat background, the median patch is background and a sample
+    # collapsed onto that value would look like it covers the image.
+    coverage_ratio = float(covered.mean() / own.mean().clamp_min(1e-12))
     return {"sample_to_real_median": float(nearest.median()), "real_to_real_median": float(own.median()),
-            "ratio": ratio, "copying": ratio < threshold}
+            "real_to_sample_mean": float(covered.mean()), "ratio": ratio, "coverage_ratio": coverage_ratio,
+            "copying": ratio < threshold and coverage_ratio < threshold}
+
+
+def verdict(diversity_value: float, memo: dict, collapse_diversity: float = 0.05) -> tuple[str, str]:
+    """(label, explanation): 'copying' (samples close to the image both ways: they return it), 'collapse' (samples
+    do not vary and miss the image), 'low diversity' (they do not vary but cover it) or 'ok'."""
+    if memo["copying"]:
+        return "copying", (f"sample patches match training patches ({memo['ratio']:.2f}) and cover the image "
+                           f"({memo['coverage_ratio']:.2f}): the model returns its training image")
+    if diversity_value < collapse_diversity:
+        if memo["coverage_ratio"] >= 1.0:
+            return "collapse", (f"samples do not vary (diversity {diversity_value:.3f}) and miss most of the image "
+                                f"(coverage ratio {memo['coverage_ratio']:.2f}): mode collapse")
+        return "low diversity", f"samples barely vary (diversity {diversity_value:.3f})"
+    return "ok", "samples vary and are not copies"
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:

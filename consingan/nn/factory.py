@@ -54,6 +54,7 @@ _INTERPOLATION = {
     "bilinear": {2: "bilinear", 3: "trilinear"},
     "trilinear": {2: "bilinear", 3: "trilinear"},
     "area": {2: "area", 3: "area"},
+    "cubic": {2: "bicubic", 3: None},  # PyTorch has no tricubic mode
 }
 
 
@@ -140,7 +141,10 @@ def pad(spatial_dims: int, name: str, padding: int | tuple[int, ...]) -> nn.Modu
 
 def interpolation_mode(spatial_dims: int, name: str = "linear") -> str:
     """The ``F.interpolate`` mode name for ``spatial_dims``: 'linear' becomes 'bilinear' in 2D, 'trilinear' in 3D."""
-    return _lookup("interpolation", name, _INTERPOLATION)[_check_dims(spatial_dims)]
+    mode = _lookup("interpolation", name, _INTERPOLATION)[_check_dims(spatial_dims)]
+    if mode is None:
+        raise ValueError(f"interpolation {name!r} has no {spatial_dims}D form in PyTorch")
+    return mode
 
 
 def spectral_norm(module: nn.Module, n_power_iterations: int = 1) -> nn.Module:

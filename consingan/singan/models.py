@@ -38,6 +38,7 @@ class GrowingGenerator(nn.Module):
         kernel_size, padding: of every conv; each conv shrinks a side by ``kernel_size - 1 - 2 * padding``.
         negative_slope: of the leaky ReLUs.
         cbam: put a CBAM module at the end of each stage.
+        upsampling: resampling between stages, 'linear' (bi/trilinear) or 'cubic' (2D only, the reference's).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class GrowingGenerator(nn.Module):
         padding: int = 1,
         negative_slope: float = 0.05,
         cbam: bool = True,
+        upsampling: str = "linear",
     ) -> None:
         super().__init__()
         shrink = kernel_size - 1 - 2 * padding
@@ -63,7 +65,7 @@ class GrowingGenerator(nn.Module):
         self._block_args = dict(kernel_size=kernel_size, padding=padding, negative_slope=negative_slope)
         self._num_layers = num_layers
         self._cbam = cbam
-        self._mode = factory.interpolation_mode(spatial_dims, "linear")
+        self._mode = factory.interpolation_mode(spatial_dims, upsampling)
         self.head = nn.Sequential(
             factory.pad(spatial_dims, "zeros", shrink // 2),
             ConvBlock(spatial_dims, in_channels, num_feature_channels, **self._block_args),

@@ -9,6 +9,10 @@ from pathlib import Path
 from consingan.config import TrainConfig
 from consingan.errors import ConsinganError
 
+# Options added after the first runs were written, with the behaviour those runs were trained with: a run folder
+# without them is read as it was trained, not with today's defaults.
+LEGACY_OPTIONS = {"gradient_penalty": "image", "intensity_mapping": "minmax", "upsampling": "linear"}
+
 
 @dataclass
 class RunFolder:
@@ -44,7 +48,10 @@ def open_run(path: Path | str) -> RunFolder:
         if not (path / name).is_file():
             raise ConsinganError(f"{path} is not a consingan run folder (no {name})")
     try:
-        config = TrainConfig.from_dict(json.loads((path / "config.json").read_text()), "config.json").validate()
+        values = json.loads((path / "config.json").read_text())
+        if isinstance(values, dict):
+            values = {**LEGACY_OPTIONS, **values}
+        config = TrainConfig.from_dict(values, "config.json").validate()
         info = json.loads((path / "run.json").read_text())
     except json.JSONDecodeError as error:
         raise ConsinganError(f"damaged run folder {path}: {error}") from None

@@ -12,12 +12,15 @@ import torch.nn.functional as F
 from consingan.checkpoint import load_state
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding, Volume, decode_header, output_suffix, resized_affine, write_outputs
-from consingan.io.preview import contact_sheet, write_png
+from consingan.io.preview import contact_sheet, label_image, write_png
 from consingan.nn import factory
 from consingan.singan.models import GrowingGenerator
 from consingan.singan.pyramid import Shape, resize
 from consingan.singan.run import RunFolder, open_run
 from consingan.singan.trainer import architecture, resolve_device
+
+
+CONTACT_SHEET_SAMPLES = 32  # the contact sheet shows the first samples of a draw, large enough to judge texture
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -54,7 +57,8 @@ class TrainedPyramid:
             raise ConsinganError(f"scale {scale} of {run.path} is not trained; completed: {completed}")
         config = run.config
         torch_device = resolve_device(device)
-        generator = GrowingGenerator(config.dimension, int(run.info["channels"]), **architecture(config))
+        generator = GrowingGenerator(config.dimension, int(run.info["channels"]), upsampling=config.upsampling,
+                                     **architecture(config))
         generator = generator.to(torch_device)
         generator.load_grown_state(load_state(run.scale_dir(scale) / "generator.pt", map_location=torch_device))
         generator.requires_grad_(False)
@@ -254,7 +258,10 @@ def write_samples(
         images = pyramid.sample(count, seed=seed, batch_size=batch_size, first_index=first, **options)
         for offset, volume in enumerate(pyramid.to_volumes(images)):
             written.extend(write_outputs(names[first + offset], volume, source_dtype=source_dtype))
-        previews.extend(image[: pyramid.image_channels].numpy() for image in images)
+        for image in images[: max(0, CONTACT_SHEET_SAMPLES - len(previews))]:
+            channels = image.numpy()
+            shown = channels[: pyramid.image_channels]
+            previews.append((shown, label_image(channels[pyramid.image_channels:])) if pyramid.labels else shown)
     write_png(names[-1], contact_sheet(previews))
     return written
 

@@ -18,13 +18,14 @@ from consingan.checkpoint import load_state, make_run_dir, save_json, save_state
 from consingan.config import TrainConfig
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding, Volume, encode_header, read_volume, write_outputs
-from consingan.io.preview import preview_grid, write_png
+from consingan.io.preview import label_image, preview_grid, write_png
 from consingan.losses import (
     gradient_penalty,
     reconstruction_loss,
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
+from consingan.singan.health import ScaleHealth, check_scale
 from consingan.singan.memory import check_memory
 from consingan.singan.models import Critic, GrowingGenerator
 from consingan.singan.pyramid import Shape, build_pyramid, pyramid_shapes
@@ -43,11 +44,12 @@ class ScaleSummary:
     noise_amp: float
     losses: dict[str, float]
     lr_end: float
+    health: dict = field(default_factory=dict)  # ScaleHealth.to_dict(): measures and warnings
 
     @classmethod
     def from_meta(cls, meta: dict) -> "ScaleSummary":
-        """From a scale.json (which holds more keys than these)."""
-        values = {f.name: meta[f.name] for f in dataclasses.fields(cls)}
+        """From a scale.json (which holds more keys than these; older ones lack ``health``)."""
+        values = {f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta}
         return cls(**{**values, "shape": tuple(values["shape"])})
 
 
@@ -64,6 +66,7 @@ class Reporter(Protocol):
     def start_scale(self, stage: int, shape: Shape, epochs: int) -> None: ...
     def update(self, stage: int, epoch: int, losses: dict[str, float]) -> None: ...
     def end_scale(self, summary: ScaleSummary) -> None: ...
+    def warn(self, stage: int, message: str) -> None: ...
 
 
 class SilentReporter:
@@ -74,6 +77,9 @@ class SilentReporter:
         pass
 
     def end_scale(self, summary: ScaleSummary) -> None:
+        pass
+
+    def warn(self, stage: int, message: str) -> None:
         pass
 
 
@@ -91,6 +97,12 @@ def architecture(config: TrainConfig) -> dict:
         num_feature_channels=config.num_feature_channels, num_layers=config.num_layers,
         kernel_size=config.kernel_size, padding=config.padding, negative_slope=config.lrelu_alpha, cbam=config.cbam,
     )
+
+
+def intensity_map(volume: Volume, config: TrainConfig) -> IntensityRange:
+    """The per-channel map of ``volume`` onto [-1, 1] that ``config`` asks for (stored in run.json)."""
+    percentiles = (config.window_low_percentile, config.window_high_percentile)
+    return IntensityRange.of(volume.array, config.intensity_mapping, percentiles)
 
 
 def volume_pyramid_shapes(volume: Volume, config: TrainConfig) -> list[Shape]:
@@ -123,12 +135,13 @@ class SinGANTrainer:
         self.run_dir = run_dir
         self.reporter = reporter or SilentReporter()
         self.device = resolve_device(config.device)
-        self.intensity = IntensityRange.of(volume.array)
+        self.intensity = intensity_map(volume, config)
         self.shapes = volume_pyramid_shapes(volume, config)
         image = torch.from_numpy(self.intensity.normalise(volume.array))[None].to(self.device)
         self.reals = build_pyramid(image, self.shapes)
         block = architecture(config)
-        self.generator = GrowingGenerator(config.dimension, volume.channels, **block).to(self.device)
+        self.generator = GrowingGenerator(config.dimension, volume.channels, upsampling=config.upsampling,
+                                          **block).to(self.device)
         self.critic = Critic(config.dimension, volume.channels, batch_norm=config.batch_norm, **block).to(self.device)
 
     # --- one scale -----------------------------------------------------------------------------------------------
@@ -181,7 +194,7 @@ class SinGANTrainer:
         for _ in range(config.Dsteps):
             optimizer_d.zero_grad(set_to_none=True)
             critic_loss = wasserstein_critic_loss(critic(real), critic(fake))
-            penalty = gradient_penalty(critic, real, fake)
+            penalty = gradient_penalty(critic, real, fake, config.gradient_penalty)
             (critic_loss + config.lambda_grad_penalty * penalty).backward()
             optimizer_d.step()
 
@@ -246,10 +259,13 @@ class SinGANTrainer:
         finished_before = start_epoch >= config.epochs  # killed between the final state and scale.json
         if not finished_before:
             self.write_outputs(stage, config.epochs)
+        health = self.check_health(stage, history)
+        for message in health.warnings:
+            self.reporter.warn(stage, message)
         summary = ScaleSummary(
             stage=stage, shape=self.shapes[stage], epochs=config.epochs, seconds=seconds,
             noise_amp=float(self.generator.noise_amps[stage]), losses=history[-1],
-            lr_end=optimizer_g.param_groups[-1]["lr"],
+            lr_end=optimizer_g.param_groups[-1]["lr"], health=health.to_dict(),
         )
         if not finished_before:
             self.save_training_state(stage, config.epochs, history, seconds, optimizers)
@@ -274,6 +290,21 @@ class SinGANTrainer:
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         save_state(scale_dir(self.run_dir, stage) / "training_state.pt", state)
 
+    @torch.no_grad()
+    def check_health(self, stage: int, history: Sequence[dict[str, float]], num_samples: int = 4) -> ScaleHealth:
+        """Frozen losses, saturated outputs and samples that do not vary (see ``consingan.singan.health``).
+
+        The samples are drawn from a generator of their own, so the check leaves the training's random state alone.
+        """
+        generator = self.generator
+        was_training = generator.training
+        generator.eval()
+        rng = torch.Generator(device=self.device).manual_seed(stage)
+        samples = generator(generator.sample_noise(self.shapes[: stage + 1], num_samples, generator=rng))
+        generator.train(was_training)
+        shown = self.volume.labels.image_channels if self.volume.labels else self.volume.channels
+        return check_scale(history, self.reals[stage][:, :shown], samples[:, :shown])
+
     # --- outputs -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -291,7 +322,9 @@ class SinGANTrainer:
             write_outputs(folder / f"epoch{epoch:05d}_{name}", self.volume.with_array(self.intensity.denormalise(array)))
         shown = self.volume.labels.image_channels if self.volume.labels else self.volume.channels
         real = self.reals[stage][0].cpu().numpy()
-        images = [real[:shown], sample[:shown], reconstruction[:shown]]
+        images = []
+        for array in (real, sample, reconstruction):  # each image, then its label map when trained with one
+            images += [array[:shown]] + ([label_image(array[shown:])] if self.volume.labels else [])
         write_png(folder / f"epoch{epoch:05d}_preview.png", preview_grid(images))
 
     def save_scale(self, stage: int, summary: ScaleSummary, history: Sequence[dict[str, float]]) -> None:
@@ -412,7 +445,7 @@ def resume(run_dir: Path | str, reporter: Reporter | None = None, device: str | 
     volume = read_volume(config.image, config.dimension)
     if config.label:
         volume = attach_labels(volume, read_volume(config.label, config.dimension, check_values=False), config.label)
-    if IntensityRange.of(volume.array).to_dict() != run.info["intensity"] or list(volume.spatial_shape) != run.info[
+    if intensity_map(volume, config).to_dict() != run.info["intensity"] or list(volume.spatial_shape) != run.info[
             "source_shape"]:
         raise ConsinganError(f"{config.image} differs from the image this run was trained on; cannot resume")
     trainer = SinGANTrainer(config, volume, run.path, reporter)
