@@ -139,8 +139,9 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
     nearest training patch that does not overlap it. A model that copies its input gives sample distances far below
     the image's own (``ratio`` near 0). That alone does not prove copying: samples collapsed onto one flat value also
     sit next to the image's flat background patches. So the other direction is measured too, each training patch's
-    distance to its nearest sample patch (``coverage_ratio``, of means): a copy reproduces every part of the image (near 0),
-    a collapse misses most of it (large). ``copying`` is flagged when both medians are below ``threshold``.
+    distance to its nearest sample patch, over their distance to the image's mean patch (``coverage_ratio``): a copy
+    reproduces every part of the image (near 0), a collapse misses most of it (near 1 or above). ``copying`` is
+    flagged when both ratios are below ``threshold``.
     """
     generator = torch.Generator().manual_seed(seed)
     dims = _spatial(real)
@@ -157,9 +158,12 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
     nearest = torch.cdist(fake_chosen, real_patches).min(1).values
     covered = torch.cdist(real_patches[chosen], fake_patches).min(1).values
     ratio = float(nearest.median() / own.median().clamp_min(1e-12))
-    # Means, not medians: when most of an image is flat background, the median patch is background and a sample
-    # collapsed onto that value would look like it covers the image.
-    coverage_ratio = float(covered.mean() / own.mean().clamp_min(1e-12))
+    # Coverage is scaled by the distance of the image's patches to their mean patch: 1 means the samples reproduce
+    # the image no better than one flat average patch would, 0 that every image patch is reproduced exactly. Means,
+    # not medians: when most of an image is flat background, the median patch is background, and samples collapsed
+    # onto that value would seem to cover the image.
+    spread = (real_patches[chosen] - real_patches.mean(0)).norm(dim=1).mean().clamp_min(1e-12)
+    coverage_ratio = float(covered.mean() / spread)
     return {"sample_to_real_median": float(nearest.median()), "real_to_real_median": float(own.median()),
             "real_to_sample_mean": float(covered.mean()), "ratio": ratio, "coverage_ratio": coverage_ratio,
             "copying": ratio < threshold and coverage_ratio < threshold}
@@ -172,7 +176,7 @@ def verdict(diversity_value: float, memo: dict, collapse_diversity: float = 0.05
         return "copying", (f"sample patches match training patches ({memo['ratio']:.2f}) and cover the image "
                            f"({memo['coverage_ratio']:.2f}): the model returns its training image")
     if diversity_value < collapse_diversity:
-        if memo["coverage_ratio"] >= 1.0:
+        if memo["coverage_ratio"] >= 0.5:
             return "collapse", (f"samples do not vary (diversity {diversity_value:.3f}) and miss most of the image "
                                 f"(coverage ratio {memo['coverage_ratio']:.2f}): mode collapse")
         return "low diversity", f"samples barely vary (diversity {diversity_value:.3f})"

@@ -1,0 +1,281 @@
+"""Sample quality at fixed small budgets on real images, setting against setting, optionally beside the official
+ConSinGAN.
+
+    python benchmarks/bench_quality.py                                  # every image, every setting that applies
+    python benchmarks/bench_quality.py --images cell ihc --settings default gp-image --jobs 2
+    python benchmarks/bench_quality.py --images cell ihc --reference /scratch/ConSinGAN   # add the official code
+
+Each run is one `consingan train` process with one thread (``--jobs`` of them at a time), judged afterwards with the
+measures of `consingan evaluate` on 25 samples: multi-scale SWD on 7-wide patches (x1e3, lower is closer to the
+image), its coarsest level, diversity, the coverage ratio (image patches to their nearest sample patch, over the
+image's own; large when samples miss parts of the image) and the verdict. All measures are taken in the source's
+min-max space, so settings with different intensity mappings, and the reference's samples, compare directly.
+
+``--reference DIR`` runs tohinz/ConSinGAN from a checkout you place in DIR (never copied into this repository) with
+``--not_cuda`` on the 2D images, at the same stages, epochs, sizes and channels, on the identical PNG the engine
+reads (grey images are given as RGB, as the reference expects). Its two imports used only for TensorBoard image grids
+and for harmonisation augmentations (torchvision, albumentations) are replaced by empty stand-ins written into the
+work folder; nothing else of it is changed. Its 25 final samples (JPEG, as it writes them) are measured with
+`consingan evaluate --samples`.
+
+Prints one table and writes benchmarks/quality.json (merged by image and setting) and a contact sheet per run
+(real image first) under the work folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "benchmarks" / "data"
+
+
+@dataclass(frozen=True)
+class StudyImage:
+    """A real image of the study and the budget it is trained at."""
+
+    path: Path
+    dim: int
+    size: int  # longest side after resizing (2D: the PNG both programs read; 3D: max_size)
+    min_size: int
+    num_scales: int
+    channels: int  # feature channels
+    epochs: int
+    rgb: bool = False  # written as an RGB PNG for both programs (the reference reads RGB only)
+    note: str = ""
+
+
+IMAGES = {
+    "cell": StudyImage(DATA / "cell.png", 2, 64, 25, 4, 32, 150, rgb=True,
+                       note="grey microscopy, one bright cell on a flat background"),
+    "ihc": StudyImage(ROOT / "data" / "ihc.png", 2, 64, 25, 4, 32, 150, rgb=True,
+                      note="RGB immunohistochemistry, glands and nuclei"),
+    "ct": StudyImage(DATA / "ct_slice.npy", 2, 64, 25, 4, 32, 150, note="CT slice in scanner units, air to bone"),
+    "mri": StudyImage(DATA / "aniso_vox.nii.gz", 3, 48, 12, 3, 8, 60,
+                      note="T1 MRI 58x58x24 at 4x4x5 mm, heavy bright tail"),
+    "nuclei": StudyImage(DATA / "nuclei3d.npy", 3, 40, 12, 3, 8, 60, note="3D fluorescence stack of nuclei"),
+}
+
+SETTINGS: dict[str, dict] = {
+    "default": {},
+    "gp-image": {"gradient_penalty": "image"},
+    "minmax": {"intensity_mapping": "minmax"},
+    "padding0": {"padding": 0},
+    "cubic": {"upsampling": "cubic"},
+    "gsteps1": {"Gsteps": 1},
+    "no-bn": {"batch_norm": False},
+    "no-bn-cbam": {"batch_norm": False, "cbam": False},
+    "preset": {"config": str(ROOT / "presets" / "quality.yaml")},
+}
+
+
+def applies(setting: str, image: StudyImage) -> bool:
+    return not (setting == "cubic" and image.dim == 3)
+
+
+def prepare_image(name: str, image: StudyImage, work: Path) -> Path:
+    """2D: the image resized (antialiased, the engine's resize) to ``size`` and written as the PNG both programs read;
+    3D: the file as it is (the engine's max_size does the resizing)."""
+    if image.dim == 3:
+        return image.path
+    from consingan.io import read_volume
+    from consingan.singan.pyramid import resize
+
+    volume = read_volume(image.path, 2)
+    scale = image.size / max(volume.spatial_shape)
+    shape = [max(1, round(s * scale)) for s in volume.spatial_shape]
+    array = resize(torch.from_numpy(volume.array)[None], shape)[0].numpy()
+    if image.path.suffix == ".npy":
+        out = work / f"{name}.npy"
+        np.save(out, array[0].astype(np.float32))
+        return out
+    low, high = float(volume.array.min()), float(volume.array.max())
+    pixels = np.clip(np.round((array - low) / (high - low) * 255), 0, 255).astype(np.uint8)
+    if image.rgb and pixels.shape[0] == 1:
+        pixels = np.repeat(pixels, 3, axis=0)
+    import SimpleITK as sitk
+
+    out = work / f"{name}.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.moveaxis(pixels, 0, -1), isVector=True), str(out))
+    return out
+
+
+def one_thread_env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def train_engine(name: str, image: StudyImage, path: Path, setting: str, work: Path, seed: int) -> dict:
+    run_name = f"{name}_{setting}"
+    run_dir = work / "runs" / run_name
+    if (run_dir / f"scale_{image.num_scales - 1:02d}" / "scale.json").is_file():
+        return {"run_dir": run_dir, "seconds": json.loads((run_dir / "bench_time.json").read_text())["seconds"]}
+    if run_dir.exists():  # an interrupted study: start that run again
+        shutil.rmtree(run_dir)
+    options = dict(SETTINGS[setting])
+    command = [sys.executable, "-c", "from consingan.cli import run; run()", "train", "--image", str(path), "--dim", str(image.dim),
+               "--epochs", str(image.epochs), "--num-scales", str(image.num_scales), "--max-size", str(image.size),
+               "--min-size", str(image.min_size), "--num-feature-channels", str(image.channels),
+               "--save-every", "0", "--checkpoint-every", "0", "--seed", str(seed), "--device", "cpu",
+               "--out-dir", str(work / "runs"), "--run-name", run_name]
+    if "config" in options:
+        command += ["--config", options.pop("config")]
+    for key, value in options.items():
+        flag = "--" + key.lower().replace("_", "-")
+        command += [flag if value is not False else "--no-" + flag[2:]] + ([] if isinstance(value, bool) else [str(value)])
+    started = time.perf_counter()
+    result = subprocess.run(command, env=one_thread_env(), capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{run_name} failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+    (run_dir / "bench_time.json").write_text(json.dumps({"seconds": seconds}))
+    return {"run_dir": run_dir, "seconds": seconds}
+
+
+_STUBS = {
+    "albumentations/__init__.py": (
+        "# Stand-in: the reference imports these only for harmonisation augmentations, unused in generation.\n"
+        "HueSaturationValue = IAAAdditiveGaussianNoise = GaussNoise = OneOf = Compose = MultiplicativeNoise = None\n"
+        "ToSepia = ChannelDropout = ChannelShuffle = Cutout = InvertImg = None\n"),
+    "torchvision/__init__.py": "",
+    "torchvision/utils.py": (
+        "# Stand-in: the reference uses make_grid only for a TensorBoard image.\n"
+        "def make_grid(images, nrow=8, normalize=False):\n    return images[0]\n"),
+}
+
+
+def train_reference(name: str, image: StudyImage, path: Path, reference: Path, work: Path, seed: int) -> dict:
+    stubs = work / "reference_stubs"
+    for relative, text in _STUBS.items():
+        (stubs / relative).parent.mkdir(parents=True, exist_ok=True)
+        (stubs / relative).write_text(text)
+    out = work / "reference" / name
+    done = out / "bench_time.json"
+    if done.is_file():
+        return json.loads(done.read_text()) | {"samples": Path(json.loads(done.read_text())["samples"])}
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    env = one_thread_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(stubs), str(reference)])
+    command = [os.environ.get("REFERENCE_PYTHON", sys.executable), str(reference / "main_train.py"),
+               "--input_name", str(path.resolve()), "--not_cuda", "--train_mode", "generation",
+               "--train_stages", str(image.num_scales), "--niter", str(image.epochs), "--max_size", str(image.size),
+               "--min_size", str(image.min_size), "--nfc", str(image.channels), "--manualSeed", str(seed)]
+    started = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=out)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"reference on {name} failed: {(result.stderr or result.stdout).strip().splitlines()[-3:]}")
+    folders = sorted(out.glob(f"TrainedModels/**/gen_samples_stage_{image.num_scales - 1}"))
+    if not folders:
+        raise RuntimeError(f"reference on {name} wrote no samples of stage {image.num_scales - 1}")
+    done.write_text(json.dumps({"seconds": seconds, "samples": str(folders[-1])}))
+    return {"seconds": seconds, "samples": folders[-1]}
+
+
+def measure(job: dict, image: StudyImage, path: Path, work: Path) -> dict:
+    from consingan.io.preview import contact_sheet, write_png
+    from consingan.metrics.evaluate import EvaluateConfig, evaluate, evaluate_samples
+
+    options = EvaluateConfig(num=25, seed=0)
+    if "run_dir" in job:
+        result = evaluate(job["run_dir"], options)
+        health = [json.loads(p.read_text()).get("health", {}).get("warnings", [])
+                  for p in sorted(Path(job["run_dir"]).glob("scale_*/scale.json"))]
+    else:
+        result = evaluate_samples(path, job["samples"], image.dim, options)
+        health = []
+    arrays = result.pop("_arrays")
+    sheet = contact_sheet([arrays["real"][0].numpy(), *[f.numpy() for f in arrays["fake"][:11]]], columns=4,
+                          min_panel=128)
+    write_png(work / "sheets" / f"{job['label']}.png", sheet)
+    return {
+        "swd_x1e3": 1e3 * result["swd"]["mean"], "swd_coarse_x1e3": 1e3 * result["swd"]["per_level"][-1],
+        "diversity": result["diversity"], "coverage_ratio": result["memorisation"]["coverage_ratio"],
+        "memorisation_ratio": result["memorisation"]["ratio"], "verdict": result["verdict"]["label"],
+        "histogram_w1": result["histogram_w1"], "seconds": job["seconds"],
+        "health_warnings": sum(len(w) for w in health),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", nargs="+", default=list(IMAGES), choices=list(IMAGES))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--reference", type=Path, help="checkout of tohinz/ConSinGAN (2D images only)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, help="override every image's epochs per scale")
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "quality", help="runs, samples and sheets")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "quality.json")
+    args = parser.parse_args()
+    (args.work / "sheets").mkdir(parents=True, exist_ok=True)
+    images = {n: IMAGES[n] for n in args.images}
+    if args.epochs:
+        from dataclasses import replace
+
+        images = {n: replace(i, epochs=args.epochs) for n, i in images.items()}
+    paths = {n: prepare_image(n, i, args.work) for n, i in images.items()}
+    jobs = []
+    for name, image in images.items():
+        if args.reference and image.dim == 2 and image.rgb:
+            jobs.append((name, "reference", lambda n=name, i=image: train_reference(
+                n, i, paths[n], args.reference.resolve(), args.work, args.seed)))
+        for setting in args.settings:
+            if applies(setting, image):
+                jobs.append((name, setting, lambda n=name, i=image, s=setting: train_engine(
+                    n, i, paths[n], s, args.work, args.seed)))
+
+    def run(job):
+        name, setting, start = job
+        try:
+            outcome = start()
+            outcome["label"] = f"{name}_{setting}"
+            row = measure(outcome, images[name], paths[name], args.work)
+        except Exception as error:  # one failed run must not stop the study
+            row = {"error": str(error)}
+        print(f"done {name} {setting}: {row}", flush=True)
+        return name, setting, row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(run, jobs))
+
+    stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    for name, setting, row in rows:
+        stored.setdefault(name, {})[setting] = row
+    stored["_budget"] = {n: {"epochs": i.epochs, "num_scales": i.num_scales, "size": i.size, "min_size": i.min_size,
+                             "channels": i.channels, "note": i.note} for n, i in images.items()}
+    args.results.write_text(json.dumps(stored, indent=1) + "\n")
+    print_table(rows)
+
+
+def print_table(rows: list) -> None:
+    header = f"{'image':8} {'setting':11} {'SWD':>7} {'coarse':>7} {'divers.':>7} {'cover.':>7} {'verdict':>13} " \
+             f"{'warn':>4} {'minutes':>7}"
+    print(header)
+    print("-" * len(header))
+    for name, setting, row in rows:
+        if "error" in row:
+            print(f"{name:8} {setting:11} failed: {row['error']}")
+            continue
+        print(f"{name:8} {setting:11} {row['swd_x1e3']:7.1f} {row['swd_coarse_x1e3']:7.1f} {row['diversity']:7.3f} "
+              f"{row['coverage_ratio']:7.2f} {row['verdict']:>13} {row['health_warnings']:4d} "
+              f"{row['seconds'] / 60:7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""What keeps samples real: the intensity window, training health, collapse vs copying, previews one can judge."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from consingan.io import IntensityRange
+from consingan.io.intensity import WINDOW_EDGE
+from consingan.io.preview import MIN_PANEL, contact_sheet, label_image, preview_grid
+from consingan.metrics import measures
+from consingan.singan.health import check_scale, frozen_threshold, longest_frozen_run
+from tests.conftest import TINY, blobs
+
+
+def heavy_tailed_scan(seed=0):
+    """An MRI-like channel: half background at 0, tissue around 300-900, a few bright voxels up to 2149."""
+    rng = np.random.default_rng(seed)
+    tissue = rng.uniform(300, 900, 5000)
+    tissue[:20] = rng.uniform(1000, 2149, 20)
+    tissue[0] = 2149
+    return np.concatenate([np.zeros(5000), tissue]).reshape(1, 100, 100).astype(np.float32)
+
+
+def test_window_puts_the_bulk_on_most_of_the_range_and_loses_nothing():
+    scan = heavy_tailed_scan()
+    minmax = IntensityRange.of(scan, "minmax").normalise(scan)
+    window = IntensityRange.of(scan, "window")
+    mapped = window.normalise(scan)
+    tissue = (scan >= 300) & (scan <= 900)
+    # Min-max squeezes the tissue into a narrow band; the window gives it most of [-0.8, 0.8].
+    assert np.ptp(mapped[tissue]) > 1.5 * np.ptp(minmax[tissue])
+    assert mapped[scan == 0].max() == pytest.approx(-WINDOW_EDGE)  # background off tanh's flat end
+    p_low, p_high = np.percentile(scan, [0.5, 99.5])
+    bulk = (scan >= p_low) & (scan <= p_high)
+    assert mapped[bulk].min() >= -WINDOW_EDGE - 1e-6 and mapped[bulk].max() <= WINDOW_EDGE + 1e-6
+    # The bright tail is compressed into (0.8, 1], not clipped: the maximum still maps to 1, order is kept.
+    assert mapped.max() == pytest.approx(1.0) and (mapped[scan > p_high] > WINDOW_EDGE).all()
+    order = np.argsort(scan.ravel(), kind="stable")
+    assert (np.diff(mapped.ravel()[order]) >= -1e-6).all()
+    # Every intensity comes back.
+    assert np.allclose(window.denormalise(mapped), scan, atol=1e-3 * scan.max())
+    assert IntensityRange.from_dict(json.loads(json.dumps(window.to_dict()))) == window
+
+
+def test_window_outputs_stay_in_the_source_range_and_old_runs_read_as_minmax():
+    scan = heavy_tailed_scan()
+    window = IntensityRange.of(scan, "window")
+    # The background is the minimum and the lower percentile: its margin [-1, -0.8) is unused and maps to 0.
+    back = window.denormalise(np.array([[-1.0, -0.9, -WINDOW_EDGE, 1.0, 1.5]]))
+    assert back[0, :3] == pytest.approx([0, 0, 0], abs=1e-4) and back[0, 3:] == pytest.approx([2149, 2149])
+    old = IntensityRange.from_dict({"minimum": [0.0], "maximum": [10.0]})
+    assert old.mapping == "minmax" and old.normalise(np.array([[0.0, 5.0, 10.0]]))[0] == pytest.approx([-1, 0, 1])
+
+
+def test_frozen_losses_and_saturated_constant_samples_are_reported():
+    assert longest_frozen_run([1.0, 0.5, 0.5, 0.5, 0.4]) == 2
+    assert frozen_threshold(2000) == 20 and frozen_threshold(8) == 5
+    history = [{"critic": 0.0, "gradient_penalty": 0.0, "adversarial": 0.123456, "reconstruction": 0.9}] * 30
+    real = torch.from_numpy(blobs((16, 16)) * 2 - 1).float()[None, None]
+    black = -torch.ones(4, 1, 16, 16)
+    health = check_scale(history, real, black)
+    text = " ".join(health.warnings)
+    assert health.frozen_epochs == 29 and health.saturated_fraction == 1.0 and health.diversity == 0.0
+    assert "did not change" in text and "ends of the [-1, 1] range" in text and "do not vary" in text
+    assert "critic" in text
+
+
+def test_a_healthy_scale_raises_no_warning():
+    rng = np.random.default_rng(0)
+    history = [{"critic": -0.5 + 0.01 * rng.standard_normal(), "gradient_penalty": 0.1,
+                "adversarial": 0.2 * rng.standard_normal(), "reconstruction": 0.1 / (e + 1)} for e in range(40)]
+    real = torch.from_numpy(blobs((16, 16)) * 1.6 - 0.8).float()[None, None]
+    samples = torch.from_numpy(np.stack([blobs((16, 16), s) * 1.6 - 0.8 for s in range(1, 5)])).float()[:, None]
+    assert check_scale(history, real, samples).warnings == []
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_evaluate_tells_collapse_from_copying(dims):
+    size = 32 if dims == 2 else 16
+    real = torch.from_numpy(blobs((size,) * dims) * 2 - 1).float()
+    real = torch.where(real < -0.3, torch.tensor(-1.0), real)[None, None]  # a flat background over part of it
+    copies = real.repeat(4, 1, *([1] * dims))
+    collapsed = torch.full_like(copies, -1.0)  # all "black", like the MRI that trained to the background
+    for fake, expected in ((copies, "copying"), (collapsed, "collapse")):
+        memo = measures.memorisation(real, fake)
+        label, _ = measures.verdict(measures.diversity(real, fake), memo)
+        assert label == expected, (label, memo)
+    # The black samples lie next to the background's patches (small sample -> image ratio), yet are no copies.
+    memo = measures.memorisation(real, collapsed)
+    assert memo["ratio"] < 0.5 and memo["coverage_ratio"] > 0.5 and memo["copying"] is False
+
+
+@pytest.mark.parametrize("shape", [(1, 20, 30), (1, 12, 10, 8)])
+def test_preview_panels_are_large_enough_to_judge(shape):
+    image = np.zeros(shape, dtype=np.float32)
+    grid = preview_grid([image, image])
+    assert max(grid.shape[:2]) >= MIN_PANEL and grid.shape[0] >= MIN_PANEL * (1 if len(shape) == 3 else 3) - 300
+    panel_rows = 1 if len(shape) == 3 else 3
+    assert grid.shape[0] >= panel_rows * (MIN_PANEL * min(shape[1:]) // max(shape[1:])) // 2
+    sheet = contact_sheet([image] * 5, columns=4)
+    assert sheet.shape[1] >= 4 * MIN_PANEL // 2
+
+
+def test_label_maps_are_coloured_by_class():
+    channels = np.zeros((3, 4, 4), dtype=np.float32)
+    channels[1, :2] = 1  # class 1 wins in the top half
+    channels[2, 2:] = 1
+    channels[0, 2:, :2] = 2  # background wins in the bottom-left quarter
+    picture = label_image(channels)
+    assert picture.shape == (3, 4, 4) and picture.min() >= -1 and picture.max() <= 1
+    assert np.allclose(picture[:, 3, 0], -1)  # background black
+    assert not np.allclose(picture[:, 0, 0], picture[:, 3, 3])  # two classes, two colours
+
+
+def test_training_records_its_mapping_and_health_and_evaluates_other_samples(runner, png_rgb, out_dir, tmp_path):
+    from consingan.cli import app
+
+    result = runner.invoke(app, ["train", "--image", str(png_rgb), "--dim", "2", "--out-dir", str(out_dir), *TINY],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    run_dir = out_dir / "tiny_001"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["intensity"]["mapping"] == "window" and len(info["intensity"]["low"]) == 3
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["gradient_penalty"] == "pixel" and config["intensity_mapping"] == "window"
+    health = json.loads((run_dir / "scale_01" / "scale.json").read_text())["health"]
+    assert {"frozen_epochs", "saturated_fraction", "diversity", "warnings"} <= health.keys()
+    sampled = runner.invoke(app, ["sample", str(run_dir), "--num", "3", "--out", str(tmp_path / "s"), "--seed", "0"])
+    assert sampled.exit_code == 0, sampled.output
+    for name in ("sample_0000.png", "contact_sheet.png"):
+        (tmp_path / "s" / name).rename(tmp_path / name) if name == "contact_sheet.png" else None
+    evaluated = runner.invoke(app, ["evaluate", "--samples", str(tmp_path / "s"), "--image", str(png_rgb),
+                                    "--out", str(tmp_path / "ev")], terminal_width=200)
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert report["verdict"]["label"] in {"ok", "low diversity", "collapse", "copying"}
+    assert report["shape"] == [32, 32] and report["reconstruction"] is None
+    refused = runner.invoke(app, ["evaluate", "--samples", str(tmp_path / "s"), "--out", str(tmp_path / "e2")])
+    assert refused.exit_code == 2 and "--image" in refused.output
