@@ -55,6 +55,7 @@ class StudyImage:
     epochs: int
     rgb: bool = False  # written as an RGB PNG for both programs (the reference reads RGB only)
     note: str = ""
+    only: tuple[str, ...] = ()  # the settings studied on this image (all when empty)
 
 
 IMAGES = {
@@ -62,10 +63,12 @@ IMAGES = {
                        note="grey microscopy, one bright cell on a flat background"),
     "ihc": StudyImage(ROOT / "data" / "ihc.png", 2, 64, 25, 4, 32, 150, rgb=True,
                       note="RGB immunohistochemistry, glands and nuclei"),
-    "ct": StudyImage(DATA / "ct_slice.npy", 2, 64, 25, 4, 32, 150, note="CT slice in scanner units, air to bone"),
+    "ct": StudyImage(DATA / "ct_slice.npy", 2, 64, 25, 4, 32, 150, note="CT slice in scanner units, air to bone",
+                     only=("default", "minmax", "preset")),
     "mri": StudyImage(DATA / "aniso_vox.nii.gz", 3, 48, 12, 3, 8, 60,
                       note="T1 MRI 58x58x24 at 4x4x5 mm, heavy bright tail"),
-    "nuclei": StudyImage(DATA / "nuclei3d.npy", 3, 40, 12, 3, 8, 60, note="3D fluorescence stack of nuclei"),
+    "beads": StudyImage(DATA / "beads3d.npy", 3, 48, 12, 3, 8, 60,
+                        note="3D fluorescence stack of beads 32x64x64, sparse with a heavy bright tail"),
 }
 
 SETTINGS: dict[str, dict] = {
@@ -82,7 +85,7 @@ SETTINGS: dict[str, dict] = {
 
 
 def applies(setting: str, image: StudyImage) -> bool:
-    return not (setting == "cubic" and image.dim == 3)
+    return not (setting == "cubic" and image.dim == 3) and (not image.only or setting in image.only)
 
 
 def prepare_image(name: str, image: StudyImage, work: Path) -> Path:
@@ -118,8 +121,13 @@ def one_thread_env() -> dict:
     return env
 
 
+def seed_suffix(seed: int) -> str:
+    """Run names carry the seed, except seed 0 (the study's first seed)."""
+    return "" if seed == 0 else f"_s{seed}"
+
+
 def train_engine(name: str, image: StudyImage, path: Path, setting: str, work: Path, seed: int) -> dict:
-    run_name = f"{name}_{setting}"
+    run_name = f"{name}_{setting}{seed_suffix(seed)}"
     run_dir = work / "runs" / run_name
     if (run_dir / f"scale_{image.num_scales - 1:02d}" / "scale.json").is_file():
         return {"run_dir": run_dir, "seconds": json.loads((run_dir / "bench_time.json").read_text())["seconds"]}
@@ -162,7 +170,7 @@ def train_reference(name: str, image: StudyImage, path: Path, reference: Path, w
     for relative, text in _STUBS.items():
         (stubs / relative).parent.mkdir(parents=True, exist_ok=True)
         (stubs / relative).write_text(text)
-    out = work / "reference" / name
+    out = work / "reference" / f"{name}{seed_suffix(seed)}"
     done = out / "bench_time.json"
     if done.is_file():
         return json.loads(done.read_text()) | {"samples": Path(json.loads(done.read_text())["samples"])}
@@ -218,7 +226,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--reference", type=Path, help="checkout of tohinz/ConSinGAN (2D images only)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and setting")
     parser.add_argument("--epochs", type=int, help="override every image's epochs per scale")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "quality", help="runs, samples and sheets")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "quality.json")
@@ -231,32 +239,33 @@ def main() -> None:
         images = {n: replace(i, epochs=args.epochs) for n, i in images.items()}
     paths = {n: prepare_image(n, i, args.work) for n, i in images.items()}
     jobs = []
-    for name, image in images.items():
-        if args.reference and image.dim == 2 and image.rgb:
-            jobs.append((name, "reference", lambda n=name, i=image: train_reference(
-                n, i, paths[n], args.reference.resolve(), args.work, args.seed)))
-        for setting in args.settings:
-            if applies(setting, image):
-                jobs.append((name, setting, lambda n=name, i=image, s=setting: train_engine(
-                    n, i, paths[n], s, args.work, args.seed)))
+    for seed in args.seeds:
+        for name, image in images.items():
+            if args.reference and image.dim == 2 and image.rgb:
+                jobs.append((name, "reference", seed, lambda n=name, i=image, r=seed: train_reference(
+                    n, i, paths[n], args.reference.resolve(), args.work, r)))
+            for setting in args.settings:
+                if applies(setting, image):
+                    jobs.append((name, setting, seed, lambda n=name, i=image, s=setting, r=seed: train_engine(
+                        n, i, paths[n], s, args.work, r)))
 
     def run(job):
-        name, setting, start = job
+        name, setting, seed, start = job
         try:
             outcome = start()
-            outcome["label"] = f"{name}_{setting}"
+            outcome["label"] = f"{name}_{setting}{seed_suffix(seed)}"
             row = measure(outcome, images[name], paths[name], args.work)
         except Exception as error:  # one failed run must not stop the study
             row = {"error": str(error)}
-        print(f"done {name} {setting}: {row}", flush=True)
-        return name, setting, row
+        print(f"done {name} {setting} seed {seed}: {row}", flush=True)
+        return name, setting, seed, row
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(run, jobs))
 
     stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    for name, setting, row in rows:
-        stored.setdefault(name, {})[setting] = row
+    for name, setting, seed, row in rows:
+        stored.setdefault(name, {}).setdefault(setting, {})[str(seed)] = row
     stored["_budget"] = {n: {"epochs": i.epochs, "num_scales": i.num_scales, "size": i.size, "min_size": i.min_size,
                              "channels": i.channels, "note": i.note} for n, i in images.items()}
     args.results.write_text(json.dumps(stored, indent=1) + "\n")
@@ -264,17 +273,29 @@ def main() -> None:
 
 
 def print_table(rows: list) -> None:
-    header = f"{'image':8} {'setting':11} {'SWD':>7} {'coarse':>7} {'divers.':>7} {'cover.':>7} {'verdict':>13} " \
-             f"{'warn':>4} {'minutes':>7}"
+    """One line per image and setting: means over seeds (and the range of SWD when there are several)."""
+    header = f"{'image':8} {'setting':11} {'seeds':>5} {'SWD':>7} {'SWD range':>13} {'coarse':>7} {'divers.':>7} " \
+             f"{'cover.':>7} {'verdicts':>18} {'warn':>4} {'minutes':>7}"
     print(header)
     print("-" * len(header))
-    for name, setting, row in rows:
-        if "error" in row:
-            print(f"{name:8} {setting:11} failed: {row['error']}")
+    groups: dict = {}
+    for name, setting, seed, row in rows:
+        groups.setdefault((name, setting), []).append(row)
+    for (name, setting), group in groups.items():
+        good = [r for r in group if "error" not in r]
+        for row in group:
+            if "error" in row:
+                print(f"{name:8} {setting:11} failed: {row['error']}")
+        if not good:
             continue
-        print(f"{name:8} {setting:11} {row['swd_x1e3']:7.1f} {row['swd_coarse_x1e3']:7.1f} {row['diversity']:7.3f} "
-              f"{row['coverage_ratio']:7.2f} {row['verdict']:>13} {row['health_warnings']:4d} "
-              f"{row['seconds'] / 60:7.1f}")
+        mean = {key: float(np.mean([r[key] for r in good])) for key in
+                ("swd_x1e3", "swd_coarse_x1e3", "diversity", "coverage_ratio", "seconds")}
+        swd = [r["swd_x1e3"] for r in good]
+        verdicts = ",".join(sorted({r["verdict"] for r in good}))
+        span = f"{min(swd):.0f}-{max(swd):.0f}" if len(good) > 1 else ""
+        print(f"{name:8} {setting:11} {len(good):5d} {mean['swd_x1e3']:7.1f} {span:>13} {mean['swd_coarse_x1e3']:7.1f} "
+              f"{mean['diversity']:7.3f} {mean['coverage_ratio']:7.2f} {verdicts:>18} "
+              f"{sum(r['health_warnings'] for r in good):4d} {mean['seconds'] / 60:7.1f}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def load(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -63,3 +65,25 @@ def test_memory_format_benchmark_measures_both_formats():
     for channels_last in (False, True):
         forward, forward_backward = bench.measure((12, 14), 8, channels_last, repeats=1)
         assert forward > 0 and forward_backward > 0
+
+
+def test_quality_benchmark_trains_measures_and_tabulates(tmp_path, capsys):
+    bench = load("bench_quality")
+    image = bench.StudyImage(bench.DATA / "cell.png", 2, 24, 12, 2, 8, 2, rgb=True)
+    (tmp_path / "sheets").mkdir()
+    path = bench.prepare_image("cell", image, tmp_path)
+    assert path.suffix == ".png"
+    from consingan.io import read_volume
+
+    assert read_volume(path, 2).array.shape == (3, 24, 20)  # 660 x 550 resized to a longest side of 24, as RGB
+    outcome = bench.train_engine("cell", image, path, "no-bn", tmp_path, seed=3)
+    config = json.loads((outcome["run_dir"] / "config.json").read_text())
+    assert outcome["run_dir"].name == "cell_no-bn_s3" and config["batch_norm"] is False and config["seed"] == 3
+    outcome["label"] = "cell_no-bn_s3"
+    row = bench.measure(outcome, image, path, tmp_path)
+    assert row["swd_x1e3"] > 0 and row["verdict"] in {"ok", "low diversity", "collapse", "copying"}
+    assert (tmp_path / "sheets" / "cell_no-bn_s3.png").is_file()
+    bench.print_table([("cell", "no-bn", 3, row), ("cell", "minmax", 0, {"error": "boom"})])
+    table = capsys.readouterr().out
+    assert "cell     no-bn" in table and "failed: boom" in table
+    assert not bench.applies("cubic", bench.IMAGES["mri"]) and not bench.applies("gsteps1", bench.IMAGES["ct"])
