@@ -156,7 +156,10 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
     own = distances.min(1).values
     fake_chosen = fake_patches[torch.randperm(len(fake_patches), generator=generator)[:max_patches]]
     nearest = torch.cdist(fake_chosen, real_patches).min(1).values
-    covered = torch.cdist(real_patches[chosen], fake_patches).min(1).values
+    # Coverage searches many sample patches (all of them up to ``16 * max_patches``), in chunks so memory stays small.
+    pool = fake_patches[torch.randperm(len(fake_patches), generator=generator)[:16 * max_patches]]
+    covered = torch.stack([torch.cdist(real_patches[chosen], part).min(1).values
+                           for part in pool.split(4 * max_patches)]).min(0).values
     ratio = float(nearest.median() / own.median().clamp_min(1e-12))
     # Coverage is scaled by the distance of the image's patches to their mean patch: 1 means the samples reproduce
     # the image no better than one flat average patch would, 0 that every image patch is reproduced exactly. Means,
