@@ -139,3 +139,19 @@ def test_training_records_its_mapping_and_health_and_evaluates_other_samples(run
     assert report["shape"] == [32, 32] and report["reconstruction"] is None
     refused = runner.invoke(app, ["evaluate", "--samples", str(tmp_path / "s"), "--out", str(tmp_path / "e2")])
     assert refused.exit_code == 2 and "--image" in refused.output
+
+
+def test_samples_stuck_at_the_background_are_a_collapse_even_when_a_few_voxels_vary():
+    # The MRI case: the image is half background at its minimum; samples put nearly all voxels there, and a few
+    # bright edge voxels that move from sample to sample keep the diversity above any small threshold.
+    real = torch.from_numpy(blobs((32, 32)) * 2 - 1).float()
+    real = torch.where(real < 0, torch.tensor(-1.0), real)[None, None]
+    fake = torch.full((4, 1, 32, 32), -1.0)
+    for index in range(4):
+        fake[index, 0, index * 8:index * 8 + 8, :3] = 1.0
+    ends = measures.extremes(real, fake)
+    assert ends["samples"] > 0.9 and ends["stuck"] > 0.4
+    label, reason = measures.verdict(measures.diversity(real, fake), measures.memorisation(real, fake),
+                                     stuck=ends["stuck"])
+    assert label == "collapse" and "ends of its range" in reason
+    assert measures.extremes(real, real.repeat(3, 1, 1, 1))["stuck"] == 0

@@ -113,7 +113,8 @@ def compute_measures(real: torch.Tensor, fake: torch.Tensor, reconstruction: tor
     diversity = measures.diversity(real, fake)
     memo = measures.memorisation(real, fake, options.patch_size, seed=options.seed,
                                  threshold=options.memorisation_threshold)
-    label, reason = measures.verdict(diversity, memo, options.collapse_diversity)
+    ends = measures.extremes(real, fake)
+    label, reason = measures.verdict(diversity, memo, options.collapse_diversity, ends["stuck"])
     return {
         **extra,
         "swd": measures.multiscale_swd(real, fake, options.patch_size, options.swd_levels, seed=options.seed),
@@ -121,6 +122,7 @@ def compute_measures(real: torch.Tensor, fake: torch.Tensor, reconstruction: tor
         "diversity": diversity,
         "histogram_w1": measures.histogram_distance(real, fake),
         "memorisation": memo,
+        "extremes": ends,
         "verdict": {"label": label, "reason": reason},
         "reconstruction": None if reconstruction is None else {
             "psnr": measures.psnr(reconstruction, real), "ssim": measures.ssim(reconstruction, real)},
@@ -180,6 +182,8 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         ("histogram W1 per channel", ", ".join(f"{v:.4f}" for v in result["histogram_w1"])),
         ("memorisation ratio (samples -> image)", f"{memo['ratio']:.3f}"),
         ("coverage ratio (image -> samples)", f"{memo['coverage_ratio']:.3f}"),
+        ("voxels at the range's ends (image / samples)",
+         f"{result['extremes']['real']:.0%} / {result['extremes']['samples']:.0%}"),
         ("verdict", f"{result['verdict']['label'].upper()}: {result['verdict']['reason']}"),
     ]
     if result["reconstruction"] is not None:

@@ -172,9 +172,26 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
             "copying": ratio < threshold and coverage_ratio < threshold}
 
 
-def verdict(diversity_value: float, memo: dict, collapse_diversity: float = 0.05) -> tuple[str, str]:
+def extremes(real: torch.Tensor, fake: torch.Tensor, margin: float = 0.02) -> dict:
+    """Share of voxels within ``margin`` (of the [-1, 1] range) of the image's minimum or maximum, in the image and in
+    the samples, and ``stuck``: of the voxels the image keeps off those ends, the share the samples put there."""
+    from consingan.singan.health import stuck_share
+
+    low, high = float(real.min()), float(real.max())
+    band = margin * (high - low)
+    at_end = lambda x: float(((x <= low + band) | (x >= high - band)).float().mean())  # noqa: E731
+    real_share, fake_share = at_end(real), at_end(fake)
+    return {"real": real_share, "samples": fake_share, "stuck": stuck_share(fake_share, real_share)}
+
+
+def verdict(diversity_value: float, memo: dict, collapse_diversity: float = 0.05, stuck: float = 0.0,
+            max_stuck: float = 0.4) -> tuple[str, str]:
     """(label, explanation): 'copying' (samples close to the image both ways: they return it), 'collapse' (samples
-    do not vary and miss the image), 'low diversity' (they do not vary but cover it) or 'ok'."""
+    do not vary and miss the image, or sit at the ends of its range where the image has structure), 'low diversity'
+    (they do not vary but cover it) or 'ok'."""
+    if stuck > max_stuck:
+        return "collapse", (f"{stuck:.0%} of the voxels the image keeps off its minimum and maximum sit there in the "
+                            f"samples: the generator is stuck at the ends of its range")
     if memo["copying"]:
         return "copying", (f"sample patches match training patches ({memo['ratio']:.2f}) and cover the image "
                            f"({memo['coverage_ratio']:.2f}): the model returns its training image")

@@ -309,12 +309,23 @@ class SinGANTrainer:
 
     @torch.no_grad()
     def write_outputs(self, stage: int, epoch: int) -> None:
-        """One random sample and one reconstruction in the input's file type and geometry, plus a PNG preview."""
+        """One random sample and one reconstruction in the input's file type and geometry, plus a PNG preview.
+
+        The preview shows real | sample | variation | reconstruction. The variation keeps the coarsest stage on its
+        reconstruction input (the image's layout) and draws every finer stage's noise, as ``consingan sample
+        --start-scale 1`` does: with a small budget the coarsest stage has not yet learnt a whole new layout, while
+        the finer ones already vary the anatomy's details. Its noise comes from a generator of its own, so the
+        training's random state is the same as without it.
+        """
         generator = self.generator
         was_training = generator.training
         generator.eval()
         sample = generator(generator.sample_noise(self.shapes[: stage + 1]))[0].cpu().numpy()
         reconstruction = generator(generator.reconstruction_inputs())[0].cpu().numpy()
+        rng = torch.Generator(device=self.device).manual_seed(epoch * 1000 + stage)
+        varied = generator.sample_noise(self.shapes[: stage + 1], generator=rng)
+        varied[0] = generator.reconstruction_noise(0)
+        variation = generator(varied)[0].cpu().numpy()
         generator.train(was_training)
         folder = scale_dir(self.run_dir, stage) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
@@ -323,7 +334,8 @@ class SinGANTrainer:
         shown = self.volume.labels.image_channels if self.volume.labels else self.volume.channels
         real = self.reals[stage][0].cpu().numpy()
         images = []
-        for array in (real, sample, reconstruction):  # each image, then its label map when trained with one
+        previewed = (real, sample, variation, reconstruction) if stage > 0 else (real, sample, reconstruction)
+        for array in previewed:  # each image, then its label map when trained with one
             images += [array[:shown]] + ([label_image(array[shown:])] if self.volume.labels else [])
         write_png(folder / f"epoch{epoch:05d}_preview.png", preview_grid(images))
 
