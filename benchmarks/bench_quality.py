@@ -75,17 +75,20 @@ SETTINGS: dict[str, dict] = {
     "default": {},
     "gp-image": {"gradient_penalty": "image"},
     "minmax": {"intensity_mapping": "minmax"},
+    "window-99.9": {"window_high_percentile": 99.9},
     "padding0": {"padding": 0},
     "cubic": {"upsampling": "cubic"},
     "gsteps1": {"Gsteps": 1},
     "no-bn": {"batch_norm": False},
     "no-bn-cbam": {"batch_norm": False, "cbam": False},
-    "preset": {"config": str(ROOT / "presets" / "quality.yaml")},
+    "no-bn-pad0": {"batch_norm": False, "padding": 0},
+    "reference-layers": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic"},
+    "preset": {"config": str(ROOT / "presets" / "microscopy-2d.yaml")},
 }
 
 
 def applies(setting: str, image: StudyImage) -> bool:
-    return not (setting == "cubic" and image.dim == 3) and (not image.only or setting in image.only)
+    return not ("cubic" in str(SETTINGS[setting]) and image.dim == 3) and (not image.only or setting in image.only)
 
 
 def prepare_image(name: str, image: StudyImage, work: Path) -> Path:
@@ -215,6 +218,7 @@ def measure(job: dict, image: StudyImage, path: Path, work: Path) -> dict:
         "swd_x1e3": 1e3 * result["swd"]["mean"], "swd_coarse_x1e3": 1e3 * result["swd"]["per_level"][-1],
         "diversity": result["diversity"], "coverage_ratio": result["memorisation"]["coverage_ratio"],
         "memorisation_ratio": result["memorisation"]["ratio"], "verdict": result["verdict"]["label"],
+        "at_range_ends": result["extremes"],
         "histogram_w1": result["histogram_w1"], "seconds": job["seconds"],
         "health_warnings": sum(len(w) for w in health),
     }
