@@ -80,8 +80,9 @@ def check_scale(history: Sequence[dict[str, float]], real: torch.Tensor, samples
     if stuck_share(saturated, real_saturated) > MAX_STUCK:
         warnings.append(
             f"{saturated:.0%} of the samples' voxels sit at the ends of the [-1, 1] range (the image: "
-            f"{real_saturated:.0%}): tanh is saturated; a heavy-tailed intensity distribution mapped min-max is the "
-            f"usual cause (use --intensity-mapping window)")
+            f"{real_saturated:.0%}): tanh is saturated there and passes little gradient; the usual causes are a "
+            f"heavy-tailed intensity distribution mapped min-max (use --intensity-mapping window) or, with the window, "
+            f"a flat background pushed past the window's edge (harmless in the output, often gone at the next scale)")
     if diversity < MIN_DIVERSITY:
         warnings.append(
             f"samples do not vary (diversity {diversity:.3f}): the generator ignores its noise (mode collapse); "
