@@ -270,8 +270,9 @@ def main() -> None:
     stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
     for name, setting, seed, row in rows:
         stored.setdefault(name, {}).setdefault(setting, {})[str(seed)] = row
-    stored.setdefault("_budget", {}).update({n: {"epochs": i.epochs, "num_scales": i.num_scales, "size": i.size, "min_size": i.min_size,
-                             "channels": i.channels, "note": i.note} for n, i in images.items()})
+    budgets = {n: {"epochs": i.epochs, "num_scales": i.num_scales, "size": i.size, "min_size": i.min_size,
+                   "channels": i.channels, "note": i.note} for n, i in images.items()}
+    stored.setdefault("_budget", {}).update(budgets)
     args.results.write_text(json.dumps(stored, indent=1) + "\n")
     print_table(rows)
 

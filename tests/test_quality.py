@@ -155,3 +155,33 @@ def test_samples_stuck_at_the_background_are_a_collapse_even_when_a_few_voxels_v
                                      stuck=ends["stuck"])
     assert label == "collapse" and "ends of its range" in reason
     assert measures.extremes(real, real.repeat(3, 1, 1, 1))["stuck"] == 0
+
+
+def test_a_run_folder_from_before_the_new_options_reads_as_it_was_trained(tmp_path):
+    from consingan.config import TrainConfig
+    from consingan.singan.run import open_run
+
+    values = TrainConfig(image="x.nii.gz").to_dict()
+    for key in ("gradient_penalty", "intensity_mapping", "window_low_percentile", "window_high_percentile",
+                "upsampling"):
+        values.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    (tmp_path / "run.json").write_text(json.dumps({"intensity": {"minimum": [0.0], "maximum": [1.0]}}))
+    config = open_run(tmp_path).config
+    assert (config.gradient_penalty, config.intensity_mapping, config.upsampling) == ("image", "minmax", "linear")
+    assert TrainConfig().gradient_penalty == "pixel" and TrainConfig().intensity_mapping == "window"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--upsampling", "cubic"], "only in 2D"),
+    (["--intensity-mapping", "zscore"], "intensity_mapping must be one of"),
+    (["--gradient-penalty", "global"], "gradient_penalty must be one of"),
+    (["--window-low-percentile", "99", "--window-high-percentile", "1"], "window percentiles"),
+])
+def test_bad_quality_options_stop_with_one_line(runner, nifti_3d, out_dir, flags, message):
+    from consingan.cli import app
+
+    result = runner.invoke(app, ["train", "--image", str(nifti_3d), "--dim", "3", "--out-dir", str(out_dir),
+                                 "--dry-run", *flags], terminal_width=200)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not out_dir.exists()
