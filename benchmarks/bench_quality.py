@@ -82,6 +82,7 @@ SETTINGS: dict[str, dict] = {
     "no-bn": {"batch_norm": False},
     "no-bn-cbam": {"batch_norm": False, "cbam": False},
     "no-bn-pad0": {"batch_norm": False, "padding": 0},
+    "no-bn-cubic": {"batch_norm": False, "upsampling": "cubic"},
     "reference-layers": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic"},
     "preset": {"config": str(ROOT / "presets" / "microscopy-2d.yaml")},
 }

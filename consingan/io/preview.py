@@ -28,9 +28,8 @@ def label_image(channels: np.ndarray) -> np.ndarray:
     return np.moveaxis(colours / 127.5 - 1.0, -1, 0)
 
 
-def enlarge(pixels: np.ndarray, min_side: int = MIN_PANEL) -> np.ndarray:
-    """[H, W, 3] enlarged by the smallest integer factor that brings its longer side to ``min_side`` (nearest)."""
-    factor = max(1, -(-min_side // max(pixels.shape[:2])))
+def enlarge(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """[H, W, 3] enlarged ``factor`` times along both axes (nearest neighbour)."""
     return pixels.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else pixels
 
 
@@ -51,10 +50,12 @@ def central_slices(array: np.ndarray) -> list[np.ndarray]:
 
 def preview_grid(images: Sequence[np.ndarray], gap: int = 2, min_panel: int = MIN_PANEL) -> np.ndarray:
     """One column per image ([C, *spatial] in [-1, 1]), one row per slice axis (a single row in 2D); every panel is
-    enlarged to at least ``min_panel`` pixels (see ``enlarge``) and padded to the largest panel's size.
-    Returns [H, W, 3] uint8."""
-    columns = [[enlarge(_to_display(panel), min_panel) for panel in central_slices(np.asarray(image))]
-               for image in images]
+    enlarged by one whole factor, the smallest that brings the largest panel's longer side to ``min_panel`` pixels
+    (one factor for all, so the slices of a volume keep their relative sizes), and padded to the largest panel's
+    size. Returns [H, W, 3] uint8."""
+    panels = [[_to_display(panel) for panel in central_slices(np.asarray(image))] for image in images]
+    factor = max(1, -(-min_panel // max(max(p.shape[:2]) for column in panels for p in column)))
+    columns = [[enlarge(panel, factor) for panel in column] for column in panels]
     height = max(p.shape[0] for column in columns for p in column)
     width = max(p.shape[1] for column in columns for p in column)
     rows = max(len(column) for column in columns)
