@@ -150,10 +150,14 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
                                            indexing="ij"), -1).reshape(-1, dims)
     fake_patches = extract_patches(fake, patch_size).double()
     chosen = torch.randperm(len(real_patches), generator=generator)[:max_patches]
-    distances = torch.cdist(real_patches[chosen], real_patches)
-    overlap = (positions[chosen][:, None, :] - positions[None, :, :]).abs().max(-1).values < patch_size
-    distances[overlap] = float("inf")
-    own = distances.min(1).values
+    # In chunks of training patches, so a large 3D image does not build gigabytes of distances and overlap masks.
+    own = torch.full((len(chosen),), float("inf"), dtype=real_patches.dtype)
+    for start in range(0, len(real_patches), 4 * max_patches):
+        part = slice(start, start + 4 * max_patches)
+        distances = torch.cdist(real_patches[chosen], real_patches[part])
+        overlap = (positions[chosen][:, None, :] - positions[None, part, :]).abs().max(-1).values < patch_size
+        distances[overlap] = float("inf")
+        own = torch.minimum(own, distances.min(1).values)
     fake_chosen = fake_patches[torch.randperm(len(fake_patches), generator=generator)[:max_patches]]
     nearest = torch.cdist(fake_chosen, real_patches).min(1).values
     # Coverage searches many sample patches (all of them up to ``16 * max_patches``), in chunks so memory stays small.
