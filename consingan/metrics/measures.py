@@ -131,6 +131,22 @@ def histogram_distance(real: torch.Tensor, fake: torch.Tensor) -> list[float]:
             for c in range(real.shape[1])]
 
 
+def sample_patches(fake: torch.Tensor, patch_size: int, wanted: int, generator: torch.Generator,
+                   max_bytes: int = 3 * 2**30) -> torch.Tensor:
+    """All patches of ``fake`` [N, C, ...] as double rows, or, when they would take more than ``max_bytes``
+    (large 3D samples), about ``wanted`` of them drawn evenly from every sample without building the rest."""
+    window = fake.shape[1] * patch_size ** _spatial(fake)
+    count = len(fake) * math.prod(max(1, s - patch_size + 1) for s in fake.shape[2:])
+    if count * window * 8 <= max_bytes:
+        return extract_patches(fake, patch_size).double()
+    per_sample = -(-wanted // len(fake))
+    parts = []
+    for index in range(len(fake)):
+        patches = extract_patches(fake[index:index + 1], patch_size)
+        parts.append(patches[torch.randperm(len(patches), generator=generator)[:per_sample]])
+    return torch.cat(parts).double()
+
+
 def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, max_patches: int = 2048,
                  seed: int = 0, threshold: float = 0.5) -> dict:
     """How close sample patches come to training patches, against the image's own patch-to-patch distances.
@@ -148,7 +164,7 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
     real_patches = extract_patches(real, patch_size).double()
     positions = torch.stack(torch.meshgrid(*[torch.arange(s - patch_size + 1) for s in real.shape[2:]],
                                            indexing="ij"), -1).reshape(-1, dims)
-    fake_patches = extract_patches(fake, patch_size).double()
+    fake_patches = sample_patches(fake, patch_size, 16 * max_patches, generator)
     chosen = torch.randperm(len(real_patches), generator=generator)[:max_patches]
     # In chunks of training patches, so a large 3D image does not build gigabytes of distances and overlap masks.
     own = torch.full((len(chosen),), float("inf"), dtype=real_patches.dtype)
