@@ -83,6 +83,8 @@ SETTINGS: dict[str, dict] = {
     "no-bn-cbam": {"batch_norm": False, "cbam": False},
     "no-bn-pad0": {"batch_norm": False, "padding": 0},
     "no-bn-cubic": {"batch_norm": False, "upsampling": "cubic"},
+    "no-bn-window-99.9": {"batch_norm": False, "window_high_percentile": 99.9},
+    "no-bn-noise-0.2": {"batch_norm": False, "noise_amp": 0.2},
     "reference-layers": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic"},
     "preset": {"config": str(ROOT / "presets" / "microscopy-2d.yaml")},
 }
