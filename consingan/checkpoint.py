@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from consingan.config import check_run_name
 from consingan.errors import ConsinganError
 
 
@@ -73,6 +74,7 @@ def make_run_dir(root: Path, run_name: str, stem: str) -> Path:
     ``mkdir`` without ``exist_ok`` is atomic, so two runs started at once never share a folder. Problems with
     ``root`` become a one-line ``ConsinganError``.
     """
+    check_run_name(run_name)
     try:
         root.mkdir(parents=True, exist_ok=True)
         if run_name:

@@ -18,6 +18,16 @@ from typing import Any
 from consingan.errors import ConsinganError
 
 
+def check_run_name(run_name: str) -> str:
+    """A run name is one folder name inside the output root: no separator, no '.' or '..', not absolute."""
+    if run_name and (run_name in (".", "..") or "/" in run_name or "\\" in run_name or Path(run_name).is_absolute()
+                     or "\0" in run_name):
+        raise ConsinganError(f"run name {run_name!r} must be a single folder name (no '/', '..' or absolute path); "
+                             f"use --out-dir to choose where run folders go")
+    return run_name
+
+
+
 def _opt(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
@@ -119,6 +129,7 @@ class TrainConfig:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
                 or not 0 <= low < high <= 100:
             raise ConsinganError(f"window percentiles must satisfy 0 <= low < high <= 100, got {low!r} and {high!r}")
+        check_run_name(self.run_name)
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ConsinganError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         return self

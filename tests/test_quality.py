@@ -185,3 +185,14 @@ def test_bad_quality_options_stop_with_one_line(runner, nifti_3d, out_dir, flags
                                  "--dry-run", *flags], terminal_width=200)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/elsewhere", "a/b", "..", "."])
+def test_a_run_name_is_one_folder_inside_the_output_root(runner, nifti_3d, tmp_path, name):
+    from consingan.cli import app
+
+    out_dir = tmp_path / "deep" / "out"
+    result = runner.invoke(app, ["train", "--image", str(nifti_3d), "--dim", "3", "--out-dir", str(out_dir),
+                                 "--run-name", name, *TINY], terminal_width=200)
+    assert result.exit_code == 2 and "single folder name" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "deep").exists() and not (tmp_path / "escape").exists()
