@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -296,14 +297,27 @@ class SinGANTrainer:
 
         The samples are drawn from a generator of their own, so the check leaves the training's random state alone.
         """
+        with self.evaluating() as generator:
+            rng = torch.Generator(device=self.device).manual_seed(stage)
+            samples = generator(generator.sample_noise(self.shapes[: stage + 1], num_samples, generator=rng))
+        shown = self.image_channels
+        return check_scale(history, self.reals[stage][:, :shown], samples[:, :shown])
+
+    @property
+    def image_channels(self) -> int:
+        """Channels that are image, not one-hot labels."""
+        return self.volume.labels.image_channels if self.volume.labels else self.volume.channels
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[GrowingGenerator]:
+        """The generator in eval mode for the duration, back in its previous mode afterwards."""
         generator = self.generator
         was_training = generator.training
         generator.eval()
-        rng = torch.Generator(device=self.device).manual_seed(stage)
-        samples = generator(generator.sample_noise(self.shapes[: stage + 1], num_samples, generator=rng))
-        generator.train(was_training)
-        shown = self.volume.labels.image_channels if self.volume.labels else self.volume.channels
-        return check_scale(history, self.reals[stage][:, :shown], samples[:, :shown])
+        try:
+            yield generator
+        finally:
+            generator.train(was_training)
 
     # --- outputs -------------------------------------------------------------------------------------------------
 
@@ -317,21 +331,18 @@ class SinGANTrainer:
         the finer ones already vary the anatomy's details. Its noise comes from a generator of its own, so the
         training's random state is the same as without it.
         """
-        generator = self.generator
-        was_training = generator.training
-        generator.eval()
-        sample = generator(generator.sample_noise(self.shapes[: stage + 1]))[0].cpu().numpy()
-        reconstruction = generator(generator.reconstruction_inputs())[0].cpu().numpy()
-        rng = torch.Generator(device=self.device).manual_seed(epoch * 1000 + stage)
-        varied = generator.sample_noise(self.shapes[: stage + 1], generator=rng)
-        varied[0] = generator.reconstruction_noise(0)
-        variation = generator(varied)[0].cpu().numpy()
-        generator.train(was_training)
+        with self.evaluating() as generator:
+            sample = generator(generator.sample_noise(self.shapes[: stage + 1]))[0].cpu().numpy()
+            reconstruction = generator(generator.reconstruction_inputs())[0].cpu().numpy()
+            rng = torch.Generator(device=self.device).manual_seed(epoch * 1000 + stage)
+            varied = generator.sample_noise(self.shapes[: stage + 1], generator=rng)
+            varied[0] = generator.reconstruction_noise(0)
+            variation = generator(varied)[0].cpu().numpy()
         folder = scale_dir(self.run_dir, stage) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in (("sample", sample), ("reconstruction", reconstruction)):
             write_outputs(folder / f"epoch{epoch:05d}_{name}", self.volume.with_array(self.intensity.denormalise(array)))
-        shown = self.volume.labels.image_channels if self.volume.labels else self.volume.channels
+        shown = self.image_channels
         real = self.reals[stage][0].cpu().numpy()
         images = []
         previewed = (real, sample, variation, reconstruction) if stage > 0 else (real, sample, reconstruction)
