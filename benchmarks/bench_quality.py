@@ -86,6 +86,8 @@ SETTINGS: dict[str, dict] = {
     "no-bn-window-99.9": {"batch_norm": False, "window_high_percentile": 99.9},
     "no-bn-noise-0.2": {"batch_norm": False, "noise_amp": 0.2},
     "reference-layers": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic"},
+    "no-bn-repeat": {"batch_norm": False, "generator_update": "repeat"},
+    "repeat": {"generator_update": "repeat"},
     "preset": {"config": str(ROOT / "presets" / "microscopy-2d.yaml")},
 }
 

@@ -21,6 +21,7 @@ app = typer.Typer(
     help="Learn from one 2D image or 3D volume, then generate new, varied ones (ConSinGAN in N-D).",
 )
 console = Console(stderr=True)
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N."
 
 
 @app.callback()
@@ -43,7 +44,9 @@ def _flag_names(field: dataclasses.Field) -> list[str]:
     return [primary] + ([extra] if extra and extra != primary else [])
 
 
-def _train_parameters() -> list[inspect.Parameter]:
+def _command_parameters(config_class: type, dry_run: bool) -> list[inspect.Parameter]:
+    """--config, --resume (and --dry-run), then one flag per field of ``config_class``, so names, help and defaults
+    have one source: the dataclass."""
     parameters = [
         inspect.Parameter(
             "config_file", inspect.Parameter.KEYWORD_ONLY, default=None,
@@ -56,13 +59,14 @@ def _train_parameters() -> list[inspect.Parameter]:
                 "--resume", help="Continue RUN_DIR from its last checkpoint; its config.json fixes every option "
                                  "except --device.")],
         ),
-        inspect.Parameter(
+    ]
+    if dry_run:
+        parameters.append(inspect.Parameter(
             "dry_run", inspect.Parameter.KEYWORD_ONLY, default=False,
             annotation=Annotated[bool, typer.Option(
                 "--dry-run", help="Check the input, print the configuration and pyramid, write nothing.")],
-        ),
-    ]
-    for name, field in option_names().items():
+        ))
+    for name, field in option_names(config_class).items():
         kind = {bool: bool, int: int, float: float}.get(type(field.default), str)
         if name == "seed":
             kind = int
@@ -73,6 +77,22 @@ def _train_parameters() -> list[inspect.Parameter]:
         annotation = Annotated[Optional[kind], typer.Option(*names, help=help_text, show_default=False)]
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
     return parameters
+
+
+def _register(command: Any, parameters: list[inspect.Parameter]) -> Any:
+    command.__signature__ = inspect.Signature(parameters)
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    return command
+
+
+def _refuse_ignored_flags(config_class: type, run_dir: Path, config_file: Path | None, flags: dict[str, Any]) -> None:
+    """--resume takes every option from the run; a flag it would ignore (all but --device) is an error, not a
+    silent no-op."""
+    given = sorted(name for name, value in flags.items() if value is not None and name != "device")
+    if config_file is not None or given:
+        fields = option_names(config_class)
+        names = ", ".join(["--config"] * (config_file is not None) + [_flag_names(fields[n])[0] for n in given])
+        raise ConsinganError(f"--resume takes every option from {run_dir}/config.json; drop {names}")
 
 
 def _print_config(config: TrainConfig) -> None:
@@ -121,22 +141,17 @@ def _resume(run_dir: Path, config_file: Path | None, flags: dict[str, Any]) -> N
     from consingan.singan.trainer import resume
     from consingan.ui import RichReporter, summary_table
 
-    given = sorted(name for name, value in flags.items() if value is not None and name != "device")
-    if config_file is not None or given:
-        names = ", ".join(["--config"] * (config_file is not None) + [_flag_names(option_names()[n])[0] for n in given])
-        raise ConsinganError(f"--resume takes every option from {run_dir}/config.json; drop {names}")
+    _refuse_ignored_flags(TrainConfig, run_dir, config_file, flags)
     with RichReporter(console) as reporter:
         result = resume(run_dir, reporter, device=flags.get("device"))
     console.print(summary_table(result.scales))
     console.print(f"run folder: [bold]{result.run_dir}[/]")
 
 
-_train.__signature__ = inspect.Signature(_train_parameters())  # type: ignore[attr-defined]
-_train.__annotations__ = {p.name: p.annotation for p in _train_parameters()}
 app.command(
     "train",
     help="Train a ConSinGAN pyramid on one image (--dim 2) or volume (--dim 3); writes a new run folder under out/.",
-)(_train)
+)(_register(_train, _command_parameters(TrainConfig, dry_run=True)))
 
 
 def _numbers(text: str | None, kind: type, name: str) -> list | None:
@@ -165,7 +180,7 @@ def sample(
     use_scale: Annotated[Optional[int], typer.Option(
         "--use-scale", help="Generate with the pyramid up to this scale (default: the last completed).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples generated at once.")] = 8,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     source_dtype: Annotated[bool, typer.Option(
         "--source-dtype", help="Write the source's data type (rounded and clipped) instead of float32.")] = False,
 ) -> None:
@@ -193,7 +208,7 @@ def evaluate_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of samples, patches and projections.")] = 0,
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Folder for evaluation.json and report.png (default: RUN_DIR/evaluation_NNN).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     inception_weights: Annotated[Optional[Path], typer.Option(
         "--inception-weights", help="Local Inception-v3 weights (pytorch-fid state dict) for the standard 2D SIFID.")
     ] = None,
@@ -245,53 +260,38 @@ paired_app = typer.Typer(help="Paired image-to-image GANs: mask -> image, phase 
 app.add_typer(paired_app, name="paired")
 
 
-@paired_app.command("train")
-def paired_train(
-    source: Annotated[Optional[Path], typer.Option("--source", help="Folder of inputs (masks, phase contrast).")] = None,
-    target: Annotated[Optional[Path], typer.Option("--target", help="Folder of targets, matched by file name.")] = None,
-    model: Annotated[str, typer.Option(
-        "--model", help="unet, cbam_unet, spade_unet, resnet, local_enhancer or unetpp.")] = "unet",
-    dim: Annotated[int, typer.Option("--dim", help="2 or 3.")] = 2,
-    epochs: Annotated[int, typer.Option("--epochs")] = 200,
-    out: Annotated[Path, typer.Option("--out", help="Root of the run folders.")] = Path("out"),
-    tile: Annotated[int, typer.Option("--tile", help="Tile size (the report: 512).")] = 256,
-    stride: Annotated[int, typer.Option("--stride", help="Tile stride (-1: tile / 2).")] = -1,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 1,
-    lr: Annotated[float, typer.Option("--lr")] = 2e-4,
-    lambda_l1: Annotated[float, typer.Option("--lambda-l1")] = 100.0,
-    gan_mode: Annotated[str, typer.Option("--gan-mode", help="lsgan, bce, hinge or wgan.")] = "lsgan",
-    discriminator: Annotated[str, typer.Option("--discriminator", help="patch or multiscale.")] = "patch",
-    base_channels: Annotated[int, typer.Option("--base-channels")] = 64,
-    one_hot: Annotated[bool, typer.Option("--one-hot", help="Masks as one-hot class channels.")] = False,
-    perceptual_weights: Annotated[Optional[Path], typer.Option(
-        "--perceptual-weights", help="Local VGG-19 state dict for a perceptual loss (off without it).")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    device: Annotated[str, typer.Option("--device")] = "auto",
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this paired run folder.")] = None,
-) -> None:
+def _paired_train(config_file: Path | None = None, resume: Path | None = None, **flags: Any) -> None:
     """Train a paired generator on SOURCE/TARGET pairs matched by file name, tile by tile."""
     try:
-        from consingan.paired.trainer import PairedConfig, resume_paired, train_paired
+        from consingan.config import PairedConfig, resolve_config
+        from consingan.paired.trainer import resume_paired, train_paired
 
         def progress(epoch: int, losses: dict) -> None:
             console.print(f"epoch {epoch}: D {losses['d']:.4f} G {losses['g_gan']:.4f} L1 {losses['l1']:.4f} "
                           f"({losses['seconds']:.1f} s)", highlight=False)
 
         if resume is not None:
-            result = resume_paired(resume, progress)
+            _refuse_ignored_flags(PairedConfig, resume, config_file, flags)
+            result = resume_paired(resume, progress, device=flags.get("device"))
         else:
-            if source is None or target is None:
-                raise ConsinganError("--source and --target are required")
-            config = PairedConfig(
-                source_dir=str(source), target_dir=str(target), model=model, dimension=dim, epochs=epochs,
-                out_dir=str(out), tile=tile, stride=stride, batch_size=batch_size, lr=lr, lambda_l1=lambda_l1,
-                gan_mode=gan_mode, discriminator=discriminator, base_channels=base_channels, one_hot=one_hot,
-                seed=seed, device=device, perceptual_weights=str(perceptual_weights) if perceptual_weights else "",
-            )
-            result = train_paired(config, progress)
+            result = train_paired(resolve_config(config_file, flags, PairedConfig), progress)
         console.print(f"run folder: [bold]{result.run_dir}[/]")
     except ConsinganError as error:
         fail(str(error))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: the last finished epoch is saved in the run folder (--resume)")
+        raise typer.Exit(code=130)
+
+
+def _paired_parameters() -> list[inspect.Parameter]:
+    from consingan.config import PairedConfig
+
+    return _command_parameters(PairedConfig, dry_run=False)
+
+
+paired_app.command("train", help="Train a paired generator on SOURCE/TARGET pairs matched by file name, tile by "
+                                 "tile; writes a new run folder under out/.")(_register(_paired_train,
+                                                                                          _paired_parameters()))
 
 
 @paired_app.command("predict")
@@ -299,11 +299,11 @@ def paired_predict(
     run_dir: Annotated[Path, typer.Argument(help="Paired run folder.")],
     source: Annotated[Path, typer.Option("--source", help="Folder of inputs of any size.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (nothing is overwritten).")],
-    device: Annotated[str, typer.Option("--device")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
 ) -> None:
     """Translate whole images or volumes through overlapping tiles; outputs keep the source geometry."""
     try:
-        from consingan.paired.trainer import predict_paired
+        from consingan.paired.predict import predict_paired
 
         written = predict_paired(run_dir, source, out, device)
         console.print(f"wrote {len(written)} images to [bold]{out}[/]")

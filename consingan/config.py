@@ -79,6 +79,9 @@ class TrainConfig:
     window_high_percentile: float = _opt(99.5, "Upper percentile of the intensity window.")
     upsampling: str = _opt("linear", "Resampling between generator stages: 'linear' or 'cubic' (2D only; the "
                            "reference's bicubic).")
+    generator_update: str = _opt("fresh", "Generator updates per epoch: 'fresh' (Gsteps updates, each from new noise "
+                                 "and its own gradient) or 'repeat' (one gradient applied Gsteps times, as the "
+                                 "official ConSinGAN does).")
 
     # ------------------------------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -116,10 +119,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConsinganError(f"{name} must be zero or a positive integer, got {value!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ConsinganError(f"seed must be a non-negative integer, got {self.seed!r}")
         choices = {"gradient_penalty": ("pixel", "image"), "intensity_mapping": ("window", "minmax"),
-                   "upsampling": ("linear", "cubic")}
+                   "upsampling": ("linear", "cubic"), "generator_update": ("fresh", "repeat")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConsinganError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -129,9 +130,7 @@ class TrainConfig:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
                 or not 0 <= low < high <= 100:
             raise ConsinganError(f"window percentiles must satisfy 0 <= low < high <= 100, got {low!r} and {high!r}")
-        check_run_name(self.run_name)
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConsinganError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        check_common(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,26 +144,127 @@ class TrainConfig:
         return apply_overrides(cls(), values, source)
 
 
-def option_names() -> dict[str, dataclasses.Field]:
-    """Fields by name, for the CLI and config-file parsing."""
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+PAIRED_MODELS = ("unet", "cbam_unet", "spade_unet", "resnet", "local_enhancer", "unetpp")
+GAN_MODES = ("lsgan", "bce", "hinge", "wgan")
 
 
-def _canonical_key(key: str) -> str | None:
-    """Map 'num-scales', 'dsteps', 'Dsteps' ... to the field name, or None when unknown."""
+@dataclass
+class PairedConfig:
+    """Every option of ``consingan paired train`` with its default (from the pix2pix report in the seeds)."""
+
+    source_dir: str = _opt("", "Folder of inputs (masks, phase contrast); files matched to targets by name.",
+                           flag="--source")
+    target_dir: str = _opt("", "Folder of targets, matched to the inputs by file name.", flag="--target")
+    model: str = _opt("unet", "Generator: " + ", ".join(PAIRED_MODELS) + ".")
+    dimension: int = _opt(2, "Spatial dimensions: 2 or 3.", flag="--dim")
+    epochs: int = _opt(200, "Epochs (passes over every tile).")
+    decay_start: int = _opt(-1, "Epoch after which the learning rate falls linearly to 0 (-1: half of the epochs).")
+    batch_size: int = _opt(1, "Tiles per batch.")
+    lr: float = _opt(2e-4, "Learning rate of generator and discriminator.")
+    beta1: float = _opt(0.5, "First beta of the Adam optimisers.")
+    lambda_l1: float = _opt(100.0, "Weight of the L1 loss to the target.")
+    gan_mode: str = _opt("lsgan", "Adversarial loss: " + ", ".join(GAN_MODES) + ".")
+    discriminator: str = _opt("patch", "'patch' (PatchGAN) or 'multiscale' (pix2pixHD, with feature matching).")
+    lambda_feature_matching: float = _opt(10.0, "Weight of the feature-matching loss (multiscale discriminator).")
+    perceptual_weights: str = _opt("", "Local VGG-19 state dict for a perceptual loss (off when empty).")
+    lambda_perceptual: float = _opt(10.0, "Weight of the perceptual loss.")
+    tile: int = _opt(256, "Tile size (the report: 512 with stride 256).")
+    stride: int = _opt(-1, "Tile stride (-1: tile / 2).")
+    base_channels: int = _opt(64, "Channels of the first generator and discriminator layer.")
+    depth: int = _opt(0, "U-Net depth (0: as deep as the tile allows, at most 8).")
+    deep_supervision: bool = _opt(False, "U-Net++ only: an output head on every nested decoder, each trained with "
+                                  "the L1 loss (prediction uses the last).")
+    one_hot: bool = _opt(False, "Masks as one-hot class channels (background, interior, boundary ...).")
+    out_dir: str = _opt("out", "Root folder under which a new run folder is created.")
+    run_name: str = _opt("", "Name of the run folder under out_dir (default: paired_NNN).")
+    seed: int | None = _opt(None, "Random seed; drawn at random and recorded in config.json when not given.")
+    device: str = _opt("auto", "Device: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
+    num_workers: int = _opt(0, "DataLoader worker processes.")
+
+    def validate(self) -> "PairedConfig":
+        """Raise ``ConsinganError`` naming the first option whose value is not allowed; return self."""
+        if self.model not in PAIRED_MODELS:
+            raise ConsinganError(f"unknown model {self.model!r}; choose one of {', '.join(PAIRED_MODELS)}")
+        if self.dimension not in (2, 3):
+            raise ConsinganError(f"dimension must be 2 or 3, got {self.dimension}")
+        check_common(self)
+        for name in ("epochs", "batch_size", "tile", "base_channels"):
+            if getattr(self, name) <= 0:
+                raise ConsinganError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("depth", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConsinganError(f"{name} must be zero or positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConsinganError(f"lr must be positive, got {self.lr}")
+        for name in ("lambda_l1", "lambda_feature_matching", "lambda_perceptual"):
+            if getattr(self, name) < 0:
+                raise ConsinganError(f"{name} must be zero or positive, got {getattr(self, name)}")
+        if not 0 <= self.beta1 < 1:
+            raise ConsinganError(f"beta1 must be in [0, 1), got {self.beta1}")
+        if self.gan_mode not in GAN_MODES:
+            raise ConsinganError(f"unknown gan_mode {self.gan_mode!r}; choose one of {', '.join(GAN_MODES)}")
+        if self.discriminator not in ("patch", "multiscale"):
+            raise ConsinganError(f"discriminator must be 'patch' or 'multiscale', got {self.discriminator!r}")
+        if self.tile < 8:
+            raise ConsinganError(f"tile must be at least 8, got {self.tile}")
+        if not 0 < self.resolved_stride() <= self.tile:
+            raise ConsinganError(f"stride must be between 1 and the tile size {self.tile}")
+        if self.decay_start >= self.epochs:
+            raise ConsinganError(f"decay_start ({self.decay_start}) must be below epochs ({self.epochs})")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "PairedConfig":
+        return apply_overrides(cls(), values, source)
+
+    def resolved_stride(self) -> int:
+        return self.tile // 2 if self.stride < 0 else self.stride
+
+    def resolved_depth(self) -> int:
+        if self.depth > 0:
+            return self.depth
+        depth = 1
+        while depth < 8 and self.tile % 2 ** (depth + 1) == 0:
+            depth += 1
+        return depth
+
+    def size_multiple(self) -> int:
+        """Spatial sizes the generator accepts are multiples of this."""
+        if self.model == "resnet":
+            return 8
+        if self.model in ("local_enhancer", "unetpp"):
+            return 16
+        return 2 ** self.resolved_depth()
+
+
+MAX_SEED = 2**63 - 1  # torch and numpy seeds are 64-bit; one bit kept for signed C APIs
+
+
+def option_names(config_class: type = None) -> dict[str, dataclasses.Field]:
+    """Fields by name of a config dataclass (default ``TrainConfig``), for the CLI and config-file parsing."""
+    return {f.name: f for f in dataclasses.fields(config_class or TrainConfig)}
+
+
+def _canonical_key(config_class: type, key: str) -> str | None:
+    """Map 'num-scales', 'dsteps', 'Dsteps', 'dim' ... to the field name, or None when unknown."""
     normalised = key.strip().replace("-", "_").lower()
-    for name in option_names():
+    names = option_names(config_class)
+    for name in names:
         if name.lower() == normalised:
             return name
-    return "dimension" if normalised == "dim" else None
+    return "dimension" if normalised == "dim" and "dimension" in names else None
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    expected = type(getattr(TrainConfig(), name))
-    if name == "seed":
+def _coerce(config_class: type, name: str, value: Any, source: str) -> Any:
+    expected = type(getattr(config_class(), name))
+    optional = name == "seed"
+    if optional:
         expected = int
     if value is None:
-        if name == "seed":
+        if optional:
             return None
         raise ConsinganError(f"{source}: {name} has no value")
     if expected is bool:
@@ -184,17 +284,39 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
-def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
-    """Return a copy of ``config`` with ``values`` set; unknown keys and wrong types raise ``ConsinganError``."""
+def apply_overrides(config: Any, values: dict[str, Any], source: str) -> Any:
+    """Return a copy of the config dataclass ``config`` with ``values`` set; unknown keys and wrong types raise
+    ``ConsinganError``."""
+    config_class = type(config)
     updates: dict[str, Any] = {}
     for key, value in values.items():
-        name = _canonical_key(str(key))
+        name = _canonical_key(config_class, str(key))
         if name is None:
-            close = difflib.get_close_matches(str(key).replace("-", "_"), list(option_names()), n=1)
+            close = difflib.get_close_matches(str(key).replace("-", "_"), list(option_names(config_class)), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConsinganError(f"{source}: unknown option {key!r}{hint}")
-        updates[name] = _coerce(name, value, source)
+        updates[name] = _coerce(config_class, name, value, source)
     return dataclasses.replace(config, **updates)
+
+
+def check_common(config: Any) -> None:
+    """Checks every config class shares: finite numbers, a seed torch accepts, a device name, a run name."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConsinganError(f"{item.name} must be a finite number, got {value!r}")
+    seed = getattr(config, "seed", None)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ConsinganError(f"seed must be an integer from 0 to 2^63 - 1, got {seed!r}")
+    check_device_name(getattr(config, "device", "auto"))
+    check_run_name(getattr(config, "run_name", ""))
+
+
+def check_device_name(device: str) -> str:
+    """'auto', 'cpu', 'cuda' or 'cuda:N'; anything else (such as 'gpu') is refused by name."""
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return device
+    raise ConsinganError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -223,9 +345,9 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def resolve_config(config_file: Path | None, flags: dict[str, Any]) -> TrainConfig:
+def resolve_config(config_file: Path | None, flags: dict[str, Any], config_class: type = None) -> Any:
     """Defaults, then the config file, then the flags that were given (not None); validated."""
-    config = TrainConfig()
+    config = (config_class or TrainConfig)()
     if config_file is not None:
         config = apply_overrides(config, load_config_file(config_file), f"config file {config_file.name}")
     given = {key: value for key, value in flags.items() if value is not None}

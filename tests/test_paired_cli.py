@@ -37,7 +37,7 @@ def test_paired_train_and_predict(runner, tmp_path, dims, model, extra):
     source, target = make_pairs(tmp_path, dims)
     tile = "16" if dims == 2 else "8"
     args = ["paired", "train", "--source", str(source), "--target", str(target), "--model", model, "--dim", str(dims),
-            "--epochs", "2", "--out", str(tmp_path / "out"), "--tile", tile, "--base-channels", "4", "--seed", "0",
+            "--epochs", "2", "--out-dir", str(tmp_path / "out"), "--tile", tile, "--base-channels", "4", "--seed", "0",
             *extra]
     result = runner.invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -66,7 +66,7 @@ def test_paired_train_and_predict(runner, tmp_path, dims, model, extra):
 
 def test_paired_resume_continues_to_the_end(runner, tmp_path):
     source, target = make_pairs(tmp_path, 2)
-    args = ["paired", "train", "--source", str(source), "--target", str(target), "--epochs", "1", "--out",
+    args = ["paired", "train", "--source", str(source), "--target", str(target), "--epochs", "1", "--out-dir",
             str(tmp_path / "out"), "--tile", "16", "--base-channels", "4", "--seed", "0"]
     assert runner.invoke(app, args).exit_code == 0
     import json
@@ -83,11 +83,11 @@ def test_paired_resume_continues_to_the_end(runner, tmp_path):
 def test_unmatched_and_mismatched_pairs_are_named(runner, tmp_path):
     source, target = make_pairs(tmp_path, 2, count=3)
     (target / "cell2.png").unlink()
-    result = runner.invoke(app, ["paired", "train", "--source", str(source), "--target", str(target), "--out",
+    result = runner.invoke(app, ["paired", "train", "--source", str(source), "--target", str(target), "--out-dir",
                                  str(tmp_path / "out")], terminal_width=200)
     assert result.exit_code == 2 and "no target for cell2" in result.output
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 32), np.uint8) + 3), str(target / "cell2.png"))
-    result = runner.invoke(app, ["paired", "train", "--source", str(source), "--target", str(target), "--out",
+    result = runner.invoke(app, ["paired", "train", "--source", str(source), "--target", str(target), "--out-dir",
                                  str(tmp_path / "out")], terminal_width=200)
     assert result.exit_code == 2 and "cell2: source (32, 32) vs target (20, 32)" in result.output
     assert not (tmp_path / "out").exists()
@@ -98,5 +98,5 @@ def test_geometry_mismatch_is_named(runner, tmp_path):
     image = nib.load(str(target / "vol1.nii.gz"))
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj), np.diag([0.5, 0.5, 2.0, 1.0])), str(target / "vol1.nii.gz"))
     result = runner.invoke(app, ["paired", "train", "--source", str(source), "--target", str(target), "--dim", "3",
-                                 "--out", str(tmp_path / "out")], terminal_width=200)
+                                 "--out-dir", str(tmp_path / "out")], terminal_width=200)
     assert result.exit_code == 2 and "vol1: source and target geometry" in result.output

@@ -158,15 +158,21 @@ def test_samples_stuck_at_the_background_are_a_collapse_even_when_a_few_voxels_v
 
 def test_a_run_folder_from_before_the_new_options_reads_as_it_was_trained(tmp_path):
     from consingan.config import TrainConfig
-    from consingan.singan.run import open_run
+    from consingan.runs import RunFolder
 
     values = TrainConfig(image="x.nii.gz").to_dict()
     for key in ("gradient_penalty", "intensity_mapping", "window_low_percentile", "window_high_percentile",
                 "upsampling"):
         values.pop(key)
     (tmp_path / "config.json").write_text(json.dumps(values))
-    (tmp_path / "run.json").write_text(json.dumps({"intensity": {"minimum": [0.0], "maximum": [1.0]}}))
-    config = open_run(tmp_path).config
+    # run.json as the first versions wrote it (no family, source_suffix / source_dtype)
+    (tmp_path / "run.json").write_text(json.dumps({
+        "image": "x.nii.gz", "spatial_dims": 3, "channels": 1, "source_shape": [8, 8, 8], "source_suffix": ".nii.gz",
+        "source_dtype": "int16", "source_affine": np.eye(4).tolist(), "shapes": [[8, 8, 8]],
+        "intensity": {"minimum": [0.0], "maximum": [1.0]}, "nifti_header": None, "labels": None}))
+    run = RunFolder.open(tmp_path)
+    config = run.config
+    assert run.family == "singan" and run.info.output_suffix == ".nii.gz" and run.info.output_dtype == "int16"
     assert (config.gradient_penalty, config.intensity_mapping, config.upsampling) == ("image", "minmax", "linear")
     assert TrainConfig().gradient_penalty == "pixel" and TrainConfig().intensity_mapping == "window"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ class EvaluateConfig:
     memorisation_threshold: float = 0.5  # flag copying below this ratio of sample-to-real over real-to-real distance
     collapse_diversity: float = 0.05  # samples less diverse than this are a collapse (or a copy, see verdict)
     inception_weights: str = ""  # local Inception-v3 state dict (pytorch-fid's) for the standard 2D SIFID
-    device: str = "cpu"
+    device: str = "auto"
 
 
 def measurement_space(source: np.ndarray) -> IntensityRange:
@@ -71,6 +70,7 @@ def evaluate(run_dir: Path | str, options: EvaluateConfig | None = None) -> dict
         "shape": list(pyramid.shapes[-1]),
         "settings": asdict(options),
         **compute_measures(real, fake, reconstruction, options),
+        "_loss_logs": pyramid.run.loss_logs(),
     }
 
 
@@ -154,17 +154,13 @@ def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
                      histtype="step", linewidth=1.5, label=f"generated c{channel}")
     axes[1].set_title("intensities (normalised)")
     axes[1].legend(fontsize=7)
-    run = Path(result["run"]) if result["run"] else None
-    for scale_folder in sorted(run.glob("scale_*")) if run else []:
-        log = scale_folder / "losses.csv"
-        if log.is_file():
-            with open(log) as stream:
-                rows = list(csv.DictReader(stream))
-            axes[2].plot([float(r["reconstruction"]) for r in rows], label=scale_folder.name)
+    logs = result.pop("_loss_logs", {})
+    for label, rows in logs.items():
+        axes[2].plot([r["reconstruction"] for r in rows], label=label)
     axes[2].set_yscale("log")
     axes[2].set_xlabel("epoch")
     axes[2].set_title("reconstruction loss per scale")
-    if run:
+    if logs:
         axes[2].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out_dir / "report.png", dpi=80)

@@ -31,6 +31,33 @@ def extract_patches(x: torch.Tensor, size: int, stride: int = 1) -> torch.Tensor
     return x.reshape(count, -1)
 
 
+def gather_patches(x: torch.Tensor, size: int, count: int, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` patches of ``x`` [N, C, *spatial] at random positions (with replacement), without building the
+    others: rows [count, C * size**dims] in ``extract_patches``' order, and their corners [count, dims]."""
+    dims = _spatial(x)
+    size = min(size, *x.shape[2:])
+    samples = torch.randint(0, x.shape[0], (count,), generator=generator)
+    corners = torch.stack([torch.randint(0, s - size + 1, (count,), generator=generator) for s in x.shape[2:]], 1)
+    offsets = torch.stack(torch.meshgrid(*[torch.arange(size)] * dims, indexing="ij"), -1).reshape(-1, dims)
+    index = corners[:, None, :] + offsets[None]  # [count, window, dims]
+    channels_last = x.movedim(1, -1)
+    patches = channels_last[(samples[:, None], *index.unbind(-1))]  # [count, window, C]
+    return patches.transpose(1, 2).reshape(count, -1), corners
+
+
+def random_patches(x: torch.Tensor, size: int, wanted: int, generator: torch.Generator,
+                   max_bytes: int = 2**28) -> torch.Tensor:
+    """Up to ``wanted`` patches of ``x`` drawn at random: from all of them (a random subset, without replacement)
+    when they fit in ``max_bytes``, else gathered at random positions, so memory does not grow with the volume."""
+    window = x.shape[1] * min(size, *x.shape[2:]) ** _spatial(x)
+    total = len(x) * math.prod(max(1, s - size + 1) for s in x.shape[2:])
+    if total * window * 8 <= max_bytes:
+        patches = extract_patches(x, size)
+        return patches[torch.randperm(len(patches), generator=generator)[:wanted]]
+    return gather_patches(x, size, wanted, generator)[0]
+
+
 def laplacian_pyramid(x: torch.Tensor, levels: int, min_size: int = 8) -> list[torch.Tensor]:
     """Band-pass levels (finest first) and the coarsest low-pass, as in Karras et al. 2018; N-dimensional."""
     bands = []
@@ -68,9 +95,8 @@ def multiscale_swd(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, 
     for r, f in zip(real_levels, fake_levels):
         mean = r.mean(dim=[0, *range(2, r.dim())], keepdim=True)
         std = r.std(dim=[0, *range(2, r.dim())], keepdim=True).clamp_min(1e-6)
-        rp, fp = extract_patches((r - mean) / std, patch_size), extract_patches((f - mean) / std, patch_size)
-        rp = rp[torch.randperm(len(rp), generator=generator)[:max_patches]]
-        fp = fp[torch.randperm(len(fp), generator=generator)[:max_patches]]
+        rp = random_patches((r - mean) / std, patch_size, max_patches, generator)
+        fp = random_patches((f - mean) / std, patch_size, max_patches, generator)
         per_level.append(sliced_wasserstein(rp.double(), fp.double(), seed=seed))
     return {"per_level": per_level, "mean": float(np.mean(per_level))}
 
@@ -132,19 +158,29 @@ def histogram_distance(real: torch.Tensor, fake: torch.Tensor) -> list[float]:
 
 
 def sample_patches(fake: torch.Tensor, patch_size: int, wanted: int, generator: torch.Generator,
-                   max_bytes: int = 3 * 2**30) -> torch.Tensor:
+                   max_bytes: int = 2**28) -> torch.Tensor:
     """All patches of ``fake`` [N, C, ...] as double rows, or, when they would take more than ``max_bytes``
-    (large 3D samples), about ``wanted`` of them drawn evenly from every sample without building the rest."""
+    (large 3D samples), ``wanted`` of them gathered at random positions without building the rest."""
     window = fake.shape[1] * patch_size ** _spatial(fake)
     count = len(fake) * math.prod(max(1, s - patch_size + 1) for s in fake.shape[2:])
     if count * window * 8 <= max_bytes:
         return extract_patches(fake, patch_size).double()
-    per_sample = -(-wanted // len(fake))
-    parts = []
-    for index in range(len(fake)):
-        patches = extract_patches(fake[index:index + 1], patch_size)
-        parts.append(patches[torch.randperm(len(patches), generator=generator)[:per_sample]])
-    return torch.cat(parts).double()
+    return gather_patches(fake, patch_size, wanted, generator)[0].double()
+
+
+def _image_patches(real: torch.Tensor, patch_size: int, wanted: int, generator: torch.Generator,
+                   max_bytes: int = 2**28) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training image's patches with their corners: all of them when they fit in ``max_bytes``, else a random
+    ``wanted`` (a large 3D image has millions)."""
+    dims = _spatial(real)
+    window = real.shape[1] * patch_size**dims
+    count = math.prod(max(1, s - patch_size + 1) for s in real.shape[2:])
+    if count * window * 8 <= max_bytes:
+        positions = torch.stack(torch.meshgrid(*[torch.arange(max(1, s - patch_size + 1)) for s in real.shape[2:]],
+                                               indexing="ij"), -1).reshape(-1, dims)
+        return extract_patches(real, patch_size).double(), positions
+    patches, corners = gather_patches(real, patch_size, wanted, generator)
+    return patches.double(), corners
 
 
 def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, max_patches: int = 2048,
@@ -160,11 +196,8 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
     flagged when both ratios are below ``threshold``.
     """
     generator = torch.Generator().manual_seed(seed)
-    dims = _spatial(real)
-    real_patches = extract_patches(real, patch_size).double()
-    positions = torch.stack(torch.meshgrid(*[torch.arange(s - patch_size + 1) for s in real.shape[2:]],
-                                           indexing="ij"), -1).reshape(-1, dims)
     fake_patches = sample_patches(fake, patch_size, 16 * max_patches, generator)
+    real_patches, positions = _image_patches(real, patch_size, 32 * max_patches, generator)
     chosen = torch.randperm(len(real_patches), generator=generator)[:max_patches]
     # In chunks of training patches, so a large 3D image does not build gigabytes of distances and overlap masks.
     own = torch.full((len(chosen),), float("inf"), dtype=real_patches.dtype)
@@ -175,7 +208,8 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
         distances[overlap] = float("inf")
         own = torch.minimum(own, distances.min(1).values)
     fake_chosen = fake_patches[torch.randperm(len(fake_patches), generator=generator)[:max_patches]]
-    nearest = torch.cdist(fake_chosen, real_patches).min(1).values
+    nearest = torch.stack([torch.cdist(fake_chosen, part).min(1).values
+                           for part in real_patches.split(4 * max_patches)]).min(0).values
     # Coverage searches many sample patches (all of them up to ``16 * max_patches``), in chunks so memory stays small.
     pool = fake_patches[torch.randperm(len(fake_patches), generator=generator)[:16 * max_patches]]
     covered = torch.stack([torch.cdist(real_patches[chosen], part).min(1).values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from consingan.paired.tiling import tile_grid
 PAIR_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".png", ".npy", ".mha", ".nrrd")
 
 
-def _stem(path: Path) -> str:
+def file_stem(path: Path) -> str:
+    """The name without its format suffix only: 'cell.v1.png' -> 'cell.v1'."""
     suffix = file_suffix(path)
     return path.name[: len(path.name) - len(suffix)]
 
@@ -24,7 +26,7 @@ def _stem(path: Path) -> str:
 def _images(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise ConsinganError(f"folder not found: {folder}")
-    files = {_stem(p): p for p in sorted(folder.iterdir())
+    files = {file_stem(p): p for p in sorted(folder.iterdir())
              if p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES and file_suffix(p) in PAIR_SUFFIXES}
     if not files:
         raise ConsinganError(f"no images in {folder} (NIfTI, TIFF, PNG, NPY, MHA, NRRD)")
@@ -56,6 +58,8 @@ class PairedData:
     source_volumes: list[Volume]
     source_encoding: dict  # {"labels": LabelEncoding dict} or {"intensity": IntensityRange dict}
     target_intensity: IntensityRange
+    target_suffix: str = ".nii.gz"  # the targets' file type and data type: predictions are written in them
+    target_dtype: np.dtype = np.dtype(np.float32)
 
 
 def encode_source(array: np.ndarray, encoding: dict) -> np.ndarray:
@@ -85,10 +89,18 @@ def load_pairs(source_dir: Path, target_dir: Path, spatial_dims: int, one_hot: b
         if not (np.isfinite(source.array).all() and np.isfinite(target.array).all()):
             problems.append(f"{name}: NaN or infinite values")
             continue
+        if one_hot and source.channels > 1:
+            if not all(np.array_equal(source.array[0], channel) for channel in source.array[1:]):
+                problems.append(f"{name}: a --one-hot mask must have one channel, this one has {source.channels} "
+                                f"different ones")
+                continue
+            source = dataclasses.replace(source, array=source.array[:1])  # grey saved as RGB: one channel
         names.append(name)
         volumes.append(source)
         sources.append(source.array)
         targets.append(target.array)
+        if len(targets) == 1:
+            target_type = (target.suffix, target.source_dtype)
     if problems:
         raise ConsinganError("mismatched pairs: " + "; ".join(problems))
     for kind, arrays in (("source", sources), ("target", targets)):
@@ -103,6 +115,7 @@ def load_pairs(source_dir: Path, target_dir: Path, spatial_dims: int, one_hot: b
     return PairedData(
         names, [torch.from_numpy(encode_source(a, encoding)) for a in sources],
         [torch.from_numpy(target_intensity.normalise(a)) for a in targets], volumes, encoding, target_intensity,
+        *target_type,
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import secrets
 import time
@@ -15,121 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from consingan.checkpoint import load_state, make_run_dir, save_json, save_state
+from consingan.config import PairedConfig
 from consingan.errors import ConsinganError
-from consingan.io import IntensityRange, Volume, file_suffix, output_suffix, read_volume, write_volume
 from consingan.losses import adversarial_loss, feature_matching_loss
-from consingan.paired.data import PairedData, TileDataset, encode_source, load_pairs
-from consingan.paired.discriminators import MultiScaleDiscriminator, PatchDiscriminator
+from consingan.paired.build import MODEL_NAMES, build_discriminator, build_generator
+from consingan.paired.data import PairedData, TileDataset, load_pairs
 from consingan.paired.perceptual import VGGPerceptualLoss
-from consingan.paired.resnet import LocalEnhancer, ResNetGenerator
-from consingan.paired.tiling import predict_tiled
-from consingan.paired.unet import UNetGenerator
-from consingan.paired.unetpp import UNetPlusPlusGenerator
-from consingan.singan.trainer import resolve_device
-
-MODELS = ("unet", "cbam_unet", "spade_unet", "resnet", "local_enhancer", "unetpp")
-
-
-@dataclass
-class PairedConfig:
-    """Every option of ``consingan paired train`` (defaults from the pix2pix report in the seeds)."""
-
-    source_dir: str = ""
-    target_dir: str = ""
-    model: str = "unet"
-    dimension: int = 2
-    epochs: int = 200
-    decay_start: int = -1  # epoch after which the learning rate falls linearly to 0 (-1: half of epochs)
-    batch_size: int = 1
-    lr: float = 2e-4
-    beta1: float = 0.5
-    lambda_l1: float = 100.0
-    gan_mode: str = "lsgan"
-    discriminator: str = "patch"  # or "multiscale" (pix2pixHD, with feature matching)
-    lambda_feature_matching: float = 10.0
-    perceptual_weights: str = ""  # local VGG-19 state dict; empty: no perceptual loss (the default)
-    lambda_perceptual: float = 10.0
-    tile: int = 256  # the report uses 512 with stride 256
-    stride: int = -1  # -1: tile // 2
-    base_channels: int = 64
-    depth: int = 0  # U-Net depth (0: as deep as the tile allows, at most 8)
-    one_hot: bool = False  # masks as one-hot class channels (background / interior / boundary ...)
-    out_dir: str = "out"
-    run_name: str = ""
-    seed: int | None = None
-    device: str = "auto"
-    num_workers: int = 0
-
-    def validate(self) -> "PairedConfig":
-        if self.model not in MODELS:
-            raise ConsinganError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.dimension not in (2, 3):
-            raise ConsinganError(f"dimension must be 2 or 3, got {self.dimension}")
-        for name in ("epochs", "batch_size", "tile", "base_channels"):
-            if getattr(self, name) <= 0:
-                raise ConsinganError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or self.lambda_l1 < 0:
-            raise ConsinganError("lr must be positive and lambda_l1 zero or positive")
-        if self.gan_mode not in ("lsgan", "bce", "hinge", "wgan"):
-            raise ConsinganError(f"unknown gan_mode {self.gan_mode!r}; choose lsgan, bce, hinge or wgan")
-        if self.discriminator not in ("patch", "multiscale"):
-            raise ConsinganError(f"discriminator must be 'patch' or 'multiscale', got {self.discriminator!r}")
-        if self.tile < 8:
-            raise ConsinganError(f"tile must be at least 8, got {self.tile}")
-        if not 0 < self.resolved_stride() <= self.tile:
-            raise ConsinganError(f"stride must be between 1 and the tile size {self.tile}")
-        return self
-
-    def resolved_stride(self) -> int:
-        return self.tile // 2 if self.stride < 0 else self.stride
-
-    def resolved_depth(self) -> int:
-        if self.depth > 0:
-            return self.depth
-        depth = 1
-        while depth < 8 and self.tile % 2 ** (depth + 1) == 0:
-            depth += 1
-        return depth
-
-    def size_multiple(self) -> int:
-        """Spatial sizes the generator accepts are multiples of this."""
-        if self.model == "resnet":
-            return 8
-        if self.model == "local_enhancer":
-            return 16
-        if self.model == "unetpp":
-            return 16
-        return 2 ** self.resolved_depth()
-
-
-def build_generator(config: PairedConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
-    dims, base = config.dimension, config.base_channels
-    if config.model in ("unet", "cbam_unet", "spade_unet"):
-        return UNetGenerator(dims, in_channels, out_channels, depth=config.resolved_depth(), base_channels=base,
-                             skip_attention=config.model == "cbam_unet",
-                             spade_channels=in_channels if config.model == "spade_unet" else 0)
-    if config.model == "resnet":
-        return ResNetGenerator(dims, in_channels, out_channels, base_channels=base)
-    if config.model == "local_enhancer":
-        return LocalEnhancer(dims, in_channels, out_channels, base_channels=base)
-    return UNetPlusPlusGenerator(dims, in_channels, out_channels, base_channels=base)
-
-
-def build_discriminator(config: PairedConfig, channels: int) -> torch.nn.Module:
-    """PatchGAN (3 strided layers) or 3-scale discriminator, made shallower for small tiles so that every
-    normalised feature map keeps more than one voxel."""
-    scales = 1
-    if config.discriminator == "multiscale":
-        while scales < 3 and config.tile // 2**scales >= 16:
-            scales += 1
-    smallest = config.tile // 2 ** (scales - 1)
-    layers = max(1, min(3, int(math.log2(smallest / 4))))
-    if config.discriminator == "multiscale":
-        return MultiScaleDiscriminator(config.dimension, channels, num_scales=scales,
-                                       base_channels=config.base_channels, num_layers=layers)
-    return PatchDiscriminator(config.dimension, channels, base_channels=config.base_channels, num_layers=layers)
-
+from consingan.runs import InputInfo, RunFolder, RunInfo, TrainingState, load_weights, resolve_device
 
 def _scales(output: Any) -> list[list[torch.Tensor]]:
     """Discriminator output as a list of scales, each a list of features with the logits last."""
@@ -145,13 +36,14 @@ class PairedResult:
 
 class PairedTrainer:
     """pix2pix training: critic on (source, image) pairs, generator with GAN + lambda_l1 x L1 (+ feature matching with
-    the multi-scale discriminator); Adam, constant then linearly decaying learning rate; a checkpoint every epoch."""
+    the multi-scale discriminator); Adam, constant then linearly decaying learning rate; a resumable training state
+    and the loss log written every epoch."""
 
-    def __init__(self, config: PairedConfig, data: PairedData, run_dir: Path,
-                 progress: Callable[[int, dict], None] | None = None) -> None:
-        self.config, self.data, self.run_dir = config, data, run_dir
+    def __init__(self, config: PairedConfig, data: PairedData, run: RunFolder,
+                 progress: Callable[[int, dict], None] | None = None, device: torch.device | None = None) -> None:
+        self.config, self.data, self.run = config, data, run
         self.progress = progress or (lambda epoch, losses: None)
-        self.device = resolve_device(config.device)
+        self.device = device or resolve_device(config.device)
         in_channels, out_channels = data.sources[0].shape[0], data.targets[0].shape[0]
         self.generator = build_generator(config, in_channels, out_channels).to(self.device)
         self.discriminator = build_discriminator(config, in_channels + out_channels).to(self.device)
@@ -165,32 +57,36 @@ class PairedTrainer:
             return 1.0 - max(0, epoch - decay_start) / span
 
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (self.optimizer_g, self.optimizer_d)]
-        self.start_epoch = 0
+        self.start_epoch, self.seconds = 0, 0.0
         self.history: list[dict] = []
         self.perceptual = None
         if config.perceptual_weights:
-            if config.dimension != 2:
-                raise ConsinganError("the perceptual loss is 2D only")
-            self.perceptual = VGGPerceptualLoss.from_file(config.perceptual_weights).to(self.device)
+            self.perceptual = load_perceptual(config).to(self.device)
 
-    def state(self, epoch: int) -> dict:
-        return {
-            "epoch": epoch, "generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
-            "optimizer_g": self.optimizer_g.state_dict(), "optimizer_d": self.optimizer_d.state_dict(),
-            "scheduler_g": self.schedulers[0].state_dict(), "scheduler_d": self.schedulers[1].state_dict(),
-            "rng_torch": torch.get_rng_state(), "history": json.dumps(self.history),
-        }
+    def _parts(self) -> tuple:
+        return (self.generator, self.discriminator), (self.optimizer_g, self.optimizer_d), self.schedulers
 
-    def restore(self, state: dict) -> None:
-        self.generator.load_state_dict(state["generator"])
-        self.discriminator.load_state_dict(state["discriminator"])
-        self.optimizer_g.load_state_dict(state["optimizer_g"])
-        self.optimizer_d.load_state_dict(state["optimizer_d"])
-        self.schedulers[0].load_state_dict(state["scheduler_g"])
-        self.schedulers[1].load_state_dict(state["scheduler_d"])
-        torch.set_rng_state(state["rng_torch"].cpu())
-        self.start_epoch = int(state["epoch"])
-        self.history = json.loads(state["history"])
+    def state(self, epoch: int) -> TrainingState:
+        models, optimizers, schedulers = self._parts()
+        return TrainingState(
+            epoch=epoch, seconds=self.seconds,
+            models={n: m.state_dict() for n, m in zip(MODEL_NAMES, models)},
+            optimizers={n: o.state_dict() for n, o in zip(MODEL_NAMES, optimizers)},
+            schedulers={n: s.state_dict() for n, s in zip(MODEL_NAMES, schedulers)},
+            history=self.history, rng_torch=torch.get_rng_state(),
+        )
+
+    def restore(self, state: TrainingState, where: Path) -> None:
+        models, optimizers, schedulers = self._parts()
+        for name, model, optimizer, scheduler in zip(MODEL_NAMES, models, optimizers, schedulers):
+            load_weights(model, state.models[name], where)
+            try:
+                optimizer.load_state_dict(state.optimizers[name])
+                scheduler.load_state_dict(state.schedulers[name])
+            except (KeyError, ValueError, RuntimeError) as error:
+                raise ConsinganError(f"{where} does not fit this run's optimizers: {error}") from None
+        torch.set_rng_state(state.rng_torch.cpu())
+        self.start_epoch, self.seconds, self.history = state.epoch, state.seconds, list(state.history)
 
     def step(self, source: torch.Tensor, target: torch.Tensor) -> dict:
         config, generator, discriminator = self.config, self.generator, self.discriminator
@@ -239,20 +135,26 @@ class PairedTrainer:
             for scheduler in self.schedulers:
                 scheduler.step()
             losses = {k: float(np.mean([t[k] for t in totals])) for k in totals[0]}
-            losses.update(epoch=epoch, seconds=time.perf_counter() - started)
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise ConsinganError(f"training diverged at epoch {epoch} (losses {losses}); try a lower --lr; "
+                                     f"the last finite state is kept in {self.run.path}")
+            seconds = time.perf_counter() - started
+            self.seconds += seconds
             self.history.append(losses)
-            save_state(self.run_dir / "checkpoint.pt", self.state(epoch))
-            self.progress(epoch, losses)
-        save_state(self.run_dir / "generator.pt", self.generator.state_dict())
+            self.run.save_training_state(self.run.path, self.state(epoch))
+            self.run.write_losses(self.run.path, self.history)
+            self.progress(epoch, {**losses, "epoch": epoch, "seconds": seconds})
+        self.run.save_weights(self.run.path, RunFolder.WEIGHTS, self.generator.state_dict())
         return self.history
 
 
-def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | None = None) -> PairedResult:
-    """Check the data, make a run folder, train; everything is checked before anything is written."""
-    config = config.validate()
-    if config.seed is None:
-        config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
-    data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot)
+def load_perceptual(config: PairedConfig) -> VGGPerceptualLoss:
+    if config.dimension != 2:
+        raise ConsinganError("the perceptual loss is 2D only")
+    return VGGPerceptualLoss.from_file(config.perceptual_weights)
+
+
+def check_model_fits(config: PairedConfig, data: PairedData) -> None:
     multiple = config.size_multiple()
     if config.tile % multiple:
         raise ConsinganError(f"--tile {config.tile} must be a multiple of {multiple} for model {config.model}")
@@ -263,74 +165,52 @@ def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | N
     smallest = min(min(s.shape[1:]) for s in data.sources)
     if smallest < multiple:
         raise ConsinganError(f"the smallest image side ({smallest}) is below the model's minimum {multiple}")
-    run_dir = make_run_dir(Path(config.out_dir), config.run_name, "paired")
-    save_json(run_dir / "config.json", dataclasses.asdict(config))
-    save_json(run_dir / "data.json", {
-        "names": data.names, "source_encoding": data.source_encoding, "target_intensity": data.target_intensity.to_dict(),
-        "source_channels": int(data.sources[0].shape[0]), "target_channels": int(data.targets[0].shape[0]),
-        "source_file_channels": data.source_volumes[0].channels,
-    })
-    torch.manual_seed(config.seed)
-    trainer = PairedTrainer(config, data, run_dir, progress)
-    return PairedResult(run_dir, config, trainer.train())
 
 
-def _open_paired_run(run_dir: Path) -> tuple[PairedConfig, dict]:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or not (run_dir / "data.json").is_file():
-        raise ConsinganError(f"{run_dir} is not a paired run folder (no config.json / data.json)")
-    config = PairedConfig(**json.loads((run_dir / "config.json").read_text()))
-    return config, json.loads((run_dir / "data.json").read_text())
+def paired_run_info(config: PairedConfig, data: PairedData) -> RunInfo:
+    return RunInfo(
+        family="paired", spatial_dims=config.dimension, channels=int(data.targets[0].shape[0]),
+        output_suffix=data.target_suffix, output_dtype=str(data.target_dtype), intensity=data.target_intensity,
+        image=str(Path(config.target_dir).resolve()),
+        inputs=InputInfo(encoding=data.source_encoding, channels=int(data.sources[0].shape[0]),
+                         file_channels=data.source_volumes[0].channels, names=list(data.names)),
+    )
 
 
-def resume_paired(run_dir: Path, progress: Callable[[int, dict], None] | None = None) -> PairedResult:
-    """Continue a paired run from its last epoch checkpoint; options come from the run."""
-    config, _ = _open_paired_run(run_dir)
+def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | None = None) -> PairedResult:
+    """Check options, device, weights and data, then make a run folder and train: nothing is written before every
+    check has passed."""
+    config = config.validate()
+    if not config.source_dir or not config.target_dir:
+        raise ConsinganError("--source and --target are required")
+    if config.seed is None:
+        config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
+    config = dataclasses.replace(config, source_dir=str(Path(config.source_dir).resolve()),
+                                 target_dir=str(Path(config.target_dir).resolve()))
+    device = resolve_device(config.device)
+    if config.perceptual_weights:
+        load_perceptual(config)
     data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot)
-    trainer = PairedTrainer(config, data, Path(run_dir), progress)
-    if (Path(run_dir) / "checkpoint.pt").is_file():
-        trainer.restore(load_state(Path(run_dir) / "checkpoint.pt"))
-    return PairedResult(Path(run_dir), config, trainer.train())
+    check_model_fits(config, data)
+    run = RunFolder.create(config, "paired")
+    run.write_info(paired_run_info(config, data))
+    torch.manual_seed(config.seed)
+    trainer = PairedTrainer(config, data, run, progress, device)
+    return PairedResult(run.path, config, trainer.train())
 
 
-def predict_paired(run_dir: Path, source_dir: Path, out_dir: Path, device: str = "cpu") -> list[Path]:
-    """Translate every image in ``source_dir`` (any size) through overlapping tiles; outputs keep the source's file
-    type and geometry, intensities in the training targets' range."""
-    config, info = _open_paired_run(run_dir)
-    weights = Path(run_dir) / ("generator.pt" if (Path(run_dir) / "generator.pt").is_file() else "checkpoint.pt")
-    state = load_state(weights)
-    state = state.get("generator", state)
-    torch_device = resolve_device(device)
-    generator = build_generator(config, info["source_channels"], info["target_channels"]).to(torch_device)
-    generator.load_state_dict(state)
-    generator.eval()
-    target_intensity = IntensityRange.from_dict(info["target_intensity"])
-    sources = sorted(p for p in Path(source_dir).iterdir() if p.is_file()) if Path(source_dir).is_dir() else []
-    if not sources:
-        raise ConsinganError(f"no images in {source_dir}")
-    names = [Path(out_dir) / (p.name.split(".")[0] + output_suffix(file_suffix(p))) for p in sources]
-    taken = [n.name for n in names if n.exists()]
-    if taken:
-        raise ConsinganError(f"{out_dir} already holds {taken[0]}; choose another --out")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-
-    def run(tile: torch.Tensor) -> torch.Tensor:
-        output = generator(tile.to(torch_device))
-        return (output[-1] if isinstance(output, list) else output).cpu()
-
-    written = []
-    stride = config.resolved_stride()
-    for path, name in zip(sources, names):
-        volume = read_volume(path, config.dimension, check_values=False)
-        if volume.channels != info["source_file_channels"]:
-            raise ConsinganError(f"{path.name} has {volume.channels} channels, the model takes "
-                                 f"{info['source_file_channels']}")
-        encoded = torch.from_numpy(encode_source(volume.array, info["source_encoding"]))[None]
-        with torch.no_grad():
-            result = predict_tiled(run, encoded, [config.tile] * config.dimension, [stride] * config.dimension,
-                                   multiple=config.size_multiple())
-        array = target_intensity.denormalise(result[0].numpy())
-        written.append(write_volume(name, Volume(array, volume.affine, volume.suffix, np.dtype(np.float32),
-                                                 volume.header)))
-    return written
-
+def resume_paired(run_dir: Path, progress: Callable[[int, dict], None] | None = None,
+                  device: str | None = None) -> PairedResult:
+    """Continue a paired run from its last epoch's training state; every option comes from the run (the device
+    may change)."""
+    run = RunFolder.open(run_dir, "paired")
+    config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
+    run.config = config
+    data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot)
+    trainer = PairedTrainer(config, data, run, progress)
+    state_path = run.latest_training_state()
+    if state_path is not None:
+        trainer.restore(run.load_training_state(state_path, MODEL_NAMES, trainer.device), state_path)
+    else:
+        torch.manual_seed(config.seed)
+    return PairedResult(run.path, config, trainer.train())

@@ -13,6 +13,14 @@ from torch import nn
 from consingan.nn import CBAM, ConvBlock, factory
 
 
+def architecture(config) -> dict:
+    """The keyword arguments that the generator and the critic share, from a ``TrainConfig``."""
+    return dict(
+        num_feature_channels=config.num_feature_channels, num_layers=config.num_layers,
+        kernel_size=config.kernel_size, padding=config.padding, negative_slope=config.lrelu_alpha, cbam=config.cbam,
+    )
+
+
 def init_weights(module: nn.Module) -> None:
     """DCGAN-style initialisation used by SinGAN and ConSinGAN: conv N(0, 0.02), norm scale N(1, 0.02), shift 0."""
     if isinstance(module, (nn.Conv2d, nn.Conv3d)):

@@ -9,15 +9,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from consingan.checkpoint import load_state
 from consingan.errors import ConsinganError
-from consingan.io import IntensityRange, LabelEncoding, Volume, decode_header, output_suffix, resized_affine, write_outputs
+from consingan.io import Volume, decode_header, output_suffix, resized_affine, write_outputs
 from consingan.io.preview import contact_sheet, label_image, write_png
 from consingan.nn import factory
-from consingan.singan.models import GrowingGenerator
+from consingan.runs import RunFolder, first_reason
+from consingan.singan.models import GrowingGenerator, architecture
 from consingan.singan.pyramid import Shape, resize
-from consingan.singan.run import RunFolder, open_run
-from consingan.singan.trainer import architecture, resolve_device
 
 
 CONTACT_SHEET_SAMPLES = 32  # the contact sheet shows the first samples of a draw, large enough to judge texture
@@ -39,16 +37,16 @@ class TrainedPyramid:
         self.generator = generator.eval()
         self.device = device
         self.num_stages = generator.num_stages
-        self.shapes: list[Shape] = [tuple(s) for s in run.info["shapes"][: self.num_stages]]
-        self.intensity = IntensityRange.from_dict(run.info["intensity"])
-        self.spatial_dims = int(run.info["spatial_dims"])
-        self.channels = int(run.info["channels"])
-        self.labels = LabelEncoding.from_dict(run.info.get("labels"))
+        self.shapes: list[Shape] = [tuple(s) for s in run.info.shapes[: self.num_stages]]
+        self.intensity = run.info.intensity
+        self.spatial_dims = run.info.spatial_dims
+        self.channels = run.info.channels
+        self.labels = run.info.labels
         self.image_channels = self.labels.image_channels if self.labels else self.channels
 
     @classmethod
     def load(cls, run_dir: Path | str, device: str = "cpu", scale: int | None = None) -> "TrainedPyramid":
-        run = open_run(run_dir)
+        run = RunFolder.open(run_dir, "singan")
         completed = run.completed_scales()
         if not completed:
             raise ConsinganError(f"{run.path} has no completed scale yet; train (or --resume) first")
@@ -56,11 +54,17 @@ class TrainedPyramid:
         if scale not in completed:
             raise ConsinganError(f"scale {scale} of {run.path} is not trained; completed: {completed}")
         config = run.config
-        torch_device = resolve_device(device)
-        generator = GrowingGenerator(config.dimension, int(run.info["channels"]), upsampling=config.upsampling,
-                                     **architecture(config))
-        generator = generator.to(torch_device)
-        generator.load_grown_state(load_state(run.scale_dir(scale) / "generator.pt", map_location=torch_device))
+        torch_device = run.device(device)
+        generator = GrowingGenerator(config.dimension, run.info.channels, upsampling=config.upsampling,
+                                     **architecture(config)).to(torch_device)
+        weights = run.scale_dir(scale) / "generator.pt"
+        try:
+            generator.load_grown_state(run.load_weights(weights, torch_device))
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise ConsinganError(f"{weights} does not fit the model of {run.path / run.CONFIG}: "
+                                 f"{first_reason(error)}") from None
+        if len(generator.noise_amps) != scale + 1:
+            raise ConsinganError(f"{weights} holds {len(generator.noise_amps)} stages, scale {scale} needs {scale + 1}")
         generator.requires_grad_(False)
         return cls(run, generator, torch_device)
 
@@ -163,19 +167,18 @@ class TrainedPyramid:
         the image keeps its own grid: the stage's voxel size, the source's origin and orientation.
         """
         info = self.run.info
-        source_affine = np.asarray(info["source_affine"], dtype=np.float64)
-        source_shape = tuple(info["source_shape"])
-        finest = tuple(info["shapes"][-1])
+        source_affine = np.asarray(info.source_affine, dtype=np.float64)
+        source_shape = tuple(info.source_shape)
+        finest = tuple(info.shapes[-1])
         voxel_shape = self.shapes[-1]
         affine = resized_affine(source_affine, source_shape, voxel_shape)
         on_source = source_grid and tuple(images.shape[2:]) == finest and finest != source_shape
         if on_source:
             images = resize(images, source_shape)
             affine = source_affine
-        header = decode_header(info.get("nifti_header"))
-        dtype = np.dtype(info["source_dtype"])
-        labels = LabelEncoding.from_dict(info.get("labels"))
-        return [Volume(array, affine, info["source_suffix"], dtype, header, labels)
+        header = decode_header(info.nifti_header)
+        dtype = np.dtype(info.output_dtype)
+        return [Volume(array, affine, info.output_suffix, dtype, header, info.labels)
                 for array in self.to_source_units(images)]
 
 
@@ -190,7 +193,7 @@ class AugmentationDataset(torch.utils.data.Dataset):
 
     def __init__(self, run_dir: Path | str, length: int, seed: int | None = None, start_scale: int = 0,
                  scale_factors: Sequence[float] | None = None, device: str = "cpu") -> None:
-        open_run(run_dir)  # fail now, not in a worker
+        RunFolder.open(run_dir, "singan")  # fail now, not in a worker
         self.run_dir, self.length, self.seed = Path(run_dir), length, seed
         self.options = dict(start_scale=start_scale, scale_factors=scale_factors)
         self.device = device
@@ -238,9 +241,9 @@ def write_samples(
     pyramid.check_options(num, batch_size, options.get("scale_factors"), options.get("shape"),
                           options.get("start_scale", 0))
     out_dir = Path(out_dir)
-    suffix = output_suffix(pyramid.run.info["source_suffix"])
+    suffix = output_suffix(pyramid.run.info.output_suffix)
     names = [out_dir / f"sample_{i:04d}{suffix}" for i in range(num)] + [out_dir / "contact_sheet.png"]
-    label_names = [out_dir / f"sample_{i:04d}_label{suffix}" for i in range(num)] if pyramid.run.info.get("labels") else []
+    label_names = [out_dir / f"sample_{i:04d}_label{suffix}" for i in range(num)] if pyramid.labels else []
     taken = [p.name for p in names + label_names if p.exists()]
     if taken:
         raise ConsinganError(f"{out_dir} already holds {taken[0]}{' and more' if len(taken) > 1 else ''}; "

@@ -14,8 +14,6 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from consingan import __version__
-from consingan.checkpoint import load_state, make_run_dir, save_json, save_state, save_text
 from consingan.config import TrainConfig
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding, Volume, encode_header, read_volume, write_outputs
@@ -28,7 +26,8 @@ from consingan.losses import (
 )
 from consingan.singan.health import ScaleHealth, check_scale
 from consingan.singan.memory import check_memory
-from consingan.singan.models import Critic, GrowingGenerator
+from consingan.runs import RunFolder, RunInfo, TrainingState, first_reason, load_weights, resolve_device
+from consingan.singan.models import Critic, GrowingGenerator, architecture
 from consingan.singan.pyramid import Shape, build_pyramid, pyramid_shapes
 
 LOSS_NAMES = ("critic", "gradient_penalty", "adversarial", "reconstruction")
@@ -84,22 +83,6 @@ class SilentReporter:
         pass
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConsinganError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return torch.device(name)
-
-
-def architecture(config: TrainConfig) -> dict:
-    """The keyword arguments that the generator and the critic share, from a configuration."""
-    return dict(
-        num_feature_channels=config.num_feature_channels, num_layers=config.num_layers,
-        kernel_size=config.kernel_size, padding=config.padding, negative_slope=config.lrelu_alpha, cbam=config.cbam,
-    )
-
-
 def intensity_map(volume: Volume, config: TrainConfig) -> IntensityRange:
     """The per-channel map of ``volume`` onto [-1, 1] that ``config`` asks for (stored in run.json)."""
     percentiles = (config.window_low_percentile, config.window_high_percentile)
@@ -112,7 +95,7 @@ def volume_pyramid_shapes(volume: Volume, config: TrainConfig) -> list[Shape]:
 
 
 def scale_dir(run_dir: Path, stage: int) -> Path:
-    return run_dir / f"scale_{stage:02d}"
+    return RunFolder(run_dir, "singan", None).scale_dir(stage)
 
 
 class SinGANTrainer:
@@ -128,12 +111,13 @@ class SinGANTrainer:
         self,
         config: TrainConfig,
         volume: Volume,
-        run_dir: Path,
+        run: RunFolder | Path,
         reporter: Reporter | None = None,
     ) -> None:
         self.config = config
         self.volume = volume
-        self.run_dir = run_dir
+        self.run = run if isinstance(run, RunFolder) else RunFolder(Path(run), "singan", config)
+        self.run_dir = self.run.path
         self.reporter = reporter or SilentReporter()
         self.device = resolve_device(config.device)
         self.intensity = intensity_map(volume, config)
@@ -202,7 +186,10 @@ class SinGANTrainer:
         critic.requires_grad_(False)  # no critic gradients are needed for generator updates
         rec_inputs = generator.reconstruction_inputs()
         use_rec = config.alpha_rec_loss > 0
-        for _ in range(config.Gsteps):
+        # 'repeat' (the reference's scheme): one backward, its gradient applied Gsteps times by Adam.
+        backward_passes = config.Gsteps if config.generator_update == "fresh" else 1
+        optimizer_steps = 1 if config.generator_update == "fresh" else config.Gsteps
+        for _ in range(backward_passes):
             optimizer_g.zero_grad(set_to_none=True)
             noise = generator.sample_noise(shapes)
             if use_rec:
@@ -214,14 +201,15 @@ class SinGANTrainer:
                 fake, rec = generator(noise), torch.zeros((), device=real.device)
             adversarial = wasserstein_generator_loss(critic(fake))
             (adversarial + config.alpha_rec_loss * rec).backward()
-            optimizer_g.step()
+            for _ in range(optimizer_steps):
+                optimizer_g.step()
         critic.requires_grad_(True)
         return {
             "critic": critic_loss.item(), "gradient_penalty": penalty.item(),
             "adversarial": adversarial.item(), "reconstruction": rec.item(),
         }
 
-    def train_scale(self, stage: int, resume_state: dict | None = None) -> ScaleSummary:
+    def train_scale(self, stage: int, resume_state: TrainingState | None = None) -> ScaleSummary:
         """Train scale ``stage`` from its start, or from ``resume_state`` (a training state saved inside it)."""
         config = self.config
         if resume_state is None:
@@ -230,15 +218,16 @@ class SinGANTrainer:
         history: list[dict[str, float]] = []
         start_epoch, seconds_before = 0, 0.0
         if resume_state is not None:
-            optimizer_g.load_state_dict(resume_state["optimizer_g"])
-            optimizer_d.load_state_dict(resume_state["optimizer_d"])
-            for scheduler, key in zip(schedulers, ("scheduler_g", "scheduler_d")):
-                scheduler.load_state_dict(resume_state[key])
-            start_epoch, seconds_before = int(resume_state["epoch"]), float(resume_state["seconds"])
-            history = [dict(zip(LOSS_NAMES, row)) for row in resume_state["history"].tolist()]
-            torch.set_rng_state(resume_state["rng_torch"].cpu())
-            if "rng_cuda" in resume_state and self.device.type == "cuda":
-                torch.cuda.set_rng_state(resume_state["rng_cuda"].cpu(), self.device)
+            where = self.run.scale_dir(stage) / RunFolder.STATE
+            for name, optimizer, scheduler in zip(("generator", "critic"), (optimizer_g, optimizer_d), schedulers):
+                try:
+                    optimizer.load_state_dict(resume_state.optimizers[name])
+                    scheduler.load_state_dict(resume_state.schedulers[name])
+                except (KeyError, ValueError, RuntimeError) as error:
+                    raise ConsinganError(f"{where} does not fit this run's optimizers: {error}") from None
+            start_epoch, seconds_before = resume_state.epoch, resume_state.seconds
+            history = resume_state.history
+            restore_rng(resume_state, self.device)
         self.reporter.start_scale(stage, self.shapes[stage], config.epochs)
         started = time.perf_counter() - seconds_before
         optimizers = (optimizer_g, optimizer_d, schedulers)
@@ -279,17 +268,15 @@ class SinGANTrainer:
     ) -> None:
         """Everything needed to continue bit-for-bit: weights, optimizer and scheduler states, losses, RNG state."""
         optimizer_g, optimizer_d, (scheduler_g, scheduler_d) = optimizers
-        state = {
-            "stage": stage, "epoch": epoch, "seconds": seconds,
-            "generator": self.generator.state_dict(), "critic": self.critic.state_dict(),
-            "optimizer_g": optimizer_g.state_dict(), "optimizer_d": optimizer_d.state_dict(),
-            "scheduler_g": scheduler_g.state_dict(), "scheduler_d": scheduler_d.state_dict(),
-            "history": torch.tensor([[row[name] for name in LOSS_NAMES] for row in history], dtype=torch.float64),
-            "rng_torch": torch.get_rng_state(),
-        }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        save_state(scale_dir(self.run_dir, stage) / "training_state.pt", state)
+        state = TrainingState(
+            stage=stage, epoch=epoch, seconds=seconds,
+            models={"generator": self.generator.state_dict(), "critic": self.critic.state_dict()},
+            optimizers={"generator": optimizer_g.state_dict(), "critic": optimizer_d.state_dict()},
+            schedulers={"generator": scheduler_g.state_dict(), "critic": scheduler_d.state_dict()},
+            history=list(history), rng_torch=torch.get_rng_state(),
+            rng_cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        )
+        self.run.save_training_state(self.run.scale_dir(stage), state)
 
     @torch.no_grad()
     def check_health(self, stage: int, history: Sequence[dict[str, float]], num_samples: int = 4) -> ScaleHealth:
@@ -332,13 +319,14 @@ class SinGANTrainer:
         training's random state is the same as without it.
         """
         with self.evaluating() as generator:
-            sample = generator(generator.sample_noise(self.shapes[: stage + 1]))[0].cpu().numpy()
-            reconstruction = generator(generator.reconstruction_inputs())[0].cpu().numpy()
+            # Its own random generator: how often outputs are written must not change what is trained.
             rng = torch.Generator(device=self.device).manual_seed(epoch * 1000 + stage)
+            sample = generator(generator.sample_noise(self.shapes[: stage + 1], generator=rng))[0].cpu().numpy()
+            reconstruction = generator(generator.reconstruction_inputs())[0].cpu().numpy()
             varied = generator.sample_noise(self.shapes[: stage + 1], generator=rng)
             varied[0] = generator.reconstruction_noise(0)
             variation = generator(varied)[0].cpu().numpy()
-        folder = scale_dir(self.run_dir, stage) / "samples"
+        folder = self.run.scale_dir(stage) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in (("sample", sample), ("reconstruction", reconstruction)):
             write_outputs(folder / f"epoch{epoch:05d}_{name}", self.volume.with_array(self.intensity.denormalise(array)))
@@ -351,37 +339,28 @@ class SinGANTrainer:
         write_png(folder / f"epoch{epoch:05d}_preview.png", preview_grid(images))
 
     def save_scale(self, stage: int, summary: ScaleSummary, history: Sequence[dict[str, float]]) -> None:
-        folder = scale_dir(self.run_dir, stage)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_state(folder / "generator.pt", self.generator.state_dict())
-        save_state(folder / "critic.pt", self.critic.state_dict())
-        lines = [",".join(["epoch", *LOSS_NAMES])]
-        lines += [",".join([str(epoch), *(f"{row[k]:.6g}" for k in LOSS_NAMES)]) for epoch, row in enumerate(history, 1)]
-        save_text(folder / "losses.csv", "\n".join(lines) + "\n")
+        run, folder = self.run, self.run.scale_dir(stage)
+        run.save_weights(folder, "generator.pt", self.generator.state_dict())
+        run.save_weights(folder, "critic.pt", self.critic.state_dict())
+        run.write_losses(folder, history)
         meta = dataclasses.asdict(summary)
         meta["shapes"] = [list(s) for s in self.shapes[: stage + 1]]
         meta["noise_amps"] = self.generator.noise_amps.tolist()
-        save_json(folder / "scale.json", meta)  # written last: its presence marks the scale as complete
+        run.write_scale_meta(stage, meta)  # written last: its presence marks the scale as complete
 
-    def run_info(self) -> dict:
+    def run_info(self) -> RunInfo:
         """What sampling needs besides the weights: shapes, channels, intensity range, geometry and source type."""
-        return {
-            "consingan_version": __version__,
-            "image": str(Path(self.config.image).resolve()),
-            "spatial_dims": self.config.dimension,
-            "channels": self.volume.channels,
-            "source_shape": list(self.volume.spatial_shape),
-            "source_suffix": self.volume.suffix,
-            "source_dtype": str(self.volume.source_dtype),
-            "source_affine": self.volume.affine.tolist(),
-            "shapes": [list(s) for s in self.shapes],
-            "intensity": self.intensity.to_dict(),
-            "nifti_header": encode_header(self.volume.header),
-            "labels": self.volume.labels.to_dict() if self.volume.labels else None,
-        }
+        volume = self.volume
+        return RunInfo(
+            family="singan", spatial_dims=self.config.dimension, channels=volume.channels,
+            output_suffix=volume.suffix, output_dtype=str(volume.source_dtype), intensity=self.intensity,
+            image=str(Path(self.config.image).resolve()), source_shape=list(volume.spatial_shape),
+            source_affine=volume.affine.tolist(), shapes=[list(s) for s in self.shapes],
+            nifti_header=encode_header(volume.header), labels=volume.labels,
+        )
 
     def train(self) -> list[ScaleSummary]:
-        save_json(self.run_dir / "run.json", self.run_info())
+        self.run.write_info(self.run_info())
         self.generator.train()
         self.critic.train()
         return [self.train_scale(stage) for stage in range(self.config.num_scales)]
@@ -401,11 +380,6 @@ def find_image(config: TrainConfig) -> Path:
     if not path.is_absolute() and candidate.exists():
         return candidate
     raise ConsinganError(f"image not found: {path}")
-
-
-def create_run_dir(config: TrainConfig, image: Path) -> Path:
-    """Make a new run folder under ``out_dir``; an existing folder is never reused or overwritten."""
-    return make_run_dir(Path(config.out_dir), config.run_name, image.name.split(".")[0] or "run")
 
 
 def attach_labels(volume: Volume, label: Volume, name: str) -> Volume:
@@ -446,12 +420,21 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
 
 def train_prepared(config: TrainConfig, volume: Volume, reporter: Reporter | None = None) -> TrainResult:
     """``train`` for a configuration and volume that ``prepare`` returned."""
-    run_dir = create_run_dir(config, Path(config.image))
-    config.save_json(run_dir / "config.json")
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    trainer = SinGANTrainer(config, volume, run_dir, reporter)
-    return TrainResult(run_dir, config, trainer.train())
+    run = RunFolder.create(config, Path(config.image).name.split(".")[0] or "run")
+    seed_everything(config.seed)
+    trainer = SinGANTrainer(config, volume, run, reporter)
+    return TrainResult(run.path, config, trainer.train())
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def restore_rng(state: TrainingState, device: torch.device) -> None:
+    torch.set_rng_state(state.rng_torch.cpu())
+    if state.rng_cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state.rng_cuda.cpu(), device)
 
 
 def resume(run_dir: Path | str, reporter: Reporter | None = None, device: str | None = None) -> TrainResult:
@@ -461,31 +444,30 @@ def resume(run_dir: Path | str, reporter: Reporter | None = None, device: str | 
     same device, the result equals a run that never stopped: weights, optimizer and scheduler states, losses and the
     random-number state are all restored.
     """
-    from consingan.singan.run import open_run
-
-    run = open_run(run_dir)
+    run = RunFolder.open(run_dir, "singan")
     config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
     volume = read_volume(config.image, config.dimension)
     if config.label:
         volume = attach_labels(volume, read_volume(config.label, config.dimension, check_values=False), config.label)
-    if intensity_map(volume, config).to_dict() != run.info["intensity"] or list(volume.spatial_shape) != run.info[
-            "source_shape"]:
+    if intensity_map(volume, config).to_dict() != run.info.intensity.to_dict() or list(volume.spatial_shape) != run.info.source_shape:
         raise ConsinganError(f"{config.image} differs from the image this run was trained on; cannot resume")
-    trainer = SinGANTrainer(config, volume, run.path, reporter)
     state_path = run.latest_training_state()
-    if state_path is None:  # stopped before its first checkpoint: start over in the same folder
-        torch.manual_seed(config.seed)
-        return TrainResult(run.path, config, trainer.train())
-    state = load_state(state_path, map_location=trainer.device)
-    stage = int(state["stage"])
-    trainer.generator.load_grown_state(state["generator"])
-    trainer.critic.load_state_dict(state["critic"])
+    if state_path is None:  # stopped before its first checkpoint: start over in the same folder, as a new run would
+        seed_everything(config.seed)
+        return TrainResult(run.path, config, SinGANTrainer(config, volume, run, reporter).train())
+    trainer = SinGANTrainer(config, volume, run, reporter)
+    state = run.load_training_state(state_path, ("generator", "critic"), trainer.device)
+    stage = state.stage
+    try:
+        trainer.generator.load_grown_state(state.models["generator"])
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise ConsinganError(f"{state_path} does not fit the model of {run.path / run.CONFIG}: "
+                             f"{first_reason(error)}") from None
+    load_weights(trainer.critic, state.models["critic"], state_path)
     done = [k for k in run.completed_scales() if k <= stage]
     summaries = [ScaleSummary.from_meta(run.scale_meta(k)) for k in done]
     if stage in done:
-        torch.set_rng_state(state["rng_torch"].cpu())
-        if "rng_cuda" in state and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), trainer.device)
+        restore_rng(state, trainer.device)
         first, resume_state = stage + 1, None
     else:
         first, resume_state = stage, state

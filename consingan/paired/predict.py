@@ -1,0 +1,90 @@
+"""Prediction with a trained paired model: whole images through overlapping tiles (no training code imported)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from consingan.errors import ConsinganError
+from consingan.io import SUPPORTED_SUFFIXES, Volume, file_suffix, output_suffix, read_volume, write_volume
+from consingan.paired.build import MODEL_NAMES, build_generator
+from consingan.paired.data import PAIR_SUFFIXES, encode_source, file_stem
+from consingan.paired.tiling import predict_tiled
+from consingan.runs import RunFolder, TrainingState, load_weights
+
+
+def prediction_inputs(source_dir: Path, spatial_dims: int, file_channels: int, one_channel: bool = False
+                      ) -> list[tuple[Path, Volume]]:
+    """Every image of ``source_dir`` (the rule training uses: files with an image suffix; others are skipped), read
+    and checked before anything is written. ``one_channel``: masks for one-hot encoding, where a grey mask saved
+    with equal RGB channels counts as one channel (as in training)."""
+    folder = Path(source_dir)
+    if not folder.is_dir():
+        raise ConsinganError(f"folder not found: {folder}")
+    paths = sorted(p for p in folder.iterdir()
+                   if p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES and file_suffix(p) in PAIR_SUFFIXES)
+    if not paths:
+        raise ConsinganError(f"no images in {folder} (NIfTI, TIFF, PNG, NPY, MHA, NRRD)")
+    inputs = []
+    for path in paths:
+        volume = read_volume(path, spatial_dims, check_values=False)
+        if one_channel and volume.channels > 1 and all(np.array_equal(volume.array[0], c) for c in volume.array[1:]):
+            volume = Volume(volume.array[:1], volume.affine, volume.suffix, volume.source_dtype, volume.header)
+        if volume.channels != file_channels:
+            raise ConsinganError(f"{path.name} has {volume.channels} channels, the model takes {file_channels}")
+        if not np.isfinite(volume.array).all():
+            raise ConsinganError(f"{path.name} contains NaN or infinite values")
+        inputs.append((path, volume))
+    return inputs
+
+
+def predict_paired(run_dir: Path, source_dir: Path, out_dir: Path, device: str = "auto") -> list[Path]:
+    """Translate every image in ``source_dir`` (any size) through overlapping tiles. Outputs keep each input's grid
+    and geometry, in the training targets' file type, data type and intensity range; every input is checked and
+    every output name is free before the first file is written."""
+    run = RunFolder.open(run_dir, "paired")
+    config, info = run.config, run.info
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConsinganError(f"--out {out_dir} is a file; give a folder")
+    torch_device = run.device(device)
+    inputs = prediction_inputs(source_dir, config.dimension, info.inputs.file_channels,
+                               "labels" in info.inputs.encoding)
+    suffix = output_suffix(info.output_suffix)
+    names = [out_dir / (file_stem(path) + suffix) for path, _ in inputs]
+    if len(set(names)) != len(names):
+        raise ConsinganError(f"two inputs in {source_dir} share a name once their suffix is dropped")
+    taken = [n.name for n in names if n.exists()]
+    if taken:
+        raise ConsinganError(f"{out_dir} already holds {taken[0]}; choose another --out")
+    weights = run.path / (RunFolder.WEIGHTS if (run.path / RunFolder.WEIGHTS).is_file() else RunFolder.STATE)
+    state = run.load_weights(weights, torch_device)
+    if weights.name == RunFolder.STATE:
+        state = TrainingState.from_state(state, str(weights), MODEL_NAMES).models["generator"]
+    generator = build_generator(config, info.inputs.channels, info.channels).to(torch_device)
+    load_weights(generator, state, weights)
+    generator.eval()
+    encoded = [torch.from_numpy(encode_source(volume.array, info.inputs.encoding))[None] for _, volume in inputs]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConsinganError(f"output folder {out_dir} cannot be written: {error.strerror or error}") from None
+
+    def run_tile(tile: torch.Tensor) -> torch.Tensor:
+        output = generator(tile.to(torch_device))
+        return (output[-1] if isinstance(output, list) else output).cpu()
+
+    written = []
+    stride = config.resolved_stride()
+    dtype = np.dtype(info.output_dtype)
+    for (path, volume), source, name in zip(inputs, encoded, names):
+        with torch.no_grad():
+            result = predict_tiled(run_tile, source, [config.tile] * config.dimension,
+                                   [stride] * config.dimension, multiple=config.size_multiple())
+        array = info.intensity.denormalise(result[0].numpy())
+        header = volume.header if info.output_suffix in (".nii", ".nii.gz") else None
+        written.append(write_volume(name, Volume(array, volume.affine, info.output_suffix, dtype, header),
+                                    source_dtype=True))
+    return written

@@ -1,0 +1,377 @@
+"""Run folders: the one place that knows how a training run is laid out on disk, for every model family.
+
+A run folder, whatever the model family::
+
+    out/<run_name>/
+        config.json          every option, resolved (seed included); written first
+        run.json             RunInfo: family, shapes, channels, intensity mapping, geometry, the output file type
+        losses.csv           paired: one row per epoch (single-image: one per scale, in scale_NN/)
+        training_state.pt    paired: the resumable state of the last epoch
+        generator.pt         paired: the final weights
+        scale_NN/            single-image only, one per scale:
+            generator.pt, critic.pt, training_state.pt, losses.csv, samples/, scale.json (written last)
+
+Every file is written atomically (temporary file, then rename). Weights and training states are tensors and plain
+values only, read with torch's weights-only unpickler; a training state is one format for every family
+(``TrainingState``). Trainers, the sampler, evaluation and prediction go through ``RunFolder``; nothing else parses
+run files.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from consingan import __version__
+from consingan.checkpoint import load_state, make_run_dir, save_json, save_state, save_text
+from consingan.config import PairedConfig, TrainConfig, check_device_name
+from consingan.errors import ConsinganError
+from consingan.io import IntensityRange, LabelEncoding
+
+FAMILIES = {"singan": TrainConfig, "paired": PairedConfig}
+# Options added after the first runs were written, with the behaviour those runs were trained with: a run folder
+# without them is read as it was trained, not with today's defaults.
+LEGACY_OPTIONS = {"singan": {"gradient_penalty": "image", "intensity_mapping": "minmax", "upsampling": "linear"}}
+MAX_SIDE = 2**16  # no axis of a real image is longer; a larger number in run.json means the file was damaged
+MAX_VOXELS = 2**32
+TRAINING_STATE_FORMAT = "consingan-training-state"
+TRAINING_STATE_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'; CUDA asked for where there is none is refused."""
+    check_device_name(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConsinganError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        if ":" in name and int(name[5:]) >= torch.cuda.device_count():
+            raise ConsinganError(f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device(name)
+
+
+def _check_shape(shape: Any, spatial_dims: int, what: str) -> list[int]:
+    if (not isinstance(shape, list) or len(shape) != spatial_dims
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_SIDE for s in shape)
+            or math.prod(shape) > MAX_VOXELS):
+        raise ValueError(f"{what} {shape!r} is not a {spatial_dims}D shape of 1 to {MAX_SIDE} voxels per side")
+    return shape
+
+
+@dataclass
+class InputInfo:
+    """What a paired model's input is: how files are encoded into its channels, and their names at training."""
+
+    encoding: dict  # {"labels": LabelEncoding dict} or {"intensity": IntensityRange dict}
+    channels: int  # channels after encoding (one-hot classes, or the file's channels)
+    file_channels: int  # channels of an input file
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunInfo:
+    """What inference needs besides the weights, for every family (run.json).
+
+    ``output_suffix``/``output_dtype``/``intensity`` describe the images the model produces: the training image's
+    (single-image) or the targets' (paired), so outputs come back in that file type, data type and range.
+    """
+
+    family: str
+    spatial_dims: int
+    channels: int
+    output_suffix: str
+    output_dtype: str
+    intensity: IntensityRange
+    image: str = ""
+    source_shape: list[int] = field(default_factory=list)
+    source_affine: list[list[float]] | None = None
+    shapes: list[list[int]] = field(default_factory=list)
+    nifti_header: str | None = None
+    labels: LabelEncoding | None = None
+    inputs: InputInfo | None = None
+    consingan_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["intensity"] = self.intensity.to_dict()
+        values["labels"] = self.labels.to_dict() if self.labels else None
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Any, where: str = "run.json") -> "RunInfo":
+        """Read and check run.json's contents; anything missing, mistyped or absurd raises ``ConsinganError``."""
+        try:
+            if not isinstance(values, dict):
+                raise ValueError("not a mapping")
+            values = dict(values)
+            values.setdefault("family", "singan")
+            # Older single-image runs named the output type after the source image.
+            if "source_suffix" in values:
+                values["output_suffix"] = values.pop("source_suffix")
+            if "source_dtype" in values:
+                values["output_dtype"] = values.pop("source_dtype")
+            known = {f.name for f in dataclasses.fields(cls)}
+            values = {k: v for k, v in values.items() if k in known}
+            values["intensity"] = IntensityRange.from_dict(values["intensity"])
+            values["labels"] = LabelEncoding.from_dict(values.get("labels"))
+            if values.get("inputs") is not None:
+                values["inputs"] = InputInfo(**values["inputs"])
+            info = cls(**values)
+            info.check()
+        except ConsinganError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            detail = f"no {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
+            raise ConsinganError(f"damaged {where}: {detail}") from None
+        return info
+
+    def check(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}")
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims {self.spatial_dims!r} is not 2 or 3")
+        if not isinstance(self.channels, int) or not 1 <= self.channels <= 4096:
+            raise ValueError(f"channels {self.channels!r} is not a channel count")
+        if len(self.intensity.minimum) != self.channels:
+            raise ValueError("the intensity mapping does not match the channel count")
+        np.dtype(self.output_dtype)
+        if self.family == "singan":
+            _check_shape(self.source_shape, self.spatial_dims, "source_shape")
+            if not self.shapes:
+                raise ValueError("no pyramid shapes")
+            for shape in self.shapes:
+                _check_shape(shape, self.spatial_dims, "pyramid shape")
+            affine = np.asarray(self.source_affine, dtype=np.float64)
+            if affine.shape != (self.spatial_dims + 1,) * 2 or not np.isfinite(affine).all():
+                raise ValueError("source_affine is not a finite homogeneous matrix")
+        if self.family == "paired" and self.inputs is None:
+            raise ValueError("a paired run needs its input description")
+
+
+@dataclass
+class TrainingState:
+    """Everything a trainer needs to continue bit for bit, in one format for every family (training_state.pt).
+
+    ``models``, ``optimizers`` and ``schedulers`` map names ('generator', 'critic', 'discriminator') to state dicts;
+    ``history`` holds one dict of losses per epoch done.
+    """
+
+    epoch: int
+    seconds: float
+    models: dict[str, dict]
+    optimizers: dict[str, dict]
+    schedulers: dict[str, dict]
+    history: list[dict[str, float]]
+    rng_torch: torch.Tensor
+    rng_cuda: torch.Tensor | None = None
+    stage: int = 0
+
+    def to_state(self) -> dict[str, Any]:
+        names = list(self.history[0]) if self.history else []
+        state = {
+            "format": TRAINING_STATE_FORMAT, "version": TRAINING_STATE_VERSION, "stage": self.stage,
+            "epoch": self.epoch, "seconds": self.seconds, "models": self.models, "optimizers": self.optimizers,
+            "schedulers": self.schedulers, "loss_names": names,
+            "history": torch.tensor([[row[n] for n in names] for row in self.history], dtype=torch.float64),
+            "rng_torch": self.rng_torch,
+        }
+        if self.rng_cuda is not None:
+            state["rng_cuda"] = self.rng_cuda
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict, where: str, models: Sequence[str]) -> "TrainingState":
+        """Check a loaded state (this format, or the single-image engine's first one) for the named models."""
+        try:
+            if state.get("format") != TRAINING_STATE_FORMAT:
+                state = _legacy_training_state(state, models)
+            history = state["history"]
+            names = list(state["loss_names"])
+            if history.dim() != 2 or history.shape[1] != len(names) and history.numel():
+                raise ValueError("loss history does not match its column names")
+            result = cls(
+                epoch=int(state["epoch"]), seconds=float(state["seconds"]), models=dict(state["models"]),
+                optimizers=dict(state["optimizers"]), schedulers=dict(state["schedulers"]),
+                history=[dict(zip(names, row)) for row in history.tolist()], rng_torch=state["rng_torch"],
+                rng_cuda=state.get("rng_cuda"), stage=int(state.get("stage", 0)),
+            )
+            missing = [name for name in models if name not in result.models or name not in result.optimizers]
+            if missing:
+                raise KeyError(missing[0])
+            if result.epoch < 0 or not torch.is_tensor(result.rng_torch):
+                raise ValueError("bad epoch or random state")
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            detail = f"no {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
+            raise ConsinganError(f"damaged training state {where}: {detail}") from None
+        return result
+
+
+def _legacy_training_state(state: dict, models: Sequence[str]) -> dict:
+    """The single-image engine's first training-state layout (flat keys) in today's."""
+    critic = models[1] if len(models) > 1 else "critic"
+    names = ["critic", "gradient_penalty", "adversarial", "reconstruction"]
+    return {
+        **state, "models": {"generator": state["generator"], critic: state[critic]},
+        "optimizers": {"generator": state["optimizer_g"], critic: state["optimizer_d"]},
+        "schedulers": {"generator": state["scheduler_g"], critic: state["scheduler_d"]},
+        "loss_names": names if state["history"].numel() else [],
+    }
+
+
+def load_weights(module: torch.nn.Module, state: dict, where: Path | str) -> None:
+    """``module.load_state_dict(state)``, with a missing, extra or wrong-shaped tensor reported in one line."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise ConsinganError(f"{where} does not fit the model: {first_reason(error)}") from None
+
+
+def first_reason(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reasons = [line for line in lines if line.startswith(("Missing", "Unexpected", "size mismatch"))]
+    text = (reasons or lines or [type(error).__name__])[0]
+    return text if len(text) < 300 else text[:300] + " ..."
+
+
+class RunFolder:
+    """A run folder of one model family: its config, its RunInfo, checkpoints, loss logs (see the module docstring).
+
+    Create a new one with ``RunFolder.create``; open an existing one with ``RunFolder.open``.
+    """
+
+    CONFIG, INFO, LOSSES = "config.json", "run.json", "losses.csv"
+    WEIGHTS, STATE, SCALE_META = "generator.pt", "training_state.pt", "scale.json"
+
+    def __init__(self, path: Path, family: str, config: Any, info: RunInfo | None = None) -> None:
+        self.path, self.family, self.config, self._info = Path(path), family, config, info
+
+    # --- creating and opening --------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, config: Any, stem: str) -> "RunFolder":
+        """A new folder ``out_dir/run_name`` (or ``out_dir/<stem>_NNN``), atomically, with config.json written."""
+        family = next(name for name, config_class in FAMILIES.items() if isinstance(config, config_class))
+        path = make_run_dir(Path(config.out_dir), config.run_name, stem)
+        run = cls(path, family, config)
+        save_json(path / cls.CONFIG, config.to_dict())
+        return run
+
+    @classmethod
+    def open(cls, path: Path | str, family: str | None = None) -> "RunFolder":
+        """Open a run folder; a missing or damaged one, or one of another family than ``family``, raises
+        ``ConsinganError``."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ConsinganError(f"run folder not found: {path}")
+        for name in (cls.CONFIG, cls.INFO):
+            if not (path / name).is_file():
+                raise ConsinganError(f"{path} is not a consingan run folder (no {name})")
+        info = RunInfo.from_dict(_read_json(path / cls.INFO), f"{path / cls.INFO}")
+        if family is not None and info.family != family:
+            raise ConsinganError(f"{path} is a {info.family} run, not a {family} run")
+        values = _read_json(path / cls.CONFIG)
+        if not isinstance(values, dict):
+            raise ConsinganError(f"damaged {path / cls.CONFIG}: not a mapping of options")
+        values = {**LEGACY_OPTIONS.get(info.family, {}), **values}
+        config = FAMILIES[info.family].from_dict(values, f"{path / cls.CONFIG}").validate()
+        return cls(path, info.family, config, info)
+
+    @property
+    def info(self) -> RunInfo:
+        if self._info is None:
+            raise ConsinganError(f"{self.path} has no run.json yet")
+        return self._info
+
+    def write_info(self, info: RunInfo) -> None:
+        info.check()
+        self._info = info
+        save_json(self.path / self.INFO, info.to_dict())
+
+    def device(self, override: str | None = None) -> torch.device:
+        """The device to run on: ``override`` when given, else the run's configured one."""
+        return resolve_device(override or self.config.device)
+
+    # --- scales (single-image family) ------------------------------------------------------------------------------
+
+    def scale_dir(self, stage: int) -> Path:
+        return self.path / f"scale_{stage:02d}"
+
+    def completed_scales(self) -> list[int]:
+        """Scales whose training finished (their scale.json is written last)."""
+        return [k for k in range(self.config.num_scales) if (self.scale_dir(k) / self.SCALE_META).is_file()]
+
+    def scale_meta(self, stage: int) -> dict:
+        return _read_json(self.scale_dir(stage) / self.SCALE_META)
+
+    def write_scale_meta(self, stage: int, meta: dict) -> None:
+        save_json(self.scale_dir(stage) / self.SCALE_META, meta)
+
+    def latest_training_state(self) -> Path | None:
+        """The newest training state: the furthest scale's (single-image), or the run's own (paired)."""
+        if self.family != "singan":
+            path = self.path / self.STATE
+            return path if path.is_file() else None
+        for stage in reversed(range(self.config.num_scales)):
+            path = self.scale_dir(stage) / self.STATE
+            if path.is_file():
+                return path
+        return None
+
+    # --- checkpoints -----------------------------------------------------------------------------------------------
+
+    def save_weights(self, folder: Path, name: str, state: dict) -> None:
+        save_state(folder / name, state)
+
+    def load_weights(self, path: Path, device: torch.device | str = "cpu") -> dict:
+        return load_state(path, map_location=device)
+
+    def save_training_state(self, folder: Path, state: TrainingState) -> None:
+        save_state(folder / self.STATE, state.to_state())
+
+    def load_training_state(self, path: Path, models: Sequence[str], device: torch.device | str = "cpu"
+                            ) -> TrainingState:
+        return TrainingState.from_state(load_state(path, map_location=device), str(path), models)
+
+    # --- loss logs -------------------------------------------------------------------------------------------------
+
+    def write_losses(self, folder: Path, history: Sequence[dict[str, float]]) -> None:
+        """losses.csv: a header 'epoch,<loss names>' and one row per epoch."""
+        if not history:
+            return
+        names = [name for name in history[0] if name != "epoch"]
+        lines = [",".join(["epoch", *names])]
+        lines += [",".join([str(epoch), *(f"{row[k]:.6g}" for k in names)]) for epoch, row in enumerate(history, 1)]
+        save_text(folder / self.LOSSES, "\n".join(lines) + "\n")
+
+    def loss_logs(self) -> dict[str, list[dict[str, float]]]:
+        """Every loss log of the run by label ('scale_00' ... or 'run'), as rows of floats."""
+        folders = ([(f"scale_{k:02d}", self.scale_dir(k)) for k in range(self.config.num_scales)]
+                   if self.family == "singan" else [("run", self.path)])
+        logs = {}
+        for label, folder in folders:
+            path = folder / self.LOSSES
+            if path.is_file():
+                try:
+                    with open(path, newline="") as stream:
+                        logs[label] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(stream)]
+                except (ValueError, TypeError, csv.Error):
+                    raise ConsinganError(f"damaged loss log {path}") from None
+        return logs
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConsinganError(f"damaged {path}: {str(error).splitlines()[0]}") from None
+    except OSError as error:
+        raise ConsinganError(f"cannot read {path}: {error.strerror or error}") from None
