@@ -119,10 +119,9 @@ def _train(config_file: Path | None = None, resume: Path | None = None, dry_run:
 
         config, volume = prepare(config)
         _print_config(config)
+        for note in volume.notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
         shapes = volume_pyramid_shapes(volume, config)
-        if len(shapes) > 1 and shapes[0] == shapes[-1]:
-            console.print(f"[yellow]note:[/] the image's shortest side is min_size ({config.min_size}), so every "
-                          f"scale has the same size; lower --min-size for a coarse-to-fine pyramid")
         if dry_run:
             console.print("pyramid: " + "  ".join("x".join(map(str, s)) for s in shapes))
             return
@@ -132,6 +131,8 @@ def _train(config_file: Path | None = None, resume: Path | None = None, dry_run:
         console.print(f"run folder: [bold]{result.run_dir}[/]")
     except ConsinganError as error:
         fail(str(error))
+    except OSError as error:  # a write that failed outside the checkpoint writer (an image file, a preview)
+        fail(f"cannot write: {error.strerror or error}")
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the scales completed so far are saved in the run folder")
         raise typer.Exit(code=130)
@@ -186,17 +187,20 @@ def sample(
 ) -> None:
     """Draw new images from a trained pyramid, in the input's file type and geometry, plus a PNG contact sheet."""
     try:
+        from consingan.config import check_seed
         from consingan.io import read_volume
         from consingan.singan.sampler import TrainedPyramid, write_samples
 
+        check_seed(seed)
         pyramid = TrainedPyramid.load(run_dir, device=device, scale=use_scale)
         injected = read_volume(inject, pyramid.spatial_dims).array if inject is not None else None
-        written = write_samples(
+        write_samples(
             pyramid, out, num, seed=seed, source_dtype=source_dtype, batch_size=batch_size,
             scale_factors=_numbers(scale, float, "--scale"), shape=_numbers(shape, int, "--shape"),
             start_scale=start_scale, inject=injected,
         )
-        console.print(f"wrote {len(written)} samples and contact_sheet.png to [bold]{out}[/]")
+        labels = " with their label maps" if pyramid.labels else ""
+        console.print(f"wrote {num} samples{labels} and contact_sheet.png to [bold]{out}[/]")
     except ConsinganError as error:
         fail(str(error))
 

@@ -305,11 +305,16 @@ def check_common(config: Any) -> None:
         value = getattr(config, item.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConsinganError(f"{item.name} must be a finite number, got {value!r}")
-    seed = getattr(config, "seed", None)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-        raise ConsinganError(f"seed must be an integer from 0 to 2^63 - 1, got {seed!r}")
+    if getattr(config, "seed", None) is not None:
+        check_seed(config.seed)
     check_device_name(getattr(config, "device", "auto"))
     check_run_name(getattr(config, "run_name", ""))
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConsinganError(f"seed must be an integer from 0 to 2^63 - 1, got {seed!r}")
+    return seed
 
 
 def check_device_name(device: str) -> str:

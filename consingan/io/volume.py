@@ -23,7 +23,9 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_VOLUME_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 PICTURE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 NUMPY_SUFFIXES = (".npy",)
-SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_VOLUME_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
+DICOM_SUFFIXES = (".dcm",)
+SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_VOLUME_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES + DICOM_SUFFIXES
+MAX_DECLARED_VOXELS = 2**31  # more than any single scan; a header declaring more is damaged or hostile
 
 
 def file_suffix(path: Path | str) -> str:
@@ -43,6 +45,7 @@ class Volume:
         source_dtype: numpy dtype of the stored intensities, for writing integer formats back.
         header: the NIfTI header (a copy), when the source was NIfTI.
         labels: when the last channels are one-hot label channels (trained with ``--label``), their encoding.
+        notes: what reading changed and the user should know (a constant alpha channel dropped, ...).
     """
 
     array: np.ndarray
@@ -51,6 +54,7 @@ class Volume:
     source_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     header: Any = None
     labels: LabelEncoding | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def spatial_dims(self) -> int:
@@ -73,7 +77,7 @@ class Volume:
         """A volume holding ``array`` on a grid of the same extent; the affine is rescaled if the shape changed."""
         affine = resized_affine(self.affine, self.spatial_shape, array.shape[1:])
         return Volume(np.asarray(array, dtype=np.float32), affine, self.suffix, self.source_dtype, self.header,
-                      self.labels)
+                      self.labels, self.notes)
 
 
 def resized_affine(affine: np.ndarray, old_shape: Sequence[int], new_shape: Sequence[int]) -> np.ndarray:
@@ -138,12 +142,36 @@ def read_volume(path: Path | str, spatial_dims: int, check_values: bool = True) 
             volume = _read_itk(path, spatial_dims, suffix)
     except ConsinganError:
         raise
+    except MemoryError:
+        raise ConsinganError(f"cannot read {path}: it does not fit in memory") from None
     except Exception as error:  # corrupt files raise many different exception types in nibabel / SimpleITK / numpy
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConsinganError(f"cannot read {path}: {message}") from None
+        raise ConsinganError(f"cannot read {path.name}: {reader_reason(error)}") from None
     if check_values:
         _check_values(volume.array, path)
     return volume
+
+
+def reader_reason(error: Exception) -> str:
+    """The reason in a reader's exception, without SimpleITK's C++ source locations and prefixes."""
+    import re
+
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [re.sub(r"^(sitk::ERROR|itk::ERROR|ERROR)[^:]*:\s*", "", line) for line in lines
+             if not re.search(r"\.(cxx|cpp|hxx|h|txx)[:(]\d+", line) and not line.startswith("Exception thrown in")]
+    return (lines or [type(error).__name__])[0]
+
+
+def _check_declared_size(path: Path, shape: Sequence[int], itemsize: int, offset: int = 0) -> None:
+    """Refuse a header that declares more voxels than any scan, or more bytes than an uncompressed file holds,
+    before anything is allocated."""
+    voxels = int(np.prod([int(s) for s in shape], dtype=object))
+    if voxels > MAX_DECLARED_VOXELS:
+        raise ConsinganError(f"{path.name} declares shape {tuple(shape)} ({voxels} voxels), more than any image "
+                             f"this reads; the header is damaged")
+    size = path.stat().st_size
+    if not path.name.lower().endswith(".gz") and offset + voxels * itemsize > size:
+        raise ConsinganError(f"{path.name} declares shape {tuple(shape)} ({offset + voxels * itemsize} bytes) but "
+                             f"holds {size} bytes; the file is truncated or its header damaged")
 
 
 def _dimension_error(path: Path, shape: Sequence[int], spatial_dims: int, detail: str = "") -> ConsinganError:
@@ -156,6 +184,8 @@ def _read_nifti(path: Path, spatial_dims: int) -> Volume:
     import nibabel as nib
 
     image = nib.load(str(path))
+    _check_declared_size(path, image.header.get_data_shape(), image.header.get_data_dtype().itemsize,
+                         int(image.header.get("vox_offset", 0)) if path.suffix == ".nii" else 0)
     data = np.asanyarray(image.dataobj)
     shape = data.shape
     if data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector image: X, Y, Z, 1, C
@@ -222,7 +252,19 @@ def _read_dicom_series(folder: Path) -> Volume:
 def _read_itk(path: Path, spatial_dims: int, suffix: str) -> Volume:
     import SimpleITK as sitk
 
-    return _volume_from_itk(sitk.ReadImage(str(path)), spatial_dims, suffix, path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    voxels = int(np.prod(reader.GetSize(), dtype=object)) * reader.GetNumberOfComponents()
+    if voxels > MAX_DECLARED_VOXELS:
+        raise ConsinganError(f"{path.name} declares shape {tuple(reversed(reader.GetSize()))} ({voxels} values), more "
+                             f"than any image this reads; the header is damaged")
+    volume = _volume_from_itk(reader.Execute(), spatial_dims, suffix, path)
+    if suffix in PICTURE_SUFFIXES and volume.channels == 4 and volume.array[3].min() == volume.array[3].max():
+        note = f"{path.name}: dropped its constant alpha channel ({volume.array[3].min():g}); trained on RGB"
+        volume = Volume(np.ascontiguousarray(volume.array[:3]), volume.affine, volume.suffix, volume.source_dtype,
+                        volume.header, notes=(note,))
+    return volume
 
 
 def _volume_from_itk(image: Any, spatial_dims: int, suffix: str, path: Path) -> Volume:
@@ -279,8 +321,7 @@ def write_volume(path: Path | str, volume: Volume, source_dtype: bool = False) -
     source's integer type, since PNG has no float pixels (and JPEG would add compression artefacts).
     """
     suffix = output_suffix(volume.suffix)
-    path = Path(path)
-    path = path.with_name(path.name.split(".")[0] + suffix)
+    path = with_suffix(Path(path), suffix)
     array = np.asarray(volume.array, dtype=np.float32)
     if source_dtype or suffix == ".png":
         array = cast_to(array, volume.source_dtype if suffix != ".png" or np.issubdtype(
@@ -292,6 +333,14 @@ def write_volume(path: Path | str, volume: Volume, source_dtype: bool = False) -
     else:
         _write_itk(path, volume, array, suffix)
     return path
+
+
+def with_suffix(path: Path, suffix: str) -> Path:
+    """``path`` with its image suffix (if any) replaced by ``suffix``; other dots stay: 'cell.v1' -> 'cell.v1.png'."""
+    name = path.name
+    if file_suffix(name) in SUPPORTED_SUFFIXES:
+        name = name[: len(name) - len(file_suffix(name))]
+    return path.with_name(name + suffix)
 
 
 def cast_to(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -311,7 +360,7 @@ def write_outputs(path: Path | str, volume: Volume, source_dtype: bool = False) 
     path = Path(path)
     image_volume = Volume(image, volume.affine, volume.suffix, volume.source_dtype, volume.header)
     label_volume = Volume(label.astype(np.float32), volume.affine, volume.suffix, volume.labels.dtype, volume.header)
-    stem = path.name.split(".")[0]
+    stem = with_suffix(path, "").name
     return [write_volume(path, image_volume, source_dtype),
             write_volume(path.with_name(f"{stem}_label"), label_volume, source_dtype=True)]
 

@@ -21,6 +21,27 @@ def architecture(config) -> dict:
     )
 
 
+def smallest_side(config) -> int:
+    """The shortest side (voxels) a scale needs for the critic: ``num_layers + 2`` convolutions each shrink a side by
+    ``kernel_size - 1 - 2 * padding``, the last must leave at least one voxel, and batch norm needs two per side
+    before it (one value per channel cannot be normalised)."""
+    shrink = config.kernel_size - 1 - 2 * config.padding
+    before_tail = (config.num_layers + 1) * shrink + (2 if config.batch_norm else 1)
+    return max(before_tail, (config.num_layers + 2) * shrink + 1)
+
+
+def check_network_fits(config, shape, what: str = "the coarsest scale") -> None:
+    """Refuse a scale too small for the network, naming the options that would make it fit."""
+    from consingan.errors import ConsinganError
+
+    needed = smallest_side(config)
+    if min(shape) < needed:
+        raise ConsinganError(
+            f"{what} {tuple(shape)} is too small for the network: kernel {config.kernel_size} with padding "
+            f"{config.padding} over {config.num_layers + 2} critic layers needs at least {needed} voxels per side; "
+            f"raise --min-size to {needed} or more, or raise --padding")
+
+
 def init_weights(module: nn.Module) -> None:
     """DCGAN-style initialisation used by SinGAN and ConSinGAN: conv N(0, 0.02), norm scale N(1, 0.02), shift 0."""
     if isinstance(module, (nn.Conv2d, nn.Conv3d)):

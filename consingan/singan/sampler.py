@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,7 @@ from consingan.singan.models import GrowingGenerator, architecture
 from consingan.singan.pyramid import Shape, resize
 
 
+MIN_STAGE_SIDE = 4  # voxels per side of the smallest stage a retargeted sample may have
 CONTACT_SHEET_SAMPLES = 32  # the contact sheet shows the first samples of a draw, large enough to judge texture
 
 
@@ -85,11 +87,19 @@ class TrainedPyramid:
         factors = list(scale_factors)
         if len(factors) == 1:
             factors = factors * self.spatial_dims
-        if len(factors) != self.spatial_dims or min(factors) <= 0:
-            raise ConsinganError(f"scale factors {tuple(scale_factors)} must be {self.spatial_dims} positive numbers")
+        if len(factors) != self.spatial_dims or not all(math.isfinite(f) and f > 0 for f in factors):
+            raise ConsinganError(f"scale factors {tuple(scale_factors)} must be {self.spatial_dims} positive, finite "
+                                 f"numbers")
         shapes = [tuple(max(1, round(s * f)) for s, f in zip(stage_shape, factors)) for stage_shape in self.shapes]
         if shape is not None:
             shapes[-1] = tuple(shape)
+        # A stage under MIN_STAGE_SIDE voxels a side holds no structure: the output would be a flat image (a 1 x 1
+        # "sample"), so it is refused rather than written.
+        for stage_shape in shapes:
+            if min(stage_shape) < MIN_STAGE_SIDE:
+                raise ConsinganError(
+                    f"the output would be too small: its coarsest scale would be {stage_shape}, below the "
+                    f"{self.shapes[0]} the model was trained at; ask for a larger --shape or --scale")
         return shapes
 
     def check_options(self, num: int, batch_size: int, scale_factors: Sequence[float] | None,

@@ -27,7 +27,7 @@ from consingan.losses import (
 from consingan.singan.health import ScaleHealth, check_scale
 from consingan.singan.memory import check_memory
 from consingan.runs import RunFolder, RunInfo, TrainingState, first_reason, load_weights, resolve_device
-from consingan.singan.models import Critic, GrowingGenerator, architecture
+from consingan.singan.models import Critic, GrowingGenerator, architecture, check_network_fits
 from consingan.singan.pyramid import Shape, build_pyramid, pyramid_shapes
 
 LOSS_NAMES = ("critic", "gradient_penalty", "adversarial", "reconstruction")
@@ -405,9 +405,25 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, Volume]:
         label_path = Path(config.label)
         config = dataclasses.replace(config, label=str(label_path.resolve()))
         volume = attach_labels(volume, read_volume(label_path, config.dimension, check_values=False), label_path.name)
-    shapes = volume_pyramid_shapes(volume, config)  # fails early
-    check_memory(config, shapes, resolve_device(config.device))
+    check_pyramid(config, volume)
+    check_memory(config, volume_pyramid_shapes(volume, config), resolve_device(config.device))
     return config, volume
+
+
+def check_pyramid(config: TrainConfig, volume: Volume) -> None:
+    """The pyramid of ``volume`` under ``config`` is one to train: a real 3D volume, distinct scales, each large
+    enough for the network."""
+    if config.dimension == 3 and 1 in volume.spatial_shape:
+        raise ConsinganError(f"the volume {volume.spatial_shape} is one voxel thick: it is a 2D image; train it with "
+                             f"--dim 2")
+    shapes = volume_pyramid_shapes(volume, config)
+    check_network_fits(config, shapes[0])
+    distinct = len(set(shapes))
+    if len(shapes) > 1 and distinct < len(shapes):
+        raise ConsinganError(
+            f"num_scales {config.num_scales} gives only {distinct} different sizes between {shapes[0]} and "
+            f"{shapes[-1]} (scales of the same size learn nothing new); use --num-scales {distinct}"
+            + (" and lower --min-size" if distinct == 1 else ""))
 
 
 def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
