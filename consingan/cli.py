@@ -21,6 +21,8 @@ app = typer.Typer(
     help="Learn from one 2D image or 3D volume, then generate new, varied ones (ConSinGAN in N-D).",
 )
 console = Console(stderr=True)
+if not console.is_terminal:  # a log file or a pipe: rich would cut tables to 80 columns
+    console.width = 200
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N."
 
 

@@ -381,3 +381,24 @@ def test_paired_predictions_in_the_targets_type_and_range(runner, tmp_path, dtyp
     assert (written == written.max()).mean() < 0.5  # not saturated
     if dtype == np.float32:
         assert len(np.unique(written)) > 2  # not cast to {0, 1}
+
+
+def test_logs_keep_the_whole_summary_table(png_rgb, out_dir):
+    """Without a terminal (a log file), tables are not cut to 80 columns."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "consingan.cli", "train", "--image", str(png_rgb), "--dim", "2", "--out-dir",
+               str(out_dir), *ONE_SCALE]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert "…" not in completed.stderr and "training summary" in completed.stderr
+    assert str(out_dir / "tiny_001") in completed.stderr
+
+
+def test_swd_says_how_many_levels_it_measured():
+    from consingan.metrics import measures
+
+    real = torch.rand(1, 1, 20, 20)
+    swd = measures.multiscale_swd(real, torch.rand(3, 1, 20, 20), levels=4)
+    assert swd["levels"] == len(swd["per_level"]) == 2  # 20 px holds two levels of at least 8 px

@@ -1,5 +1,6 @@
 """Resume: same result as an uninterrupted run, survives a real kill, refuses tampered checkpoints."""
 
+import dataclasses
 import os
 import pickle
 import signal
@@ -39,7 +40,8 @@ def final_states(run_dir, stage):
     return {**state["models"], "history": state["history"], "optimizer_g": state["optimizers"]["generator"]}
 
 
-@pytest.mark.parametrize("stop", [(1, 3), (1, 1), (0, 4), (2, 2)])
+# (0, 1): killed before the first checkpoint of scale 0 (checkpoint_every is 2), so resume starts over in place.
+@pytest.mark.parametrize("stop", [(1, 3), (1, 1), (0, 4), (2, 2), (0, 1)])
 def test_interrupted_and_resumed_equals_uninterrupted(nifti_3d, out_dir, stop):
     reference = train(tiny_config(nifti_3d, out_dir, "whole"))
     with pytest.raises(KeyboardInterrupt):
@@ -103,3 +105,11 @@ def test_resume_takes_options_from_the_run(nifti_3d, out_dir, runner):
     assert result.exit_code == 2 and "drop --num-scales" in result.output
     result = runner.invoke(app, ["train", "--resume", str(out_dir / "nothing")], terminal_width=200)
     assert result.exit_code == 2 and "run folder not found" in result.output
+
+
+def test_how_often_outputs_are_written_does_not_change_training(nifti_3d, out_dir):
+    often = train(dataclasses.replace(tiny_config(nifti_3d, out_dir, "often"), save_every=1))
+    never = train(dataclasses.replace(tiny_config(nifti_3d, out_dir, "never"), save_every=0))
+    a, b = final_states(often.run_dir, 2), final_states(never.run_dir, 2)
+    for key in a["generator"]:
+        assert torch.equal(a["generator"][key], b["generator"][key]), key

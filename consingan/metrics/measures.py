@@ -98,7 +98,8 @@ def multiscale_swd(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, 
         rp = random_patches((r - mean) / std, patch_size, max_patches, generator)
         fp = random_patches((f - mean) / std, patch_size, max_patches, generator)
         per_level.append(sliced_wasserstein(rp.double(), fp.double(), seed=seed))
-    return {"per_level": per_level, "mean": float(np.mean(per_level))}
+    # Small images have fewer Laplacian levels than asked for (each level needs 8 voxels a side): say how many.
+    return {"per_level": per_level, "mean": float(np.mean(per_level)), "levels": len(per_level)}
 
 
 class RandomFeatures(torch.nn.Module):
