@@ -121,7 +121,9 @@ def _train(config_file: Path | None = None, resume: Path | None = None, dry_run:
 
         config, volume = prepare(config)
         _print_config(config)
-        for note in volume.notes:
+        from consingan.singan.trainer import pyramid_notes
+
+        for note in [*volume.notes, *pyramid_notes(config, volume)]:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
         shapes = volume_pyramid_shapes(volume, config)
         if dry_run:

@@ -59,7 +59,7 @@ def test_train_3d_nifti_end_to_end_keeps_geometry_and_units(runner, nifti_3d, ou
     check_run_folder(run_dir, 2, ".nii.gz")
     source = nib.load(str(nifti_3d))
     info = json.loads((run_dir / "run.json").read_text())
-    coarse_shape = tuple(info["shapes"][0])
+    coarse_shape = tuple(info["shapes"][0])[::-1]  # run.json is z-y-x (one convention), NIfTI files x-y-z
     coarse = nib.load(str(run_dir / "scale_00" / "samples" / "epoch00003_sample.nii.gz"))
     assert coarse.shape == coarse_shape and coarse.get_data_dtype() == np.float32
     # Same physical extent: voxel size grows by the shrink factor, the field of view's corner stays put.

@@ -67,7 +67,7 @@ def test_npy_with_objects_is_refused(tmp_path):
 
 def test_shipped_examples_read():
     volume = read_volume("data/vol.nii.gz", 3)
-    assert volume.spatial_shape == (33, 41, 25) and np.allclose(volume.spacing, 2.0)
+    assert volume.spatial_shape == (25, 41, 33) and np.allclose(volume.spacing, 2.0)  # z-y-x
     picture = read_volume("data/ihc.png", 2)
     assert picture.channels == 3 and picture.spatial_shape == (512, 512)
 
@@ -112,3 +112,36 @@ def test_dicom_series_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConsinganError, match="without a DICOM series"):
         read_volume(tmp_path / "empty", 3)
+
+
+def test_one_geometry_convention_for_nifti_and_itk_files(tmp_path):
+    """The same scan as NIfTI and as MHA (SimpleITK's own conversion) reads to the same array and affine."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    affine = np.array([[0.0, -1.2, 0, 30], [0.9, 0, 0, -12], [0, 0, 2.5, 7], [0, 0, 0, 1]])
+    data = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "scan.nii.gz"))
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "scan.nii.gz")), str(tmp_path / "scan.mha"))
+    nifti, itk = read_volume(tmp_path / "scan.nii.gz", 3), read_volume(tmp_path / "scan.mha", 3)
+    assert nifti.spatial_shape == itk.spatial_shape == (7, 6, 5)  # z, y, x: slowest axis first
+    assert np.array_equal(nifti.array, itk.array)
+    assert np.allclose(nifti.affine, itk.affine, atol=1e-5)
+    # Written back as NIfTI, the file equals the original voxel for voxel and in geometry.
+    back = nib.load(str(write_volume(tmp_path / "out", nifti)))
+    assert np.array_equal(np.asarray(back.dataobj), data) and np.allclose(back.affine, affine, atol=1e-5)
+
+
+def test_nifti_image_with_an_mha_label_trains(tmp_path, nifti_3d, runner):
+    import SimpleITK as sitk
+
+    from consingan.cli import app
+    from tests.conftest import TINY
+
+    image = sitk.ReadImage(str(nifti_3d))
+    label = sitk.Cast(sitk.BinaryThreshold(image, 300, 10000, 1, 0), sitk.sitkUInt8)
+    sitk.WriteImage(label, str(tmp_path / "label.mha"))
+    result = runner.invoke(app, ["train", "--image", str(nifti_3d), "--label", str(tmp_path / "label.mha"), "--dim",
+                                 "3", "--out-dir", str(tmp_path / "out"), *TINY, "--num-scales", "1"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output

@@ -101,7 +101,7 @@ def test_dataset_in_a_dataloader_with_workers(runs, tmp_path, runner):
     runner.invoke(app, ["sample", str(runs[3]), "--num", "4", "--seed", "2", "--out", str(tmp_path / "f")])
     for i in range(4):
         on_disk = np.asarray(nib.load(str(tmp_path / "f" / f"sample_{i:04d}.nii.gz")).dataobj)
-        assert np.allclose(batches[i, 0].numpy(), on_disk, atol=1e-2)
+        assert np.allclose(batches[i, 0].numpy(), on_disk.T, atol=1e-2)  # arrays are z-y-x, NIfTI files x-y-z
     fresh = AugmentationDataset(runs[3], length=2)
     assert not torch.equal(fresh[0], fresh[0])  # unseeded: a new sample on every access
 
@@ -127,8 +127,9 @@ def test_samples_come_back_on_the_source_grid(tmp_path, runner):
     import json
 
     shapes = json.loads((run_dir / "run.json").read_text())["shapes"]
-    # Longest extent 30 mm over max_size 20: 1.5 mm voxels in-plane (24 mm -> 16), the 2.5 mm axis kept at 12.
-    assert shapes[-1] == [16, 16, 12]
+    # Longest extent 30 mm over max_size 20: 1.5 mm voxels in-plane (24 mm -> 16), the 2.5 mm axis kept at 12
+    # (run.json lists axes z-y-x).
+    assert shapes[-1] == [12, 16, 16]
     assert runner.invoke(app, ["sample", str(run_dir), "--num", "1", "--out", str(tmp_path / "s")]).exit_code == 0
     sample = nib.load(str(tmp_path / "s" / "sample_0000.nii.gz"))
     assert sample.shape == (24, 24, 12) and np.allclose(sample.affine, affine)

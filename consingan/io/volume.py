@@ -1,8 +1,12 @@
 """Volume: an image array [C, *spatial] with the geometry and format it came from; readers and writers by file type.
 
-Geometry is kept as one homogeneous affine that maps array indices (in the array's own axis order) to physical
-coordinates, whatever the format: NIfTI's affine as is, ITK's origin / spacing / direction converted. Resizing a
-volume to another grid is then a single rule on that affine (``resized_affine``), shared by every format.
+One geometry convention for every reader: the spatial axes are in NumPy / ITK order, slowest first ((z, y, x) for a
+volume, (row, column) for a picture), and one homogeneous affine maps those array indices to physical coordinates
+in ITK's LPS frame (DICOM's patient frame, millimetres for medical data). ITK files (MHA, NRRD, DICOM, PNG, TIFF)
+arrive in it directly; NIfTI, stored x-y-z in RAS, is transposed and its affine flipped on reading and turned back on
+writing. So an image and its label map, or a paired source and target, may come in different formats (a NIfTI image
+with an MHA label) and still compare voxel for voxel. Resizing a volume to another grid is one rule on that affine
+(``resized_affine``), shared by every format.
 """
 
 from __future__ import annotations
@@ -210,10 +214,19 @@ def _read_nifti(path: Path, spatial_dims: int) -> Volume:
     if spatial_dims == 2:
         # Keep the in-plane part of the 3D affine; the slice position is restored from the header when writing.
         affine = np.delete(np.delete(affine, 2, axis=0), 2, axis=1)
+    array = np.transpose(array, (0, *range(spatial_dims, 0, -1)))  # x-y-z -> z-y-x
     return Volume(
-        np.ascontiguousarray(array, dtype=np.float32), affine, file_suffix(path),
+        np.ascontiguousarray(array, dtype=np.float32), _ras_to_lps_reversed(affine), file_suffix(path),
         np.dtype(image.get_data_dtype()), copy.deepcopy(image.header),
     )
+
+
+def _ras_to_lps_reversed(affine: np.ndarray) -> np.ndarray:
+    """An affine from x-y-z indices to RAS -> one from z-y-x indices to LPS (its own inverse)."""
+    flip = np.diag([-1.0, -1.0] + [1.0] * (affine.shape[0] - 2))
+    result = flip @ affine
+    result[:-1, :-1] = result[:-1, :-1][:, ::-1]
+    return result
 
 
 def _read_numpy(path: Path, spatial_dims: int) -> Volume:
@@ -369,12 +382,13 @@ def _write_nifti(path: Path, volume: Volume, array: np.ndarray) -> None:
     import nibabel as nib
 
     header = volume.header.copy() if volume.header is not None else None
-    affine = volume.affine
+    affine = _ras_to_lps_reversed(volume.affine)  # back to NIfTI's x-y-z indices and RAS
+    array = np.transpose(array, (0, *range(volume.spatial_dims, 0, -1)))
     if volume.spatial_dims == 2:
         base = header.get_best_affine() if header is not None else np.eye(4)
         affine = np.array(base, dtype=np.float64)
         keep = [0, 1, 3]
-        affine[np.ix_(keep, keep)] = volume.affine
+        affine[np.ix_(keep, keep)] = _ras_to_lps_reversed(volume.affine)
     data = np.moveaxis(array, 0, -1)  # [*spatial, C]
     if volume.spatial_dims == 2:
         data = data[:, :, None, :]

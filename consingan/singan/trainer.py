@@ -419,11 +419,21 @@ def check_pyramid(config: TrainConfig, volume: Volume) -> None:
     shapes = volume_pyramid_shapes(volume, config)
     check_network_fits(config, shapes[0])
     distinct = len(set(shapes))
-    if len(shapes) > 1 and distinct < len(shapes):
+    # Every scale the same size (the image's shortest side is min_size, as with the seed's defaults on the shipped
+    # volume) is what the options say and gets a note; a pyramid with some repeated sizes is a mistake.
+    if 1 < distinct < len(shapes):
         raise ConsinganError(
             f"num_scales {config.num_scales} gives only {distinct} different sizes between {shapes[0]} and "
-            f"{shapes[-1]} (scales of the same size learn nothing new); use --num-scales {distinct}"
-            + (" and lower --min-size" if distinct == 1 else ""))
+            f"{shapes[-1]} (scales of the same size learn nothing new); use --num-scales {distinct}")
+
+
+def pyramid_notes(config: TrainConfig, volume: Volume) -> list[str]:
+    """What the user should know about a pyramid that is allowed but unusual."""
+    shapes = volume_pyramid_shapes(volume, config)
+    if len(shapes) > 1 and len(set(shapes)) == 1:
+        return [f"the image's shortest side is min_size ({config.min_size}), so all {len(shapes)} scales have the "
+                f"same size {shapes[0]}; lower --min-size for a coarse-to-fine pyramid"]
+    return []
 
 
 def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
