@@ -46,6 +46,17 @@ def training_image(pyramid: TrainedPyramid) -> tuple[torch.Tensor, IntensityRang
     return resize(torch.from_numpy(space.normalise(volume.array))[None], pyramid.shapes[-1]), space
 
 
+SAMPLING_BYTES = 2**28  # generator activations allowed at once while drawing the samples to evaluate
+
+
+def sampling_batch(pyramid: TrainedPyramid) -> int:
+    """Samples generated at once: 8 for small images, fewer (down to 1) for large volumes, so that the generator's
+    feature maps (about eight alive at a time) stay near ``SAMPLING_BYTES``. Samples do not depend on it."""
+    noise = pyramid.generator.noise_shape(pyramid.num_stages - 1, pyramid.shapes[-1])
+    per_sample = 8 * 4 * pyramid.generator.num_feature_channels * int(np.prod(noise[2:]))
+    return int(max(1, min(8, SAMPLING_BYTES // per_sample)))
+
+
 def _to_space(images: torch.Tensor, trained: IntensityRange, space: IntensityRange) -> torch.Tensor:
     """Generator outputs [N, C, ...] (the run's map) -> the measurement space."""
     return torch.stack([torch.from_numpy(space.normalise(trained.denormalise(image.numpy()))) for image in images])
@@ -60,7 +71,9 @@ def evaluate(run_dir: Path | str, options: EvaluateConfig | None = None) -> dict
     real, space = training_image(pyramid)
     channels = pyramid.image_channels
     trained = pyramid.intensity.channels(channels)
-    fake = _to_space(pyramid.sample(options.num, seed=options.seed)[:, :channels].float().cpu(), trained, space)
+    batch = sampling_batch(pyramid)
+    fake = _to_space(pyramid.sample(options.num, seed=options.seed, batch_size=batch)[:, :channels].float().cpu(),
+                     trained, space)
     with torch.no_grad():
         reconstruction = pyramid.generator(pyramid.generator.reconstruction_inputs()).cpu()[:, :channels]
     reconstruction = _to_space(reconstruction, trained, space)

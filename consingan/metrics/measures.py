@@ -16,6 +16,10 @@ from scipy import linalg, stats
 from consingan.singan.pyramid import gaussian_blur, resize
 
 
+LARGE_SET_BYTES = 2**27  # sample sets above this are measured one sample at a time
+MAX_HISTOGRAM_VALUES = 2**22
+
+
 def _spatial(x: torch.Tensor) -> int:
     return x.dim() - 2
 
@@ -90,13 +94,22 @@ def multiscale_swd(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, 
     """Sliced Wasserstein distance between patches of ``real`` [1, C, ...] and ``fake`` [N, C, ...] per Laplacian
     level (Karras et al. 2018): patches normalised per channel with the real image's statistics at each level."""
     generator = torch.Generator().manual_seed(seed)
-    real_levels, fake_levels = laplacian_pyramid(real, levels), laplacian_pyramid(fake, levels)
+    real_levels = laplacian_pyramid(real, levels)
+    level_stats = [(r.mean(dim=[0, *range(2, r.dim())], keepdim=True),
+              r.std(dim=[0, *range(2, r.dim())], keepdim=True).clamp_min(1e-6)) for r in real_levels]
+    if fake.numel() * fake.element_size() <= LARGE_SET_BYTES:
+        fake_patches = [random_patches((f - m) / s, patch_size, max_patches, generator)
+                        for f, (m, s) in zip(laplacian_pyramid(fake, levels), level_stats)]
+    else:  # large 3D sample sets: one sample's pyramid at a time, an equal share of the patches from each
+        share = -(-max_patches // len(fake))
+        parts = [[] for _ in real_levels]
+        for index in range(len(fake)):
+            for level, (f, (m, s)) in enumerate(zip(laplacian_pyramid(fake[index:index + 1], levels), level_stats)):
+                parts[level].append(random_patches((f - m) / s, patch_size, share, generator))
+        fake_patches = [torch.cat(part)[:max_patches] for part in parts]
     per_level = []
-    for r, f in zip(real_levels, fake_levels):
-        mean = r.mean(dim=[0, *range(2, r.dim())], keepdim=True)
-        std = r.std(dim=[0, *range(2, r.dim())], keepdim=True).clamp_min(1e-6)
-        rp = random_patches((r - mean) / std, patch_size, max_patches, generator)
-        fp = random_patches((f - mean) / std, patch_size, max_patches, generator)
+    for r, (m, s), fp in zip(real_levels, level_stats, fake_patches):
+        rp = random_patches((r - m) / s, patch_size, max_patches, generator)
         per_level.append(sliced_wasserstein(rp.double(), fp.double(), seed=seed))
     # Small images have fewer Laplacian levels than asked for (each level needs 8 voxels a side): say how many.
     return {"per_level": per_level, "mean": float(np.mean(per_level)), "levels": len(per_level)}
@@ -154,8 +167,15 @@ def diversity(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 def histogram_distance(real: torch.Tensor, fake: torch.Tensor) -> list[float]:
     """Wasserstein-1 distance between the intensity distributions of real and generated voxels, per channel."""
-    return [float(stats.wasserstein_distance(real[:, c].flatten().numpy(), fake[:, c].flatten().numpy()))
-            for c in range(real.shape[1])]
+    generator = torch.Generator().manual_seed(0)
+
+    def values(x: torch.Tensor, channel: int) -> np.ndarray:
+        flat = x[:, channel].flatten()
+        if flat.numel() > MAX_HISTOGRAM_VALUES:  # a large 3D set: a fixed random subset estimates the distribution
+            flat = flat[torch.randint(0, flat.numel(), (MAX_HISTOGRAM_VALUES,), generator=generator)]
+        return flat.numpy()
+
+    return [float(stats.wasserstein_distance(values(real, c), values(fake, c))) for c in range(real.shape[1])]
 
 
 def sample_patches(fake: torch.Tensor, patch_size: int, wanted: int, generator: torch.Generator,
