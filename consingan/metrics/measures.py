@@ -222,8 +222,8 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
     chosen = torch.randperm(len(real_patches), generator=generator)[:max_patches]
     # In chunks of training patches, so a large 3D image does not build gigabytes of distances and overlap masks.
     own = torch.full((len(chosen),), float("inf"), dtype=real_patches.dtype)
-    for start in range(0, len(real_patches), 4 * max_patches):
-        part = slice(start, start + 4 * max_patches)
+    for start in range(0, len(real_patches), max_patches):  # the overlap test is int64 [chosen, part, dims]
+        part = slice(start, start + max_patches)
         distances = torch.cdist(real_patches[chosen], real_patches[part])
         overlap = (positions[chosen][:, None, :] - positions[None, part, :]).abs().max(-1).values < patch_size
         distances[overlap] = float("inf")
