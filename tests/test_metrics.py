@@ -116,3 +116,13 @@ def test_inception_stem_from_a_local_file(tmp_path):
     save_state(tmp_path / "other.pth", {"weight": torch.ones(1)})
     with pytest.raises(ConsinganError, match="not an Inception"):
         measures.InceptionStem.from_file(str(tmp_path / "other.pth"))
+
+
+@pytest.mark.parametrize("shape", [(16, 20, 18), (17, 16, 16), (32, 24)])
+def test_random_features_in_slabs_equal_one_piece(shape, monkeypatch):
+    """Large volumes compute the first feature layer slab by slab (bounded memory); the features are the same."""
+    x = torch.randn(2, 1, *shape, generator=torch.Generator().manual_seed(0))
+    features = measures.RandomFeatures(len(shape), 1)
+    whole = features(x)
+    monkeypatch.setattr(measures, "FEATURE_SLAB_BYTES", 4 * 64 * 2 * 3 * 16)  # a few planes per slab
+    torch.testing.assert_close(features(x), whole, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ import torch
 
 from consingan.io import IntensityRange
 from consingan.io.intensity import WINDOW_EDGE
-from consingan.io.preview import MIN_PANEL, contact_sheet, label_image, preview_grid
+from consingan.io.preview import MIN_PANEL, central_slices, contact_sheet, label_image, preview_grid
 from consingan.metrics import measures
 from consingan.singan.health import check_scale, frozen_threshold, longest_frozen_run
 from tests.conftest import TINY, blobs
@@ -101,6 +101,17 @@ def test_preview_panels_are_large_enough_to_judge(shape):
     assert grid.shape[0] >= panel_rows * (MIN_PANEL * min(shape[1:]) // max(shape[1:])) // 2
     sheet = contact_sheet([image] * 5, columns=4)
     assert sheet.shape[1] >= 4 * MIN_PANEL // 2
+
+
+def test_volume_panels_show_superior_at_the_top():
+    """z-y-x volumes (z growing towards the head): the axial panel keeps its rows, coronal and sagittal are flipped."""
+    volume = np.zeros((1, 6, 5, 4), dtype=np.float32)
+    volume[0, :, 0] = -0.5  # the most anterior row
+    volume[0, -1] = 1  # the most superior plane
+    axial, coronal, sagittal = central_slices(volume)
+    assert np.allclose(axial[0, 0], -0.5) and np.allclose(axial[0, 1:], 0) and axial.shape == (1, 5, 4)
+    assert np.allclose(coronal[0, 0], 1) and np.allclose(sagittal[0, 0], 1)  # top row = superior
+    assert np.allclose(coronal[0, -1], 0) and sagittal.shape == (1, 6, 5)
 
 
 def test_label_maps_are_coloured_by_class():

@@ -42,10 +42,15 @@ def _to_display(array: np.ndarray) -> np.ndarray:
 
 
 def central_slices(array: np.ndarray) -> list[np.ndarray]:
-    """The 2D panels of ``array`` [C, *spatial]: itself in 2D, the middle slice along each axis in 3D."""
+    """The 2D panels of ``array`` [C, *spatial]: itself in 2D, the middle slice along each axis in 3D.
+
+    Volumes are z-y-x with an LPS affine (the engine's convention), so the axial panel [y, x] already has anterior at
+    the top; the coronal [z, x] and sagittal [z, y] panels are flipped upside down so that superior is at the top, as
+    a viewer shows them."""
     if array.ndim == 3:
         return [array]
-    return [np.take(array, array.shape[axis] // 2, axis=axis) for axis in (1, 2, 3)]
+    axial, coronal, sagittal = (np.take(array, array.shape[axis] // 2, axis=axis) for axis in (1, 2, 3))
+    return [axial, coronal[:, ::-1], sagittal[:, ::-1]]
 
 
 def preview_grid(images: Sequence[np.ndarray], gap: int = 2, min_panel: int = MIN_PANEL) -> np.ndarray:

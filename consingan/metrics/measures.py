@@ -16,8 +16,11 @@ from scipy import linalg, stats
 from consingan.singan.pyramid import gaussian_blur, resize
 
 
-LARGE_SET_BYTES = 2**27  # sample sets above this are measured one sample at a time
+# Sample sets above this are measured one sample at a time (a Laplacian pyramid of a whole set takes several times
+# the set's size: 1.7 GB for sixteen 128^3 samples).
+LARGE_SET_BYTES = 2**25
 MAX_HISTOGRAM_VALUES = 2**22
+FEATURE_SLAB_BYTES = 2**26  # the random features' first layer is computed in slabs above this
 
 
 def _spatial(x: torch.Tensor) -> int:
@@ -135,11 +138,31 @@ class RandomFeatures(torch.nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Feature vectors [P, width], one per position of the final map."""
-        for index, weight in enumerate(self.weights):
+        x = self._first_layer(x)
+        for weight in self.weights[1:]:
             x = F.relu(self.conv(x, weight, padding=1))
-            if index == 0 and min(x.shape[2:]) >= 8:
-                x = self.pool(x, 2)
         return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+    def _first_layer(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolution, ReLU and (when the map is large enough) pooling of the first layer, computed in slabs along
+        the first spatial axis when its full-resolution, full-width output would exceed ``FEATURE_SLAB_BYTES`` (a
+        128^3 volume's would take 512 MB): each slab reads one voxel of the zero-padded input either side, so the
+        result is the same as in one piece."""
+        weight, pool = self.weights[0], min(x.shape[2:]) >= 8
+        full_bytes = x.shape[0] * weight.shape[0] * math.prod(x.shape[2:]) * x.element_size()
+        if full_bytes <= FEATURE_SLAB_BYTES:
+            x = F.relu(self.conv(x, weight, padding=1))
+            return self.pool(x, 2) if pool else x
+        padded = F.pad(x, [1, 1] * (x.dim() - 2))
+        # Pooling drops an odd last plane; an even slab depth keeps the 2-wide pooling windows inside single slabs.
+        depth = x.shape[2] - x.shape[2] % 2 if pool else x.shape[2]
+        step = max(2, 2 * int(depth * FEATURE_SLAB_BYTES / full_bytes / 2))
+        slabs = []
+        for start in range(0, depth, step):
+            stop = min(depth, start + step)
+            slab = F.relu(self.conv(padded[:, :, start:stop + 2], weight))
+            slabs.append(self.pool(slab, 2) if pool else slab)
+        return torch.cat(slabs, dim=2)
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
