@@ -79,6 +79,8 @@ class TrainConfig:
     window_high_percentile: float = _opt(99.5, "Upper percentile of the intensity window.")
     upsampling: str = _opt("linear", "Resampling between generator stages: 'linear' or 'cubic' (2D only; the "
                            "reference's bicubic).")
+    gradient_penalty_every: int = _opt(1, "Compute the gradient penalty on every k-th critic update only, weighted "
+                                       "by k (lazy regularisation, as StyleGAN2 does for R1); 1: on every update.")
     generator_update: str = _opt("fresh", "Generator updates per epoch: 'fresh' (Gsteps updates, each from new noise "
                                  "and its own gradient) or 'repeat' (one gradient applied Gsteps times, as the "
                                  "official ConSinGAN does).")
@@ -87,7 +89,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise ``ConsinganError`` naming the first option whose value is not allowed; return self."""
         positive_ints = ["epochs", "num_scales", "active_scales", "num_layers", "num_feature_channels", "kernel_size",
-                         "Dsteps", "Gsteps", "max_size", "min_size"]
+                         "Dsteps", "Gsteps", "max_size", "min_size", "gradient_penalty_every"]
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -103,6 +105,9 @@ class TrainConfig:
                 raise ConsinganError(f"{name} must be {kind}, got {value!r}")
         if self.dimension not in (2, 3):
             raise ConsinganError(f"dimension must be 2 or 3, got {self.dimension!r}")
+        if self.gradient_penalty_every > self.Dsteps:  # every epoch computes the penalty at least once
+            raise ConsinganError(f"gradient_penalty_every ({self.gradient_penalty_every}) must not exceed Dsteps "
+                                 f"({self.Dsteps})")
         if self.kernel_size % 2 != 1:
             raise ConsinganError(f"kernel_size must be odd, got {self.kernel_size}")
         if not isinstance(self.padding, int) or not 0 <= self.padding <= (self.kernel_size - 1) // 2:

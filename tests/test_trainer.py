@@ -74,6 +74,32 @@ def test_each_generator_and_critic_step_is_a_real_update_with_its_own_gradient(t
     assert optimizer_g.state[tail_weight]["step"].item() == 3
 
 
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_lazy_gradient_penalty_runs_every_kth_critic_update_weighted_by_k(tmp_path, monkeypatch, every):
+    import consingan.singan.trainer as trainer_module
+
+    trainer = make_trainer(tmp_path, Dsteps=3, gradient_penalty_every=every, batch_norm=False)
+    trainer.grow(0)
+    optimizer_g, optimizer_d, _ = trainer.make_optimizers()
+    calls = []
+    penalty = trainer_module.gradient_penalty
+    monkeypatch.setattr(trainer_module, "gradient_penalty", lambda *a, **k: calls.append(1) or penalty(*a, **k))
+    for epoch in range(1, 5):
+        losses = trainer.train_epoch(0, optimizer_g, optimizer_d, epoch)
+        assert np.isfinite(losses["gradient_penalty"])
+    assert len(calls) == -(-4 * 3 // every)  # critic updates 0, k, 2k, ... over 4 epochs of 3
+
+
+def test_a_critic_without_batch_norm_scores_real_and_fake_alike_in_one_batch(tmp_path):
+    trainer = make_trainer(tmp_path, batch_norm=False)
+    trainer.grow(0)
+    real = trainer.reals[0]
+    fake = torch.rand_like(real) * 2 - 1
+    together = trainer.critic(torch.cat([real, fake]))
+    torch.testing.assert_close(together[:1], trainer.critic(real), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together[1:], trainer.critic(fake), rtol=1e-5, atol=1e-6)
+
+
 def test_only_active_stages_train_and_critic_carries_over(tmp_path):
     trainer = make_trainer(tmp_path, active_scales=1, epochs=2)
     trainer.train_scale(0)

@@ -128,6 +128,7 @@ class SinGANTrainer:
         self.generator = GrowingGenerator(config.dimension, volume.channels, upsampling=config.upsampling,
                                           **block).to(self.device)
         self.critic = Critic(config.dimension, volume.channels, batch_norm=config.batch_norm, **block).to(self.device)
+        self.last_penalty = float("nan")  # the latest gradient penalty (lazy: not computed on every update)
 
     # --- one scale -----------------------------------------------------------------------------------------------
 
@@ -166,7 +167,7 @@ class SinGANTrainer:
         return optimizer_g, optimizer_d, schedulers
 
     def train_epoch(
-        self, stage: int, optimizer_g: torch.optim.Optimizer, optimizer_d: torch.optim.Optimizer
+        self, stage: int, optimizer_g: torch.optim.Optimizer, optimizer_d: torch.optim.Optimizer, epoch: int = 1
     ) -> dict[str, float]:
         config, generator, critic = self.config, self.generator, self.critic
         real = self.reals[stage]
@@ -176,11 +177,20 @@ class SinGANTrainer:
         with torch.no_grad():
             fake = generator(generator.sample_noise(shapes))
         critic.requires_grad_(True)
-        for _ in range(config.Dsteps):
+        every = config.gradient_penalty_every
+        for step in range((epoch - 1) * config.Dsteps, epoch * config.Dsteps):
             optimizer_d.zero_grad(set_to_none=True)
-            critic_loss = wasserstein_critic_loss(critic(real), critic(fake))
-            penalty = gradient_penalty(critic, real, fake, config.gradient_penalty)
-            (critic_loss + config.lambda_grad_penalty * penalty).backward()
+            if config.batch_norm:  # batch statistics: real and fake must be normalised apart
+                critic_loss = wasserstein_critic_loss(critic(real), critic(fake))
+            else:  # one batch of two: the same scores, and PyTorch's faster CPU convolution path
+                scores = critic(torch.cat([real, fake]))
+                critic_loss = wasserstein_critic_loss(scores[:1], scores[1:])
+            loss = critic_loss
+            if step % every == 0:  # lazy regularisation: every k-th update, weighted by k
+                penalty = gradient_penalty(critic, real, fake, config.gradient_penalty)
+                self.last_penalty = penalty.item()
+                loss = loss + config.lambda_grad_penalty * every * penalty
+            loss.backward()
             optimizer_d.step()
 
         critic.requires_grad_(False)  # no critic gradients are needed for generator updates
@@ -205,7 +215,7 @@ class SinGANTrainer:
                 optimizer_g.step()
         critic.requires_grad_(True)
         return {
-            "critic": critic_loss.item(), "gradient_penalty": penalty.item(),
+            "critic": critic_loss.item(), "gradient_penalty": self.last_penalty,
             "adversarial": adversarial.item(), "reconstruction": rec.item(),
         }
 
@@ -232,7 +242,7 @@ class SinGANTrainer:
         started = time.perf_counter() - seconds_before
         optimizers = (optimizer_g, optimizer_d, schedulers)
         for epoch in range(start_epoch + 1, config.epochs + 1):
-            losses = self.train_epoch(stage, optimizer_g, optimizer_d)
+            losses = self.train_epoch(stage, optimizer_g, optimizer_d, epoch)
             for scheduler in schedulers:
                 scheduler.step()
             if not all(math.isfinite(v) for v in losses.values()):
