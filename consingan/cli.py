@@ -250,7 +250,9 @@ def evaluate_command(
             title = f"evaluation of {samples} against {image.name} ({len(result['_arrays']['fake'])} samples)"
         else:
             result = evaluate(run_dir, options)
-            title = f"evaluation of {run_dir} (scale {result['scale']}, {num} samples)"
+            where = f"{len(result['classes'])} classes, {num} samples each" if result.get("family") == \
+                "conditional" else f"scale {result['scale']}, {num} samples"
+            title = f"evaluation of {run_dir} ({where})"
         json_path, png_path = write_report(result, out)
         table = Table(title=title, header_style="bold")
         table.add_column("measure")
@@ -315,6 +317,75 @@ def paired_predict(
 
         written = predict_paired(run_dir, source, out, device)
         console.print(f"wrote {len(written)} images to [bold]{out}[/]")
+    except ConsinganError as error:
+        fail(str(error))
+
+
+conditional_app = typer.Typer(help="Class-conditional GAN on a labelled set of images or volumes (2D, 3D).",
+                               no_args_is_help=True)
+app.add_typer(conditional_app, name="conditional")
+
+
+def _conditional_train(config_file: Path | None = None, resume: Path | None = None, **flags: Any) -> None:
+    """Train a class-conditional GAN on a folder of class folders (or a CSV of path,class)."""
+    try:
+        from consingan.config import ConditionalConfig, resolve_config
+        from consingan.conditional.trainer import prepare_conditional, resume_conditional, train_conditional
+        from consingan.ui import epoch_progress
+
+        if resume is not None:
+            _refuse_ignored_flags(ConditionalConfig, resume, config_file, flags)
+            from consingan.runs import RunFolder
+
+            with epoch_progress(console, RunFolder.open(resume, "conditional").config.epochs) as progress:
+                result = resume_conditional(resume, progress, device=flags.get("device"))
+        else:
+            config, data = prepare_conditional(resolve_config(config_file, flags, ConditionalConfig))
+            counts = ", ".join(f"{name} {count}" for name, count in zip(data.classes, data.counts()))
+            console.print(f"{len(data.labels)} images in {len(data.classes)} classes: {counts}"
+                          + ("; drawn class-balanced" if config.balance else ""), highlight=False)
+            with epoch_progress(console, config.epochs) as progress:
+                result = train_conditional(config, progress, prepared=(config, data))
+        console.print(f"run folder: [bold]{result.run_dir}[/]")
+    except ConsinganError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: the last finished epoch is saved in the run folder (--resume)")
+        raise typer.Exit(code=130)
+
+
+def _conditional_parameters() -> list[inspect.Parameter]:
+    from consingan.config import ConditionalConfig
+
+    return _command_parameters(ConditionalConfig, dry_run=False)
+
+
+conditional_app.command("train", help="Train a class-conditional GAN on --data (one sub-folder per class, or a CSV "
+                                      "of path,class); writes a new run folder under out/.")(
+    _register(_conditional_train, _conditional_parameters()))
+
+
+@conditional_app.command("sample")
+def conditional_sample(
+    run_dir: Annotated[Path, typer.Argument(help="Conditional run folder.")],
+    out: Annotated[Path, typer.Option("--out", help="New output folder: one sub-folder per class.")],
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Class to draw (all when omitted).")] = None,
+    num: Annotated[int, typer.Option("--num", help="Samples per class.")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same files.")] = 0,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+) -> None:
+    """Draw samples of one class or of every class from the run's EMA generator."""
+    try:
+        from consingan.config import check_seed
+        from consingan.conditional.sampler import TrainedConditional
+
+        check_seed(seed)
+        if num < 1:
+            raise ConsinganError(f"--num must be at least 1, got {num}")
+        model = TrainedConditional.load(run_dir, device)
+        names = [class_name] if class_name is not None else model.classes
+        written = model.write(out, names, num, seed)
+        console.print(f"wrote {len(written)} samples ({num} per class, {len(names)} classes) to [bold]{out}[/]")
     except ConsinganError as error:
         fail(str(error))
 

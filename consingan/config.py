@@ -245,6 +245,118 @@ class PairedConfig:
         return 2 ** self.resolved_depth()
 
 
+CONDITIONAL_LOSSES = ("hinge", "bce", "lsgan", "wgan-gp")
+CONDITIONINGS = ("projection", "acgan")
+
+
+@dataclass
+class ConditionalConfig:
+    """Every option of ``consingan conditional train`` with its default (seed 001, with its recommended fixes)."""
+
+    data: str = _opt("", "A folder with one sub-folder of images per class, or a CSV file of path,class rows.")
+    dimension: int = _opt(2, "Spatial dimensions: 2 or 3.", flag="--dim")
+    size: int = _opt(64, "Side of the generated images (a power of two times 4: 16, 32, 64, 128, 256).")
+    fit: str = _opt("resize", "How images reach size^dims: 'resize' (every axis) or 'crop' (shortest side to size, "
+                    "then a central crop).")
+    epochs: int = _opt(100, "Epochs (passes over the data set, drawn class-balanced).")
+    batch_size: int = _opt(16, "Images per batch (per step; see accumulate).")
+    accumulate: int = _opt(1, "Batches whose gradients are summed before each optimiser step (a larger batch).")
+    noise_dim: int = _opt(128, "Length of the noise vector.")
+    embedding_dim: int = _opt(32, "Length of the learned class embedding fed to the generator with the noise.")
+    base_channels: int = _opt(32, "Channels of the generator's last stage and of the discriminator's first layer.")
+    max_channels: int = _opt(256, "Upper limit of channels at any stage.")
+    attention: int = _opt(-1, "Side at which a self-attention block sits in generator and discriminator (0: none; "
+                          "-1: 32, or half the size for smaller images).")
+    conditioning: str = _opt("projection", "Discriminator conditioning: 'projection' (Miyato & Koyama 2018) or "
+                             "'acgan' (an auxiliary classifier head).")
+    discriminator_scales: int = _opt(1, "Discriminators on the image downsampled 1, 2, 4 ... times (1: one).")
+    loss: str = _opt("hinge", "Adversarial loss: " + ", ".join(CONDITIONAL_LOSSES) + ".")
+    label_smoothing: float = _opt(0.0, "One-sided label smoothing for 'bce': real targets become 1 - this.")
+    lambda_grad_penalty: float = _opt(10.0, "Weight of the gradient penalty ('wgan-gp').")
+    lambda_classifier: float = _opt(1.0, "Weight of the auxiliary classification loss ('acgan').")
+    perceptual_weights: str = _opt("", "Local VGG-19 state dict: adds a perceptual loss between the batch-mean VGG "
+                                   "features of real and generated images of the same classes (2D; off when empty).")
+    lambda_perceptual: float = _opt(1.0, "Weight of the perceptual loss.")
+    lambda_texture: float = _opt(0.0, "Weight of a Gram-matrix texture loss on the discriminator's features "
+                                 "(or VGG's, when given); 0: off.")
+    lr_g: float = _opt(1e-4, "Generator learning rate (TTUR).")
+    lr_d: float = _opt(4e-4, "Discriminator learning rate (TTUR).")
+    beta1: float = _opt(0.0, "First Adam beta.")
+    beta2: float = _opt(0.9, "Second Adam beta.")
+    ema_decay: float = _opt(0.999, "Decay of the generator's exponential moving average (used for every sample).")
+    flips: bool = _opt(True, "Random flips along every spatial axis.")
+    rotations: bool = _opt(False, "Random 90-degree rotations (in 3D: in a random plane).")
+    intensity_jitter: float = _opt(0.0, "Random intensity scale and shift of up to this fraction (0: off).")
+    balance: bool = _opt(True, "Draw classes equally often (weighted sampling), whatever their image counts.")
+    intensity_mapping: str = _opt("window", "Intensities onto [-1, 1], per channel over the whole set: 'window' or "
+                                  "'minmax' (as consingan train).")
+    preview_every: int = _opt(10, "Write the per-class preview grid every N epochs (0: at the end only).")
+    out_dir: str = _opt("out", "Root folder under which a new run folder is created.")
+    run_name: str = _opt("", "Name of the run folder under out_dir (default: conditional_NNN).")
+    seed: int | None = _opt(None, "Random seed; drawn at random and recorded in config.json when not given.")
+    device: str = _opt("auto", "Device: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
+    num_workers: int = _opt(0, "DataLoader worker processes.")
+
+    def validate(self) -> "ConditionalConfig":
+        """Raise ``ConsinganError`` naming the first option whose value is not allowed; return self."""
+        check_common(self)
+        if self.dimension not in (2, 3):
+            raise ConsinganError(f"dimension must be 2 or 3, got {self.dimension}")
+        for name in ("epochs", "batch_size", "accumulate", "noise_dim", "embedding_dim", "base_channels",
+                     "max_channels", "discriminator_scales"):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) <= 0:
+                raise ConsinganError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.attention < -1:
+            raise ConsinganError(f"attention must be -1 (automatic), 0 (none) or a side, got {self.attention}")
+        for name in ("preview_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConsinganError(f"{name} must be zero or positive, got {getattr(self, name)}")
+        stages = self.num_stages()
+        if stages < 1 or 4 * 2**stages != self.size:
+            raise ConsinganError(f"size must be 4 x a power of two, at least 8 (8, 16, 32, 64 ...), got {self.size}")
+        if self.attention > 0 and (self.attention not in [4 * 2**k for k in range(stages + 1)]):
+            raise ConsinganError(f"attention must be 0 or a side the networks pass through (4, 8, ... {self.size}), "
+                                 f"got {self.attention}")
+        if 2 ** (self.discriminator_scales - 1) * 8 > self.size:
+            raise ConsinganError(f"{self.discriminator_scales} discriminator scales need size of at least "
+                                 f"{2 ** (self.discriminator_scales - 1) * 8}")
+        choices = {"loss": CONDITIONAL_LOSSES, "conditioning": CONDITIONINGS, "fit": ("resize", "crop"),
+                   "intensity_mapping": ("window", "minmax")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConsinganError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name in ("lr_g", "lr_d"):
+            if getattr(self, name) <= 0:
+                raise ConsinganError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lambda_grad_penalty", "lambda_classifier", "lambda_perceptual", "lambda_texture",
+                     "intensity_jitter"):
+            if getattr(self, name) < 0:
+                raise ConsinganError(f"{name} must be zero or positive, got {getattr(self, name)}")
+        for name in ("beta1", "beta2", "ema_decay", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConsinganError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.intensity_jitter >= 1:
+            raise ConsinganError(f"intensity_jitter must be below 1, got {self.intensity_jitter}")
+        if self.perceptual_weights and self.dimension != 2:
+            raise ConsinganError("the perceptual loss (VGG-19) is 2D only")
+        return self
+
+    def resolved_attention(self) -> int:
+        """The side of the self-attention block (0: none)."""
+        return min(32, self.size // 2) if self.attention == -1 else self.attention
+
+    def num_stages(self) -> int:
+        """Upsampling stages from the 4-voxel start to ``size``."""
+        return max(0, int(round(math.log2(max(self.size, 1) / 4))))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ConditionalConfig":
+        return apply_overrides(cls(), values, source)
+
+
 MAX_SEED = 2**63 - 1  # torch and numpy seeds are 64-bit; one bit kept for signed C APIs
 
 

@@ -50,14 +50,16 @@ def reconstruction_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return F.mse_loss(output, target)
 
 
-def adversarial_loss(logits: torch.Tensor, target_is_real: bool, mode: str, for_discriminator: bool = True
-                     ) -> torch.Tensor:
+def adversarial_loss(logits: torch.Tensor, target_is_real: bool, mode: str, for_discriminator: bool = True,
+                     real_label: float = 1.0) -> torch.Tensor:
     """One GAN criterion on raw logits: 'lsgan' (squared error to 1/0), 'bce' (binary cross-entropy with logits),
-    'hinge' (discriminator: relu(1 -/+ logits); generator: -logits), 'wgan' (-/+ mean logits)."""
+    'hinge' (discriminator: relu(1 -/+ logits); generator: -logits), 'wgan' (-/+ mean logits). ``real_label`` below 1
+    is one-sided label smoothing of the discriminator's real targets ('bce', 'lsgan')."""
+    target = (real_label if for_discriminator else 1.0) if target_is_real else 0.0
     if mode == "lsgan":
-        return F.mse_loss(logits, torch.full_like(logits, 1.0 if target_is_real else 0.0))
+        return F.mse_loss(logits, torch.full_like(logits, target))
     if mode == "bce":
-        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, 1.0 if target_is_real else 0.0))
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
     if mode == "hinge":
         if not for_discriminator:
             return -logits.mean()
@@ -73,4 +75,18 @@ def feature_matching_loss(fake_features: list, real_features: list) -> torch.Ten
     if fake_features and isinstance(fake_features[0], torch.Tensor):
         fake_features, real_features = [fake_features], [real_features]
     terms = [F.l1_loss(f, r.detach()) for fs, rs in zip(fake_features, real_features) for f, r in zip(fs[:-1], rs[:-1])]
+    return torch.stack(terms).mean()
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """Channel-by-channel correlations [N, C, C] of feature maps [N, C, *spatial], divided by C x positions."""
+    flat = features.flatten(2)
+    return flat @ flat.transpose(1, 2) / flat.shape[1] / flat.shape[2]
+
+
+def texture_loss(fake_features: list[torch.Tensor], real_features: list[torch.Tensor]) -> torch.Tensor:
+    """Gram-matrix (style) loss: squared distance between the batch-mean Gram matrices of fake and real features,
+    averaged over layers (real features are targets, not trained through)."""
+    terms = [F.mse_loss(gram_matrix(f).mean(0), gram_matrix(r.detach()).mean(0))
+             for f, r in zip(fake_features, real_features)]
     return torch.stack(terms).mean()

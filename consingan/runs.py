@@ -32,11 +32,11 @@ import torch
 
 from consingan import __version__
 from consingan.checkpoint import load_state, make_run_dir, save_json, save_state, save_text
-from consingan.config import PairedConfig, TrainConfig, check_device_name
+from consingan.config import ConditionalConfig, PairedConfig, TrainConfig, check_device_name
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding
 
-FAMILIES = {"singan": TrainConfig, "paired": PairedConfig}
+FAMILIES = {"singan": TrainConfig, "paired": PairedConfig, "conditional": ConditionalConfig}
 # Options added after the first runs were written, with the behaviour those runs were trained with: a run folder
 # without them is read as it was trained, not with today's defaults.
 LEGACY_OPTIONS = {"singan": {"gradient_penalty": "image", "intensity_mapping": "minmax", "upsampling": "linear"}}
@@ -98,6 +98,8 @@ class RunInfo:
     nifti_header: str | None = None
     labels: LabelEncoding | None = None
     inputs: InputInfo | None = None
+    classes: list[str] = field(default_factory=list)  # class names of a conditional run, in label order
+    class_counts: list[int] = field(default_factory=list)  # its training images per class
     consingan_version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +157,9 @@ class RunInfo:
                 raise ValueError("source_affine is not a finite homogeneous matrix")
         if self.family == "paired" and self.inputs is None:
             raise ValueError("a paired run needs its input description")
+        if self.family == "conditional" and (not self.classes or not all(isinstance(c, str) and c for c in self.classes)
+                                             or len(set(self.classes)) != len(self.classes)):
+            raise ValueError("a conditional run needs its distinct class names")
 
 
 @dataclass

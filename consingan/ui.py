@@ -71,3 +71,27 @@ def summary_table(scales: Sequence[ScaleSummary]) -> Table:
     total = sum(s.seconds for s in scales)
     table.caption = f"total {total / 60:.1f} min"
     return table
+
+
+class epoch_progress:
+    """A rich progress bar over epochs for the dataset families; the object is the trainers' ``progress(epoch,
+    losses)`` callback (losses shown by name)."""
+
+    def __init__(self, console: Console, total: int | None = None) -> None:
+        self.progress = Progress(TextColumn("[bold]epochs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console)
+        self.task = self.progress.add_task("epochs", total=total, losses="")
+
+    def __enter__(self) -> "epoch_progress":
+        return self  # the bar appears with the first finished epoch, after every check has passed
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, epoch: int, losses: dict[str, float]) -> None:
+        if not self.progress.live.is_started:
+            self.progress.start()
+        text = " ".join(f"{name} {value:.4f}" for name, value in losses.items() if name not in ("epoch", "seconds"))
+        self.progress.update(self.task, completed=epoch, losses=text)
+        if not self.progress.console.is_terminal:  # a log: one line per epoch instead of a redrawn bar
+            self.progress.console.print(f"epoch {epoch}: {text} ({losses.get('seconds', 0):.1f} s)", highlight=False)

@@ -14,6 +14,7 @@ from consingan.io import SUPPORTED_SUFFIXES, IntensityRange, file_suffix, read_v
 from consingan.io.preview import contact_sheet, write_png
 from consingan.metrics import measures
 from consingan.singan.pyramid import resize
+from consingan.runs import RunFolder
 from consingan.singan.sampler import TrainedPyramid
 
 
@@ -67,6 +68,8 @@ def evaluate(run_dir: Path | str, options: EvaluateConfig | None = None) -> dict
     options = options or EvaluateConfig()
     if options.num < 2:
         raise ConsinganError("--num must be at least 2 (diversity needs several samples)")
+    if RunFolder.open(run_dir).family == "conditional":
+        return evaluate_conditional(run_dir, options)
     pyramid = TrainedPyramid.load(run_dir, device=options.device)
     real, space = training_image(pyramid)
     channels = pyramid.image_channels
@@ -84,6 +87,82 @@ def evaluate(run_dir: Path | str, options: EvaluateConfig | None = None) -> dict
         "settings": asdict(options),
         **compute_measures(real, fake, reconstruction, options),
         "_loss_logs": pyramid.run.loss_logs(),
+    }
+
+
+def image_features(images: torch.Tensor, features: measures.RandomFeatures) -> np.ndarray:
+    """One vector per image [N, width]: its random features averaged over positions."""
+    return np.stack([features(image[None]).mean(0).double().numpy() for image in images])
+
+
+def class_consistency(real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray, fake_labels: np.ndarray,
+                      num_classes: int) -> dict:
+    """Nearest-class-centroid classification on image features standardised by the real set: the share of samples
+    given their own class (chance: 1 / classes), beside the same classifier on the real images (leave-one-out),
+    the ceiling this measure can show on this set."""
+    mean, std = real.mean(0), real.std(0) + 1e-8
+    real, fake = (real - mean) / std, (fake - mean) / std
+    centroids = np.stack([real[real_labels == k].mean(0) for k in range(num_classes)])
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return np.argmin(((x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+
+    loo = []
+    for index in range(len(real)):
+        own = real_labels[index]
+        members = (real_labels == own)
+        members[index] = False
+        if not members.any():
+            continue
+        held_out = centroids.copy()
+        held_out[own] = real[members].mean(0)
+        loo.append(np.argmin(((real[index] - held_out) ** 2).sum(-1)) == own)
+    return {"accuracy": float((predict(fake) == fake_labels).mean()), "chance": 1.0 / num_classes,
+            "real_accuracy_leave_one_out": float(np.mean(loo)) if loo else None}
+
+
+def evaluate_conditional(run_dir: Path | str, options: EvaluateConfig) -> dict:
+    """A conditional run: per class and overall, the random-feature Frechet distance (positions of every image),
+    multi-scale SWD and diversity of ``options.num`` EMA samples against the class's training images, and class
+    consistency. Measured in the set's min-max space."""
+    from consingan.conditional.data import load_labelled
+    from consingan.conditional.sampler import TrainedConditional
+
+    model = TrainedConditional.load(run_dir, options.device)
+    config, info = model.run.config, model.run.info
+    data = load_labelled(config.data, config.dimension, config.size, config.fit, config.intensity_mapping,
+                         int(config.seed))
+    space = IntensityRange(info.intensity.minimum, info.intensity.maximum)
+    real = _to_space(data.images, info.intensity, space)
+    fakes = [_to_space(model.sample(name, options.num, options.seed), info.intensity, space) for name in info.classes]
+    features = measures.RandomFeatures(config.dimension, info.channels, seed=options.seed)
+    per_class = {}
+    for index, (name, fake) in enumerate(zip(info.classes, fakes)):
+        members = real[data.labels == index]
+        per_class[name] = {
+            "real_images": len(members),
+            "random_feature_frechet": measures.frechet_distance(features(members).double().numpy(),
+                                                                features(fake).double().numpy()),
+            "swd": measures.multiscale_swd(members, fake, options.patch_size, options.swd_levels, seed=options.seed),
+            "diversity": measures.diversity(members, fake),
+        }
+    fake_all = torch.cat(fakes)
+    fake_labels = np.repeat(np.arange(len(info.classes)), options.num)
+    consistency = class_consistency(image_features(real, features), data.labels.numpy(),
+                                    image_features(fake_all, features), fake_labels, len(info.classes))
+    firsts = torch.stack([real[data.labels == k][0] for k in range(len(info.classes))])
+    return {
+        "run": str(Path(run_dir).resolve()), "family": "conditional", "scale": None,
+        "shape": [config.size] * config.dimension, "classes": info.classes, "settings": asdict(options),
+        "random_feature_frechet": measures.frechet_distance(features(real).double().numpy(),
+                                                            features(fake_all).double().numpy()),
+        "swd": measures.multiscale_swd(real, fake_all, options.patch_size, options.swd_levels, seed=options.seed),
+        "diversity": float(np.mean([c["diversity"] for c in per_class.values()])),
+        "histogram_w1": measures.histogram_distance(real, fake_all),
+        "class_consistency": consistency,
+        "per_class": per_class,
+        "_arrays": {"real": firsts, "fake": torch.stack([f[i] for i in range(min(3, options.num)) for f in fakes])},
+        "_loss_logs": {},
     }
 
 
@@ -182,6 +261,8 @@ def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
 
 
 def summary_rows(result: dict) -> list[tuple[str, str]]:
+    if result.get("family") == "conditional":
+        return conditional_rows(result)
     memo = result["memorisation"]
     rows = [(f"SWD level {i}", f"{v:.4f}") for i, v in enumerate(result["swd"]["per_level"])]
     rows += [
@@ -200,4 +281,20 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
                  ("reconstruction SSIM", f"{result['reconstruction']['ssim']:.4f}")]
     if "sifid_inception" in result:
         rows.append(("SIFID (Inception)", f"{result['sifid_inception']:.4f}"))
+    return rows
+
+
+def conditional_rows(result: dict) -> list[tuple[str, str]]:
+    consistency = result["class_consistency"]
+    ceiling = consistency["real_accuracy_leave_one_out"]
+    rows = [("Frechet (random features), all classes", f"{result['random_feature_frechet']:.4f}"),
+            ("SWD mean, all classes", f"{result['swd']['mean']:.4f}"),
+            ("diversity (mean over classes)", f"{result['diversity']:.4f}"),
+            ("class consistency (samples given their class)",
+             f"{consistency['accuracy']:.0%} (chance {consistency['chance']:.0%}"
+             + (f", real images {ceiling:.0%})" if ceiling is not None else ")"))]
+    for name, values in result["per_class"].items():
+        rows.append((f"class {name}: Frechet / SWD / diversity",
+                     f"{values['random_feature_frechet']:.4f} / {values['swd']['mean']:.4f} / "
+                     f"{values['diversity']:.4f}"))
     return rows

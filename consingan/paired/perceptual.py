@@ -48,14 +48,25 @@ class VGGPerceptualLoss(nn.Module):
         module.load_state_dict({k: state[k] for k in wanted}, strict=False)
         return module.eval()
 
-    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        if fake.dim() != 4:
+    def tapped(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """VGG features of 2D images [N, 1 or 3, H, W] in [-1, 1] after relu1_1 ... relu5_1."""
+        if x.dim() != 4:
             raise ConsinganError("the perceptual loss works on 2D images")
-        fake, real = [(x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x) for x in (fake, real)]
-        fake, real = [((x + 1) / 2 - self.mean) / self.std for x in (fake, real)]
-        loss = fake.new_zeros(())
+        x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+        x = ((x + 1) / 2 - self.mean) / self.std
+        taps = []
         for index, layer in enumerate(self.features):
-            fake, real = layer(fake), layer(real)
+            x = layer(x)
             if index in _TAPS:
-                loss = loss + _TAPS[index] * F.l1_loss(fake, real.detach())
-        return loss
+                taps.append(x)
+        return taps
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        return sum(weight * F.l1_loss(f, r.detach())
+                   for weight, f, r in zip(_TAPS.values(), self.tapped(fake), self.tapped(real)))
+
+    def batch_mean_loss(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """For unpaired batches (the conditional GAN): weighted L1 between the batch-mean features of fake and
+        real images, which compares what the two sets look like on average rather than image to image."""
+        return sum(weight * F.l1_loss(f.mean(0), r.detach().mean(0))
+                   for weight, f, r in zip(_TAPS.values(), self.tapped(fake), self.tapped(real)))

@@ -1,0 +1,281 @@
+"""Training of the class-conditional GAN: TTUR, EMA generator, gradient accumulation, resumable per epoch."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from consingan.conditional.data import LabelledSet, augment, class_balanced_sampler, load_labelled
+from consingan.conditional.models import attention_bytes, build_models
+from consingan.conditional.sampler import EMA_NAME, MODEL_NAMES, preview_grid_png
+from consingan.config import ConditionalConfig
+from consingan.errors import ConsinganError
+from consingan.losses import adversarial_loss, gradient_penalty, texture_loss
+from consingan.runs import RunFolder, RunInfo, TrainingState, load_weights, resolve_device
+from consingan.singan.memory import available_bytes
+
+ATTENTION_SHARE = 0.5  # self-attention maps may take at most this share of the free memory
+
+
+@dataclass
+class ConditionalResult:
+    run_dir: Path
+    config: ConditionalConfig
+    losses: list[dict] = field(default_factory=list)
+
+
+def ema_update(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """average <- decay x average + (1 - decay) x model for parameters; buffers (batch-norm statistics) copied."""
+    with torch.no_grad():
+        for mean, current in zip(average.parameters(), model.parameters()):
+            mean.lerp_(current, 1.0 - decay)
+        for mean, current in zip(average.buffers(), model.buffers()):
+            mean.copy_(current)
+
+
+def check_attention_fits(config: ConditionalConfig, free_bytes: int) -> None:
+    """Refuse a self-attention placement whose (positions)^2 maps would not fit, naming the sides that would."""
+    side = config.resolved_attention()
+    if not side:
+        return
+    batch = 2 * config.batch_size  # the discriminator sees real and fake batches
+    needed = attention_bytes(side, config.dimension, batch)
+    limit = ATTENTION_SHARE * free_bytes
+    if needed > limit:
+        sides = [4 * 2**k for k in range(config.num_stages() + 1)]
+        fitting = [s for s in sides if attention_bytes(s, config.dimension, batch) <= limit]
+        hint = f"--attention {max(fitting)} (or 0: none)" if fitting else "--attention 0"
+        raise ConsinganError(
+            f"self-attention at side {side} in {config.dimension}D needs about {needed / 2**30:.1f} GiB "
+            f"for a batch of {config.batch_size} (it grows with the square of the voxel count); "
+            f"{limit / 2**30:.1f} GiB is available for it: use {hint} or a smaller --batch-size")
+
+
+def discriminator_terms(outputs: list[tuple], real: bool, config: ConditionalConfig, labels: torch.Tensor,
+                        for_discriminator: bool = True) -> torch.Tensor:
+    """The adversarial (and AC-GAN class) loss over every discriminator scale, averaged."""
+    mode = "wgan" if config.loss == "wgan-gp" else config.loss
+    smoothing = 1.0 - config.label_smoothing if config.loss == "bce" else 1.0
+    total = 0.0
+    for logits, _, class_logits in outputs:
+        total = total + adversarial_loss(logits, real, mode, for_discriminator, real_label=smoothing)
+        if class_logits is not None:
+            total = total + config.lambda_classifier * F.cross_entropy(class_logits, labels)
+    return total / len(outputs)
+
+
+class ConditionalTrainer:
+    """Hinge (or BCE / LSGAN / WGAN-GP) training with separate generator and discriminator learning rates, one
+    discriminator step then one generator step per (accumulated) batch, the generator's EMA updated after each
+    generator step; a resumable training state, the loss log and (every ``preview_every`` epochs) a per-class
+    preview written every epoch."""
+
+    def __init__(self, config: ConditionalConfig, data: LabelledSet, run: RunFolder,
+                 progress: Callable[[int, dict], None] | None = None, device: torch.device | None = None) -> None:
+        self.config, self.data, self.run = config, data, run
+        self.progress = progress or (lambda epoch, losses: None)
+        self.device = device or resolve_device(config.device)
+        channels = data.images.shape[1]
+        self.generator, self.discriminator = (m.to(self.device) for m in build_models(config, channels,
+                                                                                     len(data.classes)))
+        self.generator_ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
+        betas = (config.beta1, config.beta2)
+        self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr_g, betas=betas)
+        self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d, betas=betas)
+        self.start_epoch, self.seconds = 0, 0.0
+        self.history: list[dict] = []
+        self.perceptual = None
+        if config.perceptual_weights:
+            from consingan.paired.perceptual import VGGPerceptualLoss
+
+            self.perceptual = VGGPerceptualLoss.from_file(config.perceptual_weights).to(self.device)
+
+    def state(self, epoch: int) -> TrainingState:
+        models = (self.generator, self.discriminator, self.generator_ema)
+        return TrainingState(
+            epoch=epoch, seconds=self.seconds,
+            models={n: m.state_dict() for n, m in zip((*MODEL_NAMES, EMA_NAME), models)},
+            optimizers={"generator": self.optimizer_g.state_dict(), "discriminator": self.optimizer_d.state_dict()},
+            schedulers={}, history=self.history, rng_torch=torch.get_rng_state(),
+            rng_cuda=torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+        )
+
+    def restore(self, state: TrainingState, where: Path) -> None:
+        if EMA_NAME not in state.models:
+            raise ConsinganError(f"damaged training state {where}: no {EMA_NAME}")
+        for name, model in zip((*MODEL_NAMES, EMA_NAME), (self.generator, self.discriminator, self.generator_ema)):
+            load_weights(model, state.models[name], where)
+        try:
+            self.optimizer_g.load_state_dict(state.optimizers["generator"])
+            self.optimizer_d.load_state_dict(state.optimizers["discriminator"])
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise ConsinganError(f"{where} does not fit this run's optimizers: {error}") from None
+        torch.set_rng_state(state.rng_torch.cpu())
+        if state.rng_cuda is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state.rng_cuda.cpu())
+        self.start_epoch, self.seconds, self.history = state.epoch, state.seconds, list(state.history)
+
+    def noise(self, count: int) -> torch.Tensor:
+        return torch.randn(count, self.config.noise_dim, device=self.device)
+
+    def discriminator_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        config, discriminator = self.config, self.discriminator
+        discriminator.requires_grad_(True)
+        self.optimizer_d.zero_grad(set_to_none=True)
+        totals = {"d": 0.0, **({"gp": 0.0} if config.loss == "wgan-gp" else {})}
+        for real, labels in batches:
+            with torch.no_grad():
+                fake = self.generator(self.noise(len(labels)), labels)
+            loss = 0.5 * (discriminator_terms(discriminator(real, labels), True, config, labels)
+                          + discriminator_terms(discriminator(fake, labels), False, config, labels))
+            if config.loss == "wgan-gp":
+                def critic(x: torch.Tensor) -> torch.Tensor:
+                    return sum(out[0] for out in discriminator(x, labels))
+
+                penalty = gradient_penalty(critic, real, fake, "image")
+                loss = loss + config.lambda_grad_penalty * penalty
+                totals["gp"] += penalty.item() / len(batches)
+            (loss / len(batches)).backward()
+            totals["d"] += loss.item() / len(batches)
+        self.optimizer_d.step()
+        return totals
+
+    def generator_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        config, discriminator = self.config, self.discriminator
+        discriminator.requires_grad_(False)
+        self.optimizer_g.zero_grad(set_to_none=True)
+        totals = {"g": 0.0, **({"texture": 0.0} if config.lambda_texture > 0 else {}),
+                  **({"perceptual": 0.0} if self.perceptual is not None else {})}
+        for real, labels in batches:
+            # Fakes of the real batch's classes, so batch-level feature losses compare like with like.
+            fake = self.generator(self.noise(len(labels)), labels)
+            fake_outputs = discriminator(fake, labels)
+            loss = discriminator_terms(fake_outputs, True, config, labels, for_discriminator=False)
+            totals["g"] += loss.item() / len(batches)
+            if config.lambda_texture > 0:
+                if self.perceptual is not None:
+                    fake_features, real_features = self.perceptual.tapped(fake), self.perceptual.tapped(real)
+                else:
+                    fake_features = [f for out in fake_outputs for f in out[1]]
+                    with torch.no_grad():
+                        real_features = [f for out in discriminator(real, labels) for f in out[1]]
+                term = texture_loss(fake_features, real_features)
+                loss = loss + config.lambda_texture * term
+                totals["texture"] += term.item() / len(batches)
+            if self.perceptual is not None:
+                term = self.perceptual.batch_mean_loss(fake, real)
+                loss = loss + config.lambda_perceptual * term
+                totals["perceptual"] += term.item() / len(batches)
+            (loss / len(batches)).backward()
+        self.optimizer_g.step()
+        ema_update(self.generator_ema, self.generator, config.ema_decay)
+        return totals
+
+    def train(self) -> list[dict]:
+        config, data = self.config, self.data
+        dataset = torch.utils.data.TensorDataset(data.images, data.labels)
+        order = torch.Generator().manual_seed(int(config.seed))
+        sampler = class_balanced_sampler(data.labels, len(data.classes), order) if config.balance else \
+            torch.utils.data.RandomSampler(dataset, generator=order)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
+                                             num_workers=config.num_workers)
+        self.generator.train()
+        self.discriminator.train()
+        for epoch in range(self.start_epoch + 1, config.epochs + 1):
+            order.manual_seed(int(config.seed) + epoch)  # the epoch's draw, independent of resuming
+            started, totals, pending = time.perf_counter(), [], []
+            batches = list(loader)
+            for index, (images, labels) in enumerate(batches):
+                images = augment(images, config.flips, config.rotations, config.intensity_jitter)
+                pending.append((images.to(self.device), labels.to(self.device)))
+                if len(pending) == config.accumulate or index == len(batches) - 1:
+                    totals.append({**self.discriminator_step(pending), **self.generator_step(pending)})
+                    pending = []
+            losses = {k: float(np.mean([t[k] for t in totals])) for k in totals[0]}
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise ConsinganError(f"training diverged at epoch {epoch} (losses {losses}); try lower learning "
+                                     f"rates; the last finite state is kept in {self.run.path}")
+            seconds = time.perf_counter() - started
+            self.seconds += seconds
+            self.history.append(losses)
+            self.run.save_training_state(self.run.path, self.state(epoch))
+            self.run.write_losses(self.run.path, self.history)
+            if epoch == config.epochs or (config.preview_every and epoch % config.preview_every == 0):
+                self.write_preview(epoch)
+            self.progress(epoch, {**losses, "epoch": epoch, "seconds": seconds})
+        self.run.save_weights(self.run.path, RunFolder.WEIGHTS, self.generator_ema.state_dict())
+        return self.history
+
+    def write_preview(self, epoch: int) -> None:
+        """A per-class grid of EMA samples from fixed noise (rows: classes), without touching the training RNG."""
+        folder = self.run.path / "previews"
+        folder.mkdir(exist_ok=True)
+        preview_grid_png(folder / f"epoch{epoch:05d}.png", self.generator_ema, self.data.classes,
+                         self.config.noise_dim, self.device, real=(self.data.images, self.data.labels))
+
+
+def conditional_run_info(config: ConditionalConfig, data: LabelledSet) -> RunInfo:
+    return RunInfo(family="conditional", spatial_dims=config.dimension, channels=int(data.images.shape[1]),
+                   output_suffix=data.suffix, output_dtype=data.dtype, intensity=data.intensity,
+                   image=str(Path(config.data).resolve()), classes=list(data.classes),
+                   class_counts=data.counts())
+
+
+def prepare_conditional(config: ConditionalConfig) -> tuple[ConditionalConfig, LabelledSet]:
+    """Check options, device, weights, memory and data; nothing is written."""
+    config = config.validate()
+    if not config.data:
+        raise ConsinganError("--data is required (a folder of class folders, or a CSV of path,class)")
+    if config.seed is None:
+        config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
+    config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+    device = resolve_device(config.device)
+    check_attention_fits(config, available_bytes(device))
+    if config.perceptual_weights:
+        from consingan.paired.perceptual import VGGPerceptualLoss
+
+        VGGPerceptualLoss.from_file(config.perceptual_weights)
+    data = load_labelled(config.data, config.dimension, config.size, config.fit, config.intensity_mapping,
+                         int(config.seed))
+    return config, data
+
+
+def train_conditional(config: ConditionalConfig, progress: Callable[[int, dict], None] | None = None,
+                      prepared: tuple[ConditionalConfig, LabelledSet] | None = None) -> ConditionalResult:
+    """Train a class-conditional GAN in a new run folder, made only after every check has passed."""
+    config, data = prepared or prepare_conditional(config)
+    run = RunFolder.create(config, "conditional")
+    run.write_info(conditional_run_info(config, data))
+    torch.manual_seed(config.seed)
+    trainer = ConditionalTrainer(config, data, run, progress)
+    return ConditionalResult(run.path, config, trainer.train())
+
+
+def resume_conditional(run_dir: Path, progress: Callable[[int, dict], None] | None = None,
+                       device: str | None = None) -> ConditionalResult:
+    """Continue a conditional run from its last epoch's training state (options from the run; the device may
+    change)."""
+    run = RunFolder.open(run_dir, "conditional")
+    config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
+    run.config = config
+    data = load_labelled(config.data, config.dimension, config.size, config.fit, config.intensity_mapping,
+                         int(config.seed))
+    if data.classes != run.info.classes:
+        raise ConsinganError(f"the classes in {config.data} ({', '.join(data.classes)}) are not the run's "
+                             f"({', '.join(run.info.classes)})")
+    torch.manual_seed(config.seed)
+    trainer = ConditionalTrainer(config, data, run, progress)
+    state_path = run.latest_training_state()
+    if state_path is not None:
+        trainer.restore(run.load_training_state(state_path, MODEL_NAMES, trainer.device), state_path)
+    return ConditionalResult(run.path, config, trainer.train())
