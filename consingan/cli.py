@@ -285,7 +285,10 @@ def _paired_train(config_file: Path | None = None, resume: Path | None = None, *
             result = resume_paired(resume, progress, device=flags.get("device"))
         else:
             result = train_paired(resolve_config(config_file, flags, PairedConfig), progress)
-        console.print(f"run folder: [bold]{result.run_dir}[/]")
+        from consingan.distributed import Distributed
+
+        if Distributed.from_environment().is_main:  # under torchrun, one report
+            console.print(f"run folder: [bold]{result.run_dir}[/]")
     except ConsinganError as error:
         fail(str(error))
     except KeyboardInterrupt:
@@ -331,7 +334,10 @@ def _conditional_train(config_file: Path | None = None, resume: Path | None = No
     try:
         from consingan.config import ConditionalConfig, resolve_config
         from consingan.conditional.trainer import prepare_conditional, resume_conditional, train_conditional
+        from consingan.distributed import Distributed
         from consingan.ui import epoch_progress
+
+        main_process = Distributed.from_environment().is_main
 
         if resume is not None:
             _refuse_ignored_flags(ConditionalConfig, resume, config_file, flags)
@@ -342,11 +348,13 @@ def _conditional_train(config_file: Path | None = None, resume: Path | None = No
         else:
             config, data = prepare_conditional(resolve_config(config_file, flags, ConditionalConfig))
             counts = ", ".join(f"{name} {count}" for name, count in zip(data.classes, data.counts()))
-            console.print(f"{len(data.labels)} images in {len(data.classes)} classes: {counts}"
-                          + ("; drawn class-balanced" if config.balance else ""), highlight=False)
+            if main_process:
+                console.print(f"{len(data.labels)} images in {len(data.classes)} classes: {counts}"
+                              + ("; drawn class-balanced" if config.balance else ""), highlight=False)
             with epoch_progress(console, config.epochs) as progress:
                 result = train_conditional(config, progress, prepared=(config, data))
-        console.print(f"run folder: [bold]{result.run_dir}[/]")
+        if main_process:  # under torchrun, one report
+            console.print(f"run folder: [bold]{result.run_dir}[/]")
     except ConsinganError as error:
         fail(str(error))
     except KeyboardInterrupt:

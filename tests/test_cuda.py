@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from consingan.cli import app
 from tests.conftest import TINY
 from tests.test_ill_cases import PAIRED_TRAIN, make_pairs, run_cli
 

@@ -6,7 +6,7 @@ import pytest
 
 from consingan.cli import app
 from consingan.io import LabelEncoding
-from tests.conftest import TINY, blobs
+from tests.conftest import TINY
 
 
 def test_encoding_round_trip_and_checks():

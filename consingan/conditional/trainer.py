@@ -19,6 +19,7 @@ from consingan.conditional.data import LabelledSet, augment, class_balanced_samp
 from consingan.conditional.models import attention_bytes, build_models
 from consingan.conditional.sampler import EMA_NAME, MODEL_NAMES, preview_grid_png
 from consingan.config import ConditionalConfig
+from consingan.distributed import Distributed, unwrap
 from consingan.errors import ConsinganError
 from consingan.losses import adversarial_loss, gradient_penalty, texture_loss
 from consingan.runs import RunFolder, RunInfo, TrainingState, load_weights, resolve_device
@@ -74,6 +75,12 @@ def discriminator_terms(outputs: list[tuple], real: bool, config: ConditionalCon
     return total / len(outputs)
 
 
+def split_outputs(outputs: list[tuple], part: slice) -> list[tuple]:
+    """The ``part`` of a batch in every discriminator scale's (logits, features, class logits)."""
+    return [(logits[part], [f[part] for f in features], None if classes is None else classes[part])
+            for logits, features, classes in outputs]
+
+
 class ConditionalTrainer:
     """Hinge (or BCE / LSGAN / WGAN-GP) training with separate generator and discriminator learning rates, one
     discriminator step then one generator step per (accumulated) batch, the generator's EMA updated after each
@@ -81,14 +88,17 @@ class ConditionalTrainer:
     preview written every epoch."""
 
     def __init__(self, config: ConditionalConfig, data: LabelledSet, run: RunFolder,
-                 progress: Callable[[int, dict], None] | None = None, device: torch.device | None = None) -> None:
+                 progress: Callable[[int, dict], None] | None = None, device: torch.device | None = None,
+                 distributed: Distributed | None = None) -> None:
         self.config, self.data, self.run = config, data, run
         self.progress = progress or (lambda epoch, losses: None)
+        self.distributed = distributed or Distributed()
         self.device = device or resolve_device(config.device)
         channels = data.images.shape[1]
-        self.generator, self.discriminator = (m.to(self.device) for m in build_models(config, channels,
-                                                                                     len(data.classes)))
-        self.generator_ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
+        generator, discriminator = (m.to(self.device) for m in build_models(config, channels, len(data.classes)))
+        self.generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
+        self.generator = self.distributed.wrap(generator, self.device)
+        self.discriminator = self.distributed.wrap(discriminator, self.device)
         betas = (config.beta1, config.beta2)
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr_g, betas=betas)
         self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d, betas=betas)
@@ -104,7 +114,7 @@ class ConditionalTrainer:
         models = (self.generator, self.discriminator, self.generator_ema)
         return TrainingState(
             epoch=epoch, seconds=self.seconds,
-            models={n: m.state_dict() for n, m in zip((*MODEL_NAMES, EMA_NAME), models)},
+            models={n: unwrap(m).state_dict() for n, m in zip((*MODEL_NAMES, EMA_NAME), models)},
             optimizers={"generator": self.optimizer_g.state_dict(), "discriminator": self.optimizer_d.state_dict()},
             schedulers={}, history=self.history, rng_torch=torch.get_rng_state(),
             rng_cuda=torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
@@ -114,7 +124,7 @@ class ConditionalTrainer:
         if EMA_NAME not in state.models:
             raise ConsinganError(f"damaged training state {where}: no {EMA_NAME}")
         for name, model in zip((*MODEL_NAMES, EMA_NAME), (self.generator, self.discriminator, self.generator_ema)):
-            load_weights(model, state.models[name], where)
+            load_weights(unwrap(model), state.models[name], where)
         try:
             self.optimizer_g.load_state_dict(state.optimizers["generator"])
             self.optimizer_d.load_state_dict(state.optimizers["discriminator"])
@@ -135,12 +145,16 @@ class ConditionalTrainer:
         totals = {"d": 0.0, **({"gp": 0.0} if config.loss == "wgan-gp" else {})}
         for real, labels in batches:
             with torch.no_grad():
-                fake = self.generator(self.noise(len(labels)), labels)
-            loss = 0.5 * (discriminator_terms(discriminator(real, labels), True, config, labels)
-                          + discriminator_terms(discriminator(fake, labels), False, config, labels))
+                fake = unwrap(self.generator)(self.noise(len(labels)), labels)
+            # Real and fake in one forward (no batch statistics in the discriminator: the same scores as two), which
+            # under DDP also keeps to one forward per backward.
+            count = len(labels)
+            outputs = discriminator(torch.cat([real, fake]), torch.cat([labels, labels]))
+            loss = 0.5 * (discriminator_terms(split_outputs(outputs, slice(None, count)), True, config, labels)
+                          + discriminator_terms(split_outputs(outputs, slice(count, None)), False, config, labels))
             if config.loss == "wgan-gp":
                 def critic(x: torch.Tensor) -> torch.Tensor:
-                    return sum(out[0] for out in discriminator(x, labels))
+                    return sum(out[0] for out in unwrap(discriminator)(x, labels))
 
                 penalty = gradient_penalty(critic, real, fake, "image")
                 loss = loss + config.lambda_grad_penalty * penalty
@@ -159,7 +173,7 @@ class ConditionalTrainer:
         for real, labels in batches:
             # Fakes of the real batch's classes, so batch-level feature losses compare like with like.
             fake = self.generator(self.noise(len(labels)), labels)
-            fake_outputs = discriminator(fake, labels)
+            fake_outputs = unwrap(discriminator)(fake, labels)  # frozen: outside DDP, nothing to synchronise
             loss = discriminator_terms(fake_outputs, True, config, labels, for_discriminator=False)
             totals["g"] += loss.item() / len(batches)
             if config.lambda_texture > 0:
@@ -168,7 +182,7 @@ class ConditionalTrainer:
                 else:
                     fake_features = [f for out in fake_outputs for f in out[1]]
                     with torch.no_grad():
-                        real_features = [f for out in discriminator(real, labels) for f in out[1]]
+                        real_features = [f for out in unwrap(discriminator)(real, labels) for f in out[1]]
                 term = texture_loss(fake_features, real_features)
                 loss = loss + config.lambda_texture * term
                 totals["texture"] += term.item() / len(batches)
@@ -178,21 +192,24 @@ class ConditionalTrainer:
                 totals["perceptual"] += term.item() / len(batches)
             (loss / len(batches)).backward()
         self.optimizer_g.step()
-        ema_update(self.generator_ema, self.generator, config.ema_decay)
+        ema_update(self.generator_ema, unwrap(self.generator), config.ema_decay)
         return totals
 
     def train(self) -> list[dict]:
-        config, data = self.config, self.data
+        config, data, distributed = self.config, self.data, self.distributed
         dataset = torch.utils.data.TensorDataset(data.images, data.labels)
         order = torch.Generator().manual_seed(int(config.seed))
         sampler = class_balanced_sampler(data.labels, len(data.classes), order) if config.balance else \
             torch.utils.data.RandomSampler(dataset, generator=order)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
-                                             num_workers=config.num_workers)
         self.generator.train()
         self.discriminator.train()
         for epoch in range(self.start_epoch + 1, config.epochs + 1):
-            order.manual_seed(int(config.seed) + epoch)  # the epoch's draw, independent of resuming
+            order.manual_seed(int(config.seed) + epoch)  # the epoch's draw, the same on every rank
+            if distributed.active:  # each rank its own noise and augmentations, reproducible per epoch
+                torch.manual_seed(int(config.seed) + 1_000_003 * epoch + distributed.rank)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size,
+                                                 sampler=distributed.shard(list(sampler)),
+                                                 num_workers=config.num_workers)
             started, totals, pending = time.perf_counter(), [], []
             batches = list(loader)
             for index, (images, labels) in enumerate(batches):
@@ -201,19 +218,22 @@ class ConditionalTrainer:
                 if len(pending) == config.accumulate or index == len(batches) - 1:
                     totals.append({**self.discriminator_step(pending), **self.generator_step(pending)})
                     pending = []
-            losses = {k: float(np.mean([t[k] for t in totals])) for k in totals[0]}
+            losses = distributed.mean({k: float(np.mean([t[k] for t in totals])) for k in totals[0]})
             if not all(math.isfinite(v) for v in losses.values()):
                 raise ConsinganError(f"training diverged at epoch {epoch} (losses {losses}); try lower learning "
                                      f"rates; the last finite state is kept in {self.run.path}")
             seconds = time.perf_counter() - started
             self.seconds += seconds
             self.history.append(losses)
-            self.run.save_training_state(self.run.path, self.state(epoch))
-            self.run.write_losses(self.run.path, self.history)
-            if epoch == config.epochs or (config.preview_every and epoch % config.preview_every == 0):
-                self.write_preview(epoch)
-            self.progress(epoch, {**losses, "epoch": epoch, "seconds": seconds})
-        self.run.save_weights(self.run.path, RunFolder.WEIGHTS, self.generator_ema.state_dict())
+            if distributed.is_main:  # one writer; the others wait at the barrier
+                self.run.save_training_state(self.run.path, self.state(epoch))
+                self.run.write_losses(self.run.path, self.history)
+                if epoch == config.epochs or (config.preview_every and epoch % config.preview_every == 0):
+                    self.write_preview(epoch)
+                self.progress(epoch, {**losses, "epoch": epoch, "seconds": seconds})
+            distributed.barrier()
+        if distributed.is_main:
+            self.run.save_weights(self.run.path, RunFolder.WEIGHTS, self.generator_ema.state_dict())
         return self.history
 
     def write_preview(self, epoch: int) -> None:
@@ -236,6 +256,7 @@ def prepare_conditional(config: ConditionalConfig) -> tuple[ConditionalConfig, L
     config = config.validate()
     if not config.data:
         raise ConsinganError("--data is required (a folder of class folders, or a CSV of path,class)")
+    Distributed.from_environment().check_seed(config.seed)
     if config.seed is None:
         config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
     config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
@@ -254,11 +275,18 @@ def train_conditional(config: ConditionalConfig, progress: Callable[[int, dict],
                       prepared: tuple[ConditionalConfig, LabelledSet] | None = None) -> ConditionalResult:
     """Train a class-conditional GAN in a new run folder, made only after every check has passed."""
     config, data = prepared or prepare_conditional(config)
-    run = RunFolder.create(config, "conditional")
-    run.write_info(conditional_run_info(config, data))
-    torch.manual_seed(config.seed)
-    trainer = ConditionalTrainer(config, data, run, progress)
-    return ConditionalResult(run.path, config, trainer.train())
+    distributed = Distributed.from_environment()
+    device = distributed.start(resolve_device(config.device))
+    run = RunFolder.create(config, "conditional") if distributed.is_main else None
+    if run is not None:
+        run.write_info(conditional_run_info(config, data))
+    run = RunFolder.open(distributed.broadcast(run.path if run else None), "conditional")
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    trainer = ConditionalTrainer(config, data, run, progress, device, distributed)
+    try:
+        return ConditionalResult(run.path, config, trainer.train())
+    finally:
+        distributed.finish()
 
 
 def resume_conditional(run_dir: Path, progress: Callable[[int, dict], None] | None = None,
@@ -273,9 +301,14 @@ def resume_conditional(run_dir: Path, progress: Callable[[int, dict], None] | No
     if data.classes != run.info.classes:
         raise ConsinganError(f"the classes in {config.data} ({', '.join(data.classes)}) are not the run's "
                              f"({', '.join(run.info.classes)})")
+    distributed = Distributed.from_environment()
+    device = distributed.start(resolve_device(config.device))
     torch.manual_seed(config.seed)
-    trainer = ConditionalTrainer(config, data, run, progress)
+    trainer = ConditionalTrainer(config, data, run, progress, device, distributed)
     state_path = run.latest_training_state()
-    if state_path is not None:
+    if state_path is not None:  # every rank reads the same checkpoint
         trainer.restore(run.load_training_state(state_path, MODEL_NAMES, trainer.device), state_path)
-    return ConditionalResult(run.path, config, trainer.train())
+    try:
+        return ConditionalResult(run.path, config, trainer.train())
+    finally:
+        distributed.finish()

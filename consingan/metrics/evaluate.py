@@ -136,10 +136,18 @@ def evaluate_conditional(run_dir: Path | str, options: EvaluateConfig) -> dict:
     real = _to_space(data.images, info.intensity, space)
     fakes = [_to_space(model.sample(name, options.num, options.seed), info.intensity, space) for name in info.classes]
     features = measures.RandomFeatures(config.dimension, info.channels, seed=options.seed)
+    inception = None
+    if options.inception_weights:
+        if config.dimension != 2 or info.channels not in (1, 3):
+            raise ConsinganError("Frechet distances on Inception features need 2D grey or RGB images")
+        inception = measures.InceptionStem.from_file(options.inception_weights)
     per_class = {}
     for index, (name, fake) in enumerate(zip(info.classes, fakes)):
         members = real[data.labels == index]
-        per_class[name] = {
+        if inception is not None:
+            per_class.setdefault(name, {})["inception_frechet"] = measures.frechet_distance(
+                inception(members).double().numpy(), inception(fake).double().numpy())
+        per_class[name] = {**per_class.get(name, {}),
             "real_images": len(members),
             "random_feature_frechet": measures.frechet_distance(features(members).double().numpy(),
                                                                 features(fake).double().numpy()),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from consingan.config import PairedConfig
+from consingan.distributed import Distributed, unwrap
 from consingan.errors import ConsinganError
 from consingan.losses import adversarial_loss, feature_matching_loss
 from consingan.paired.build import MODEL_NAMES, build_discriminator, build_generator
@@ -40,13 +41,17 @@ class PairedTrainer:
     and the loss log written every epoch."""
 
     def __init__(self, config: PairedConfig, data: PairedData, run: RunFolder,
-                 progress: Callable[[int, dict], None] | None = None, device: torch.device | None = None) -> None:
+                 progress: Callable[[int, dict], None] | None = None, device: torch.device | None = None,
+                 distributed: Distributed | None = None) -> None:
         self.config, self.data, self.run = config, data, run
         self.progress = progress or (lambda epoch, losses: None)
+        self.distributed = distributed or Distributed()
         self.device = device or resolve_device(config.device)
         in_channels, out_channels = data.sources[0].shape[0], data.targets[0].shape[0]
-        self.generator = build_generator(config, in_channels, out_channels).to(self.device)
-        self.discriminator = build_discriminator(config, in_channels + out_channels).to(self.device)
+        self.generator = self.distributed.wrap(build_generator(config, in_channels, out_channels).to(self.device),
+                                               self.device)
+        self.discriminator = self.distributed.wrap(build_discriminator(config, in_channels + out_channels)
+                                                   .to(self.device), self.device)
         betas = (config.beta1, 0.999)
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=betas)
         self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr, betas=betas)
@@ -70,7 +75,7 @@ class PairedTrainer:
         models, optimizers, schedulers = self._parts()
         return TrainingState(
             epoch=epoch, seconds=self.seconds,
-            models={n: m.state_dict() for n, m in zip(MODEL_NAMES, models)},
+            models={n: unwrap(m).state_dict() for n, m in zip(MODEL_NAMES, models)},
             optimizers={n: o.state_dict() for n, o in zip(MODEL_NAMES, optimizers)},
             schedulers={n: s.state_dict() for n, s in zip(MODEL_NAMES, schedulers)},
             history=self.history, rng_torch=torch.get_rng_state(),
@@ -79,7 +84,7 @@ class PairedTrainer:
     def restore(self, state: TrainingState, where: Path) -> None:
         models, optimizers, schedulers = self._parts()
         for name, model, optimizer, scheduler in zip(MODEL_NAMES, models, optimizers, schedulers):
-            load_weights(model, state.models[name], where)
+            load_weights(unwrap(model), state.models[name], where)
             try:
                 optimizer.load_state_dict(state.optimizers[name])
                 scheduler.load_state_dict(state.schedulers[name])
@@ -95,15 +100,20 @@ class PairedTrainer:
         fake = outputs[-1]
         discriminator.requires_grad_(True)
         self.optimizer_d.zero_grad(set_to_none=True)
-        real_scales = _scales(discriminator(torch.cat([source, target], 1)))
-        fake_scales = _scales(discriminator(torch.cat([source, fake.detach()], 1)))
+        # Real and fake pairs in one forward (the discriminators normalise per image, so this is the same as two),
+        # which under DDP also keeps to one forward per backward.
+        count = len(source)
+        both = _scales(discriminator(torch.cat([torch.cat([source, target], 1), torch.cat([source, fake.detach()], 1)])))
+        real_scales = [[f[:count] for f in scale] for scale in both]
+        fake_scales = [[f[count:] for f in scale] for scale in both]
         loss_d = 0.5 * sum(adversarial_loss(r[-1], True, config.gan_mode) + adversarial_loss(f[-1], False,
                            config.gan_mode) for r, f in zip(real_scales, fake_scales)) / len(real_scales)
         loss_d.backward()
         self.optimizer_d.step()
         discriminator.requires_grad_(False)
         self.optimizer_g.zero_grad(set_to_none=True)
-        fake_scales = _scales(discriminator(torch.cat([source, fake], 1)))
+        # The frozen discriminator outside its DDP wrapper: no gradient of its own to synchronise.
+        fake_scales = _scales(unwrap(discriminator)(torch.cat([source, fake], 1)))
         loss_gan = sum(adversarial_loss(f[-1], True, config.gan_mode, for_discriminator=False)
                        for f in fake_scales) / len(fake_scales)
         loss_l1 = sum(F.l1_loss(o, target) for o in outputs) / len(outputs)
@@ -120,31 +130,36 @@ class PairedTrainer:
         return {"d": loss_d.item(), "g_gan": loss_gan.item(), "l1": loss_l1.item(), "fm": loss_fm.item()}
 
     def train(self) -> list[dict]:
-        config = self.config
+        config, distributed = self.config, self.distributed
         dataset = TileDataset(self.data, config.tile, config.resolved_stride())
-        generator = torch.Generator().manual_seed(int(config.seed))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
-                                             num_workers=config.num_workers, generator=generator)
+        order = torch.Generator()
         self.generator.train()
         self.discriminator.train()
         for epoch in range(self.start_epoch + 1, config.epochs + 1):
-            generator.manual_seed(int(config.seed) + epoch)  # tile order per epoch, independent of resuming
+            # The epoch's tile order, the same on every rank and independent of resuming; each rank takes its share.
+            order.manual_seed(int(config.seed) + epoch)
+            indices = distributed.shard(torch.randperm(len(dataset), generator=order).tolist())
+            loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=indices,
+                                                 num_workers=config.num_workers)
             started, totals = time.perf_counter(), []
             for source, target in loader:
                 totals.append(self.step(source.to(self.device), target.to(self.device)))
             for scheduler in self.schedulers:
                 scheduler.step()
-            losses = {k: float(np.mean([t[k] for t in totals])) for k in totals[0]}
+            losses = distributed.mean({k: float(np.mean([t[k] for t in totals])) for k in totals[0]})
             if not all(math.isfinite(v) for v in losses.values()):
                 raise ConsinganError(f"training diverged at epoch {epoch} (losses {losses}); try a lower --lr; "
                                      f"the last finite state is kept in {self.run.path}")
             seconds = time.perf_counter() - started
             self.seconds += seconds
             self.history.append(losses)
-            self.run.save_training_state(self.run.path, self.state(epoch))
-            self.run.write_losses(self.run.path, self.history)
-            self.progress(epoch, {**losses, "epoch": epoch, "seconds": seconds})
-        self.run.save_weights(self.run.path, RunFolder.WEIGHTS, self.generator.state_dict())
+            if distributed.is_main:  # one writer; the others wait so that no rank runs ahead of a checkpoint
+                self.run.save_training_state(self.run.path, self.state(epoch))
+                self.run.write_losses(self.run.path, self.history)
+                self.progress(epoch, {**losses, "epoch": epoch, "seconds": seconds})
+            distributed.barrier()
+        if distributed.is_main:
+            self.run.save_weights(self.run.path, RunFolder.WEIGHTS, unwrap(self.generator).state_dict())
         return self.history
 
 
@@ -183,20 +198,27 @@ def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | N
     config = config.validate()
     if not config.source_dir or not config.target_dir:
         raise ConsinganError("--source and --target are required")
+    Distributed.from_environment().check_seed(config.seed)
     if config.seed is None:
         config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
     config = dataclasses.replace(config, source_dir=str(Path(config.source_dir).resolve()),
                                  target_dir=str(Path(config.target_dir).resolve()))
-    device = resolve_device(config.device)
+    distributed = Distributed.from_environment()
+    device = distributed.start(resolve_device(config.device))
     if config.perceptual_weights:
         load_perceptual(config)
     data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot)
     check_model_fits(config, data)
-    run = RunFolder.create(config, "paired")
-    run.write_info(paired_run_info(config, data))
-    torch.manual_seed(config.seed)
-    trainer = PairedTrainer(config, data, run, progress, device)
-    return PairedResult(run.path, config, trainer.train())
+    run = RunFolder.create(config, "paired") if distributed.is_main else None
+    if run is not None:
+        run.write_info(paired_run_info(config, data))
+    run = RunFolder.open(distributed.broadcast(run.path if run else None), "paired")
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    trainer = PairedTrainer(config, data, run, progress, device, distributed)
+    try:
+        return PairedResult(run.path, config, trainer.train())
+    finally:
+        distributed.finish()
 
 
 def resume_paired(run_dir: Path, progress: Callable[[int, dict], None] | None = None,
@@ -207,10 +229,14 @@ def resume_paired(run_dir: Path, progress: Callable[[int, dict], None] | None = 
     config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
     run.config = config
     data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot)
-    trainer = PairedTrainer(config, data, run, progress)
+    distributed = Distributed.from_environment()
+    device = distributed.start(resolve_device(config.device))
+    torch.manual_seed(config.seed)
+    trainer = PairedTrainer(config, data, run, progress, device, distributed)
     state_path = run.latest_training_state()
-    if state_path is not None:
+    if state_path is not None:  # every rank reads the same checkpoint
         trainer.restore(run.load_training_state(state_path, MODEL_NAMES, trainer.device), state_path)
-    else:
-        torch.manual_seed(config.seed)
-    return PairedResult(run.path, config, trainer.train())
+    try:
+        return PairedResult(run.path, config, trainer.train())
+    finally:
+        distributed.finish()

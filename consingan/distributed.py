@@ -1,0 +1,114 @@
+"""Data-parallel training under ``torchrun``: the process group comes from torchrun's environment; no launcher or
+scheduler of our own.
+
+    torchrun --nproc_per_node 2 $(which consingan) paired train --source masks/ --target images/ ...
+
+One process per GPU (NCCL), or per CPU process (gloo) when there is no GPU. Every process builds the same models from
+the same seed (DDP also broadcasts rank 0's weights when wrapping), sees its own shard of each epoch's draw, and the
+gradients are averaged across processes, so the global batch is the per-process ``--batch-size`` x the world size.
+Rank 0 alone writes the run folder, checkpoints, logs and previews; every rank resumes from the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from consingan.errors import ConsinganError
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (a world of one outside torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> "Distributed":
+        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; a world of one when they are absent."""
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        except ValueError as error:
+            raise ConsinganError(f"torchrun's environment is not readable: {error}") from None
+        return cls(rank, world, local) if world > 1 else cls()
+
+    def check_seed(self, seed: int | None) -> None:
+        """Every rank must draw the same data order: under torchrun the seed cannot be left to chance."""
+        if self.active and seed is None:
+            raise ConsinganError("under torchrun give --seed: every process must draw the same order of the data")
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: torch.device) -> torch.device:
+        """Join the process group (NCCL on CUDA, gloo on the CPU); returns this process's device."""
+        if not self.active:
+            return device
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return device
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """DDP-wrap a trained model. Batch norm becomes SyncBatchNorm on GPUs (PyTorch has no CPU version: on gloo
+        each process normalises by its own batch). ``broadcast_buffers=False``: buffers are not re-sent at every
+        forward, which with a discriminator run on real and fake before one backward modifies, in place, buffers
+        autograd still needs (pix2pix's DDP error)."""
+        if not self.active:
+            return model
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's ``value`` on every rank (a run folder's path, say)."""
+        if not self.active:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def shard(self, indices: list[int]) -> list[int]:
+        """This rank's share of an epoch's draw (the same draw on every rank): every world_size-th index, the list
+        first padded by repetition to a multiple of the world size so every rank makes the same number of steps."""
+        if not self.active:
+            return indices
+        padded = indices + indices[: (-len(indices)) % self.world_size]
+        return padded[self.rank::self.world_size]
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Per-epoch losses averaged over the ranks (each rank saw its own share of the data)."""
+        if not self.active or not values:
+            return values
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return dict(zip(values, (tensor / self.world_size).tolist()))
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def finish(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (for state dicts: the same keys with or without DDP)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
