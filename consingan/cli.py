@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from consingan.config import TrainConfig, option_names
@@ -33,7 +34,7 @@ def main() -> None:
 
 def fail(message: str) -> None:
     """Print a one-line error and exit with code 2 (no traceback)."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -320,6 +321,103 @@ def paired_predict(
 
         written = predict_paired(run_dir, source, out, device)
         console.print(f"wrote {len(written)} images to [bold]{out}[/]")
+    except ConsinganError as error:
+        fail(str(error))
+
+
+# --- cohorts: one single-image model per image, as Ray tasks ---------------------------------------------------------
+
+
+def _cohort_table(runs: list) -> Table:
+    table = Table(title="cohort", header_style="bold")
+    for column in ("image", "state", "minutes", "run folder / error"):
+        table.add_column(column)
+    colours = {"done": "green", "skipped": "cyan", "failed": "red"}
+    for run in runs:
+        state = f"[{colours[run.state]}]{run.state}[/]" if run.state in colours else run.state
+        if run.resumed:
+            state += " (resumed)"
+        table.add_row(run.name, state, f"{run.seconds / 60:.1f}" if run.seconds else "",
+                      run.error or run.run_dir)
+    return table
+
+
+def _train_many(config_file: Path | None = None, images: str = "", address: str = "", cpus_per_task: int = 1,
+                max_parallel: int = 0, **flags: Any) -> None:
+    """Train one model per image of a folder or glob, each as a Ray task."""
+    try:
+        from rich.live import Live
+
+        from consingan.cohort import SUMMARY, find_images, train_many
+        from consingan.config import resolve_config
+
+        if not images:
+            raise ConsinganError("--images is required (a folder of images or a glob such as 'scans/*.nii.gz')")
+        if cpus_per_task < 1 or max_parallel < 0:
+            raise ConsinganError("--cpus-per-task must be at least 1 and --max-parallel zero or positive")
+        config = resolve_config(config_file, flags)
+        found = find_images(images)
+        with Live(console=console, auto_refresh=False) as live:
+            runs = train_many(config, found, address, cpus_per_task, max_parallel,
+                              on_update=lambda state: live.update(_cohort_table(state), refresh=True))
+        if not console.is_terminal:
+            console.print(_cohort_table(runs))
+        failed = sum(r.state == "failed" for r in runs)
+        console.print(f"summary: [bold]{Path(config.out_dir) / SUMMARY}[/] ({len(runs) - failed} of {len(runs)} "
+                      f"runs finished)")
+        if failed:
+            raise typer.Exit(code=1)
+    except ConsinganError as error:
+        fail(str(error))
+
+
+def _train_many_parameters() -> list[inspect.Parameter]:
+    extra = [
+        inspect.Parameter("images", inspect.Parameter.KEYWORD_ONLY, default="", annotation=Annotated[str, typer.Option(
+            "--images", help="A folder of images (one model each) or a glob such as 'scans/*.nii.gz'.")]),
+        inspect.Parameter("address", inspect.Parameter.KEYWORD_ONLY, default="", annotation=Annotated[
+            str, typer.Option("--address", help="Ray cluster: 'auto' or 'ray://host:port' (default: a local Ray "
+                                                "started here).")]),
+        inspect.Parameter("cpus_per_task", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[
+            int, typer.Option("--cpus-per-task", help="CPU cores (and torch threads) per run; a GPU per run is "
+                                                      "taken when the cluster has GPUs.")]),
+        inspect.Parameter("max_parallel", inspect.Parameter.KEYWORD_ONLY, default=0, annotation=Annotated[
+            int, typer.Option("--max-parallel", help="Runs at once (0: as many as the resources allow; a local "
+                                                     "Ray gets max-parallel x cpus-per-task cores).")]),
+    ]
+    parameters = [p for p in _command_parameters(TrainConfig, dry_run=False)
+                  if p.name not in ("resume", "image", "run_name", "label")]
+    return parameters[:1] + extra + parameters[1:]
+
+
+app.command("train-many", help="Train one single-image model per image of a folder or glob, each a Ray task (pip "
+                               "install -e '.\\[distributed]'); a rerun skips finished runs and resumes interrupted "
+                               "ones.")(_register(_train_many, _train_many_parameters()))
+
+
+@app.command("sample-many")
+def sample_many_command(
+    runs_dir: Annotated[Path, typer.Argument(help="Folder of run folders (a cohort's --out-dir).")],
+    out: Annotated[Path, typer.Option("--out", help="New folder: one sub-folder of samples per run.")],
+    num: Annotated[int, typer.Option("--num", help="Samples per run.")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same files.")] = 0,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+) -> None:
+    """Draw NUM augmentations from every run of a cohort (the rules of consingan sample)."""
+    try:
+        from consingan.cohort import sample_many
+        from consingan.config import check_seed
+
+        check_seed(seed)
+        if num < 1:
+            raise ConsinganError(f"--num must be at least 1, got {num}")
+        results = sample_many(runs_dir, out, num, seed, device)
+        for result in results:
+            if result.error:
+                console.print(f"[red]{result.name}[/]: {result.error}", highlight=False)
+        done = [r for r in results if not r.error]
+        console.print(f"wrote {num} samples from each of {len(done)} runs to [bold]{out}[/]"
+                      + (f"; {len(results) - len(done)} could not sample" if len(done) < len(results) else ""))
     except ConsinganError as error:
         fail(str(error))
 
