@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "quality", help="runs, samples and sheets")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "quality.json")
     args = parser.parse_args()
+    args.work = args.work.resolve()  # the reference runs in its own folder: every path it gets must be absolute
     (args.work / "sheets").mkdir(parents=True, exist_ok=True)
     images = {n: IMAGES[n] for n in args.images}
     if args.epochs:

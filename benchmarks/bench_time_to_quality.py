@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=HERE / "time_to_quality.json")
     parser.add_argument("--plot", type=Path, default=HERE / "quality" / "time_to_quality.png")
     args = parser.parse_args()
+    args.work = args.work.resolve()  # the reference runs in its own folder: every path it gets must be absolute
     study.SETTINGS.update(SETTINGS)
     (args.work / "sheets").mkdir(parents=True, exist_ok=True)
     image = replace(study.IMAGES[args.image], epochs=args.epochs)

@@ -109,6 +109,14 @@ def test_ema_update_moves_each_parameter_by_one_minus_decay_and_copies_buffers()
     torch.testing.assert_close(average.running_mean, torch.full((3,), 5.0))
 
 
+def test_ema_decay_warms_up_then_holds():
+    from consingan.conditional.trainer import ema_decay_at
+
+    assert ema_decay_at(0.999, 1) == pytest.approx(2 / 11)
+    assert ema_decay_at(0.999, 100) == pytest.approx(101 / 110)
+    assert ema_decay_at(0.999, 100_000) == 0.999
+
+
 def test_ttur_gives_generator_and_discriminator_their_own_rates_and_betas(tmp_path):
     config, data = prepare_conditional(tiny(2, write_set(tmp_path / "data", 2), tmp_path / "out"))
     trainer = ConditionalTrainer(config, data, RunFolder.create(config, "conditional"))

@@ -35,6 +35,13 @@ class ConditionalResult:
     losses: list[dict] = field(default_factory=list)
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The EMA decay after ``step`` generator updates: ``decay``, but at most (1 + step) / (10 + step) early on, so
+    the average does not hold on to the random initial weights for thousands of steps (with 0.999 and no warm-up,
+    64 % of the average would still be the initial weights after 450 steps)."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 def ema_update(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """average <- decay x average + (1 - decay) x model for parameters; buffers (batch-norm statistics) copied."""
     with torch.no_grad():
@@ -192,7 +199,9 @@ class ConditionalTrainer:
                 totals["perceptual"] += term.item() / len(batches)
             (loss / len(batches)).backward()
         self.optimizer_g.step()
-        ema_update(self.generator_ema, unwrap(self.generator), config.ema_decay)
+        # Adam's step count is the number of generator updates so far (and comes back with the optimiser on resume).
+        steps = max(int(state["step"]) for state in self.optimizer_g.state.values())
+        ema_update(self.generator_ema, unwrap(self.generator), ema_decay_at(config.ema_decay, steps))
         return totals
 
     def train(self) -> list[dict]:

@@ -1,5 +1,5 @@
 """Run under torchrun (or alone): one paired training step on this rank's share of a fixed draw of tiles; rank 0
-saves the generator's and discriminator's gradients (all-reduced under DDP) to the path given."""
+saves the generator's and discriminator's gradients (all-reduced under DDP) and weights after the step."""
 
 import sys
 from pathlib import Path
@@ -29,10 +29,11 @@ def main(source: str, target: str, out: str) -> None:
     source_batch, target_batch = (torch.stack(items) for items in zip(*[tiles[i] for i in mine]))
     trainer.step(source_batch, target_batch)
     if distributed.is_main:
-        grads = {f"{name}.{key}": p.grad.clone() for name, model in (("g", trainer.generator),
-                                                                      ("d", trainer.discriminator))
-                 for key, p in unwrap(model).named_parameters()}
-        torch.save(grads, out)
+        models = (("g", trainer.generator), ("d", trainer.discriminator))
+        grads = {f"{name}.{key}": p.grad.clone() for name, model in models for key, p in unwrap(model).named_parameters()}
+        weights = {f"{name}.{key}": p.detach().clone() for name, model in models
+                   for key, p in unwrap(model).named_parameters()}
+        torch.save({"grads": grads, "weights": weights}, out)
     distributed.finish()
 
 
