@@ -128,6 +128,36 @@ def test_ttur_gives_generator_and_discriminator_their_own_rates_and_betas(tmp_pa
     assert not generator_ids & {id(p) for p in trainer.discriminator.parameters()}
 
 
+def test_accumulated_batches_give_the_discriminator_the_gradient_of_one_large_batch(tmp_path):
+    """Two accumulated batches of 2 = one batch of 4 for the discriminator (it has no batch statistics). The networks
+    are in eval mode so that batch norm in the generator and spectral norm's power iteration do not depend on how
+    the batch is split."""
+    config, data = prepare_conditional(tiny(2, write_set(tmp_path / "data", 2), tmp_path / "out"))
+    trainer = ConditionalTrainer(config, data, RunFolder.create(config, "conditional"))
+    trainer.generator.eval()
+    trainer.discriminator.eval()
+    images, labels = data.images[:4], data.labels[:4]
+    noise = torch.randn(4, config.noise_dim, generator=torch.Generator().manual_seed(5))
+
+    class Feed:  # the same noise rows, however the batch is split
+        def __init__(self) -> None:
+            self.used = 0
+
+        def __call__(self, count: int) -> torch.Tensor:
+            self.used += count
+            return noise[self.used - count:self.used]
+
+    start = {k: v.clone() for k, v in trainer.discriminator.state_dict().items()}
+    gradients = []
+    for batches in ([(images, labels)], [(images[:2], labels[:2]), (images[2:], labels[2:])]):
+        trainer.discriminator.load_state_dict(start)  # the step moved the weights: start both from the same
+        trainer.noise = Feed()
+        trainer.discriminator_step(batches)
+        gradients.append([p.grad.clone() for p in trainer.discriminator.parameters()])
+    for whole, accumulated in zip(*gradients):
+        torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-6)
+
+
 def test_class_balanced_sampler_draws_classes_equally_often():
     labels = torch.tensor([0] * 90 + [1] * 10)
     sampler = class_balanced_sampler(labels, 2, torch.Generator().manual_seed(0))

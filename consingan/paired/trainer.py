@@ -139,6 +139,8 @@ class PairedTrainer:
             # The epoch's tile order, the same on every rank and independent of resuming; each rank takes its share.
             order.manual_seed(int(config.seed) + epoch)
             indices = distributed.shard(torch.randperm(len(dataset), generator=order).tolist())
+            if distributed.active:  # each rank its own dropout masks, reproducible per epoch
+                torch.manual_seed(int(config.seed) + 1_000_003 * epoch + distributed.rank)
             loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=indices,
                                                  num_workers=config.num_workers)
             started, totals = time.perf_counter(), []
