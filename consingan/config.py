@@ -266,7 +266,7 @@ class ConditionalConfig:
     base_channels: int = _opt(32, "Channels of the generator's last stage and of the discriminator's first layer.")
     max_channels: int = _opt(256, "Upper limit of channels at any stage.")
     attention: int = _opt(-1, "Side at which a self-attention block sits in generator and discriminator (0: none; "
-                          "-1: 32, or half the size for smaller images).")
+                          "-1: 32 in 2D and 8 in 3D, or half the size for smaller images).")
     conditioning: str = _opt("projection", "Discriminator conditioning: 'projection' (Miyato & Koyama 2018) or "
                              "'acgan' (an auxiliary classifier head).")
     discriminator_scales: int = _opt(1, "Discriminators on the image downsampled 1, 2, 4 ... times (1: one).")
@@ -343,7 +343,9 @@ class ConditionalConfig:
 
     def resolved_attention(self) -> int:
         """The side of the self-attention block (0: none)."""
-        return min(32, self.size // 2) if self.attention == -1 else self.attention
+        # 3D: 8^3 = 512 positions, a 512 x 512 map; 32^3 would need a map of 32768^2 entries per image.
+        automatic = 32 if self.dimension == 2 else 8
+        return min(automatic, self.size // 2) if self.attention == -1 else self.attention
 
     def num_stages(self) -> int:
         """Upsampling stages from the 4-voxel start to ``size``."""
