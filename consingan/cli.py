@@ -271,9 +271,27 @@ paired_app = typer.Typer(help="Paired image-to-image GANs: mask -> image, phase 
 app.add_typer(paired_app, name="paired")
 
 
+def _train_dataset_model(train: Any) -> None:
+    """The paired and conditional train commands around their work ``train(main_process) -> result``: one-line
+    errors, Ctrl-C keeps the last finished epoch, and under torchrun one report (rank 0's)."""
+    from consingan.distributed import Distributed
+
+    main_process = Distributed.from_environment().is_main
+    try:
+        result = train(main_process)
+        if main_process:
+            console.print(f"run folder: [bold]{result.run_dir}[/]")
+    except ConsinganError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: the last finished epoch is saved in the run folder (--resume)")
+        raise typer.Exit(code=130)
+
+
 def _paired_train(config_file: Path | None = None, resume: Path | None = None, **flags: Any) -> None:
     """Train a paired generator on SOURCE/TARGET pairs matched by file name, tile by tile."""
-    try:
+
+    def train(main_process: bool) -> Any:
         from consingan.config import PairedConfig, resolve_config
         from consingan.paired.trainer import resume_paired, train_paired
 
@@ -283,18 +301,10 @@ def _paired_train(config_file: Path | None = None, resume: Path | None = None, *
 
         if resume is not None:
             _refuse_ignored_flags(PairedConfig, resume, config_file, flags)
-            result = resume_paired(resume, progress, device=flags.get("device"))
-        else:
-            result = train_paired(resolve_config(config_file, flags, PairedConfig), progress)
-        from consingan.distributed import Distributed
+            return resume_paired(resume, progress, device=flags.get("device"))
+        return train_paired(resolve_config(config_file, flags, PairedConfig), progress)
 
-        if Distributed.from_environment().is_main:  # under torchrun, one report
-            console.print(f"run folder: [bold]{result.run_dir}[/]")
-    except ConsinganError as error:
-        fail(str(error))
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: the last finished epoch is saved in the run folder (--resume)")
-        raise typer.Exit(code=130)
+    _train_dataset_model(train)
 
 
 def _paired_parameters() -> list[inspect.Parameter]:
@@ -429,35 +439,26 @@ app.add_typer(conditional_app, name="conditional")
 
 def _conditional_train(config_file: Path | None = None, resume: Path | None = None, **flags: Any) -> None:
     """Train a class-conditional GAN on a folder of class folders (or a CSV of path,class)."""
-    try:
-        from consingan.config import ConditionalConfig, resolve_config
-        from consingan.conditional.trainer import prepare_conditional, resume_conditional, train_conditional
-        from consingan.distributed import Distributed
-        from consingan.ui import epoch_progress
 
-        main_process = Distributed.from_environment().is_main
+    def train(main_process: bool) -> Any:
+        from consingan.conditional.trainer import prepare_conditional, resume_conditional, train_conditional
+        from consingan.config import ConditionalConfig, resolve_config
+        from consingan.runs import RunFolder
+        from consingan.ui import epoch_progress
 
         if resume is not None:
             _refuse_ignored_flags(ConditionalConfig, resume, config_file, flags)
-            from consingan.runs import RunFolder
-
             with epoch_progress(console, RunFolder.open(resume, "conditional").config.epochs) as progress:
-                result = resume_conditional(resume, progress, device=flags.get("device"))
-        else:
-            config, data = prepare_conditional(resolve_config(config_file, flags, ConditionalConfig))
+                return resume_conditional(resume, progress, device=flags.get("device"))
+        config, data = prepare_conditional(resolve_config(config_file, flags, ConditionalConfig))
+        if main_process:
             counts = ", ".join(f"{name} {count}" for name, count in zip(data.classes, data.counts()))
-            if main_process:
-                console.print(f"{len(data.labels)} images in {len(data.classes)} classes: {counts}"
-                              + ("; drawn class-balanced" if config.balance else ""), highlight=False)
-            with epoch_progress(console, config.epochs) as progress:
-                result = train_conditional(config, progress, prepared=(config, data))
-        if main_process:  # under torchrun, one report
-            console.print(f"run folder: [bold]{result.run_dir}[/]")
-    except ConsinganError as error:
-        fail(str(error))
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: the last finished epoch is saved in the run folder (--resume)")
-        raise typer.Exit(code=130)
+            console.print(f"{len(data.labels)} images in {len(data.classes)} classes: {counts}"
+                          + ("; drawn class-balanced" if config.balance else ""), highlight=False)
+        with epoch_progress(console, config.epochs) as progress:
+            return train_conditional(config, progress, prepared=(config, data))
+
+    _train_dataset_model(train)
 
 
 def _conditional_parameters() -> list[inspect.Parameter]:

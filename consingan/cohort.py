@@ -13,7 +13,7 @@ import dataclasses
 import glob
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -163,7 +163,6 @@ class SampledRun:
     name: str
     files: int = 0
     error: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def sample_many(runs_dir: Path, out: Path, num: int, seed: int, device: str = "auto") -> list[SampledRun]:
@@ -183,8 +182,7 @@ def sample_many(runs_dir: Path, out: Path, num: int, seed: int, device: str = "a
         outcome = SampledRun(folder.name)
         try:
             pyramid = TrainedPyramid.load(folder, device=device)
-            written = write_samples(pyramid, out / folder.name, num, seed=seed)
-            outcome.files = len(written) if written is not None else num
+            outcome.files = len(write_samples(pyramid, out / folder.name, num, seed=seed))
         except ConsinganError as error:
             outcome.error = str(error)
         results.append(outcome)

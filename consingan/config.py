@@ -32,6 +32,24 @@ def _opt(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
+def _check_each(config: Any, names: tuple[str, ...], allowed: Any, requirement: str) -> None:
+    """Raise ``ConsinganError`` for the first option in ``names`` whose value fails ``allowed`` (booleans always do)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not allowed(value):
+            raise ConsinganError(f"{name} must be {requirement}, got {value!r}")
+
+
+def _check_choices(config: Any, choices: dict[str, tuple[str, ...]]) -> None:
+    """Raise ``ConsinganError`` for the first option whose value is not one of its allowed names."""
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConsinganError(f"{name} must be one of {', '.join(allowed)}; got {getattr(config, name)!r}")
+
+
+POSITIVE, NOT_NEGATIVE, FRACTION = (lambda v: v > 0), (lambda v: v >= 0), (lambda v: 0 <= v < 1)
+
+
 @dataclass
 class TrainConfig:
     """Every option of ``consingan train`` with its default (the seed's table first)."""
@@ -124,11 +142,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConsinganError(f"{name} must be zero or a positive integer, got {value!r}")
-        choices = {"gradient_penalty": ("pixel", "image"), "intensity_mapping": ("window", "minmax"),
-                   "upsampling": ("linear", "cubic"), "generator_update": ("fresh", "repeat")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConsinganError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        _check_choices(self, {"gradient_penalty": ("pixel", "image"), "intensity_mapping": ("window", "minmax"),
+                              "upsampling": ("linear", "cubic"), "generator_update": ("fresh", "repeat")})
         if self.upsampling == "cubic" and self.dimension != 2:
             raise ConsinganError("upsampling 'cubic' exists only in 2D (PyTorch has no tricubic); use 'linear' in 3D")
         low, high = self.window_low_percentile, self.window_high_percentile
@@ -193,19 +208,10 @@ class PairedConfig:
         if self.dimension not in (2, 3):
             raise ConsinganError(f"dimension must be 2 or 3, got {self.dimension}")
         check_common(self)
-        for name in ("epochs", "batch_size", "tile", "base_channels"):
-            if getattr(self, name) <= 0:
-                raise ConsinganError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("depth", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ConsinganError(f"{name} must be zero or positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConsinganError(f"lr must be positive, got {self.lr}")
-        for name in ("lambda_l1", "lambda_feature_matching", "lambda_perceptual"):
-            if getattr(self, name) < 0:
-                raise ConsinganError(f"{name} must be zero or positive, got {getattr(self, name)}")
-        if not 0 <= self.beta1 < 1:
-            raise ConsinganError(f"beta1 must be in [0, 1), got {self.beta1}")
+        _check_each(self, ("epochs", "batch_size", "tile", "base_channels", "lr"), POSITIVE, "positive")
+        _check_each(self, ("depth", "num_workers", "lambda_l1", "lambda_feature_matching", "lambda_perceptual"),
+                    NOT_NEGATIVE, "zero or positive")
+        _check_each(self, ("beta1",), FRACTION, "in [0, 1)")
         if self.gan_mode not in GAN_MODES:
             raise ConsinganError(f"unknown gan_mode {self.gan_mode!r}; choose one of {', '.join(GAN_MODES)}")
         if self.discriminator not in ("patch", "multiscale"):
@@ -302,15 +308,11 @@ class ConditionalConfig:
         check_common(self)
         if self.dimension not in (2, 3):
             raise ConsinganError(f"dimension must be 2 or 3, got {self.dimension}")
-        for name in ("epochs", "batch_size", "accumulate", "noise_dim", "embedding_dim", "base_channels",
-                     "max_channels", "discriminator_scales"):
-            if isinstance(getattr(self, name), bool) or getattr(self, name) <= 0:
-                raise ConsinganError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        _check_each(self, ("epochs", "batch_size", "accumulate", "noise_dim", "embedding_dim", "base_channels",
+                           "max_channels", "discriminator_scales"), POSITIVE, "a positive integer")
         if self.attention < -1:
             raise ConsinganError(f"attention must be -1 (automatic), 0 (none) or a side, got {self.attention}")
-        for name in ("preview_every", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ConsinganError(f"{name} must be zero or positive, got {getattr(self, name)}")
+        _check_each(self, ("preview_every", "num_workers"), NOT_NEGATIVE, "zero or positive")
         stages = self.num_stages()
         if stages < 1 or 4 * 2**stages != self.size:
             raise ConsinganError(f"size must be 4 x a power of two, at least 8 (8, 16, 32, 64 ...), got {self.size}")
@@ -320,23 +322,13 @@ class ConditionalConfig:
         if 2 ** (self.discriminator_scales - 1) * 8 > self.size:
             raise ConsinganError(f"{self.discriminator_scales} discriminator scales need size of at least "
                                  f"{2 ** (self.discriminator_scales - 1) * 8}")
-        choices = {"loss": CONDITIONAL_LOSSES, "conditioning": CONDITIONINGS, "fit": ("resize", "crop"),
-                   "intensity_mapping": ("window", "minmax")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConsinganError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name in ("lr_g", "lr_d"):
-            if getattr(self, name) <= 0:
-                raise ConsinganError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("lambda_grad_penalty", "lambda_classifier", "lambda_perceptual", "lambda_texture",
-                     "intensity_jitter"):
-            if getattr(self, name) < 0:
-                raise ConsinganError(f"{name} must be zero or positive, got {getattr(self, name)}")
-        for name in ("beta1", "beta2", "ema_decay", "label_smoothing"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConsinganError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.intensity_jitter >= 1:
-            raise ConsinganError(f"intensity_jitter must be below 1, got {self.intensity_jitter}")
+        _check_choices(self, {"loss": CONDITIONAL_LOSSES, "conditioning": CONDITIONINGS, "fit": ("resize", "crop"),
+                              "intensity_mapping": ("window", "minmax")})
+        _check_each(self, ("lr_g", "lr_d"), POSITIVE, "positive")
+        _check_each(self, ("lambda_grad_penalty", "lambda_classifier", "lambda_perceptual", "lambda_texture"),
+                    NOT_NEGATIVE, "zero or positive")
+        _check_each(self, ("beta1", "beta2", "ema_decay", "label_smoothing", "intensity_jitter"), FRACTION,
+                    "in [0, 1)")
         if self.perceptual_weights and self.dimension != 2:
             raise ConsinganError("the perceptual loss (VGG-19) is 2D only")
         return self

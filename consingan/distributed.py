@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from consingan.errors import ConsinganError
+from consingan.runs import RunFolder, RunInfo
 
 
 @dataclass
@@ -112,3 +113,25 @@ class Distributed:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (for state dicts: the same keys with or without DDP)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def shared_run(distributed: Distributed, config: object, family: str, info: RunInfo) -> RunFolder:
+    """A new run folder: rank 0 creates it and writes run.json, then every rank opens the same folder."""
+    run = RunFolder.create(config, family) if distributed.is_main else None
+    if run is not None:
+        run.write_info(info)
+    return RunFolder.open(distributed.broadcast(run.path if run else None), family)
+
+
+def train_to_end(trainer: object, distributed: Distributed, resume_from: RunFolder | None = None,
+                 models: tuple[str, ...] = ()) -> list[dict]:
+    """Run ``trainer.train()`` (after restoring ``resume_from``'s latest training state on every rank, when given)
+    and leave the process group however it ends."""
+    try:
+        if resume_from is not None:
+            state_path = resume_from.latest_training_state()
+            if state_path is not None:
+                trainer.restore(resume_from.load_training_state(state_path, models, trainer.device), state_path)
+        return trainer.train()
+    finally:
+        distributed.finish()

@@ -19,7 +19,7 @@ from consingan.conditional.data import LabelledSet, augment, class_balanced_samp
 from consingan.conditional.models import attention_bytes, build_models
 from consingan.conditional.sampler import EMA_NAME, MODEL_NAMES, preview_grid_png
 from consingan.config import ConditionalConfig
-from consingan.distributed import Distributed, unwrap
+from consingan.distributed import Distributed, shared_run, train_to_end, unwrap
 from consingan.errors import ConsinganError
 from consingan.losses import adversarial_loss, gradient_penalty, texture_loss
 from consingan.runs import RunFolder, RunInfo, TrainingState, load_weights, resolve_device
@@ -286,16 +286,10 @@ def train_conditional(config: ConditionalConfig, progress: Callable[[int, dict],
     config, data = prepared or prepare_conditional(config)
     distributed = Distributed.from_environment()
     device = distributed.start(resolve_device(config.device))
-    run = RunFolder.create(config, "conditional") if distributed.is_main else None
-    if run is not None:
-        run.write_info(conditional_run_info(config, data))
-    run = RunFolder.open(distributed.broadcast(run.path if run else None), "conditional")
+    run = shared_run(distributed, config, "conditional", conditional_run_info(config, data))
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     trainer = ConditionalTrainer(config, data, run, progress, device, distributed)
-    try:
-        return ConditionalResult(run.path, config, trainer.train())
-    finally:
-        distributed.finish()
+    return ConditionalResult(run.path, config, train_to_end(trainer, distributed))
 
 
 def resume_conditional(run_dir: Path, progress: Callable[[int, dict], None] | None = None,
@@ -314,10 +308,4 @@ def resume_conditional(run_dir: Path, progress: Callable[[int, dict], None] | No
     device = distributed.start(resolve_device(config.device))
     torch.manual_seed(config.seed)
     trainer = ConditionalTrainer(config, data, run, progress, device, distributed)
-    state_path = run.latest_training_state()
-    if state_path is not None:  # every rank reads the same checkpoint
-        trainer.restore(run.load_training_state(state_path, MODEL_NAMES, trainer.device), state_path)
-    try:
-        return ConditionalResult(run.path, config, trainer.train())
-    finally:
-        distributed.finish()
+    return ConditionalResult(run.path, config, train_to_end(trainer, distributed, run, MODEL_NAMES))

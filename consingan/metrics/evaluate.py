@@ -144,16 +144,16 @@ def evaluate_conditional(run_dir: Path | str, options: EvaluateConfig) -> dict:
     per_class = {}
     for index, (name, fake) in enumerate(zip(info.classes, fakes)):
         members = real[data.labels == index]
-        if inception is not None:
-            per_class.setdefault(name, {})["inception_frechet"] = measures.frechet_distance(
-                inception(members).double().numpy(), inception(fake).double().numpy())
-        per_class[name] = {**per_class.get(name, {}),
+        per_class[name] = {
             "real_images": len(members),
             "random_feature_frechet": measures.frechet_distance(features(members).double().numpy(),
                                                                 features(fake).double().numpy()),
             "swd": measures.multiscale_swd(members, fake, options.patch_size, options.swd_levels, seed=options.seed),
             "diversity": measures.diversity(members, fake),
         }
+        if inception is not None:
+            per_class[name]["inception_frechet"] = measures.frechet_distance(
+                inception(members).double().numpy(), inception(fake).double().numpy())
     fake_all = torch.cat(fakes)
     fake_labels = np.repeat(np.arange(len(info.classes)), options.num)
     consistency = class_consistency(image_features(real, features), data.labels.numpy(),

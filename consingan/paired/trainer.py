@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from consingan.config import PairedConfig
-from consingan.distributed import Distributed, unwrap
+from consingan.distributed import Distributed, shared_run, train_to_end, unwrap
 from consingan.errors import ConsinganError
 from consingan.losses import adversarial_loss, feature_matching_loss
 from consingan.paired.build import MODEL_NAMES, build_discriminator, build_generator
@@ -200,27 +200,21 @@ def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | N
     config = config.validate()
     if not config.source_dir or not config.target_dir:
         raise ConsinganError("--source and --target are required")
-    Distributed.from_environment().check_seed(config.seed)
+    distributed = Distributed.from_environment()
+    distributed.check_seed(config.seed)
     if config.seed is None:
         config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
     config = dataclasses.replace(config, source_dir=str(Path(config.source_dir).resolve()),
                                  target_dir=str(Path(config.target_dir).resolve()))
-    distributed = Distributed.from_environment()
     device = distributed.start(resolve_device(config.device))
     if config.perceptual_weights:
         load_perceptual(config)
     data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot)
     check_model_fits(config, data)
-    run = RunFolder.create(config, "paired") if distributed.is_main else None
-    if run is not None:
-        run.write_info(paired_run_info(config, data))
-    run = RunFolder.open(distributed.broadcast(run.path if run else None), "paired")
+    run = shared_run(distributed, config, "paired", paired_run_info(config, data))
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     trainer = PairedTrainer(config, data, run, progress, device, distributed)
-    try:
-        return PairedResult(run.path, config, trainer.train())
-    finally:
-        distributed.finish()
+    return PairedResult(run.path, config, train_to_end(trainer, distributed))
 
 
 def resume_paired(run_dir: Path, progress: Callable[[int, dict], None] | None = None,
@@ -235,10 +229,4 @@ def resume_paired(run_dir: Path, progress: Callable[[int, dict], None] | None = 
     device = distributed.start(resolve_device(config.device))
     torch.manual_seed(config.seed)
     trainer = PairedTrainer(config, data, run, progress, device, distributed)
-    state_path = run.latest_training_state()
-    if state_path is not None:  # every rank reads the same checkpoint
-        trainer.restore(run.load_training_state(state_path, MODEL_NAMES, trainer.device), state_path)
-    try:
-        return PairedResult(run.path, config, trainer.train())
-    finally:
-        distributed.finish()
+    return PairedResult(run.path, config, train_to_end(trainer, distributed, run, MODEL_NAMES))
