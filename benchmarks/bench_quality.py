@@ -15,8 +15,11 @@ min-max space, so settings with different intensity mappings, and the reference'
 ``--not_cuda`` on the 2D images, at the same stages, epochs, sizes and channels, on the identical PNG the engine
 reads (grey images are given as RGB, as the reference expects). Its two imports used only for TensorBoard image grids
 and for harmonisation augmentations (torchvision, albumentations) are replaced by empty stand-ins written into the
-work folder; nothing else of it is changed. Its 25 final samples (JPEG, as it writes them) are measured with
-`consingan evaluate --samples`.
+work folder; nothing else of it is changed. Its own sample folder holds JPEG files, and JPEG's 8 x 8 block
+quantisation moves the finest Laplacian level's patch statistics (an engine sample set measured 223 at that level as
+lossless PNG and 201 after a JPEG round trip); so a small driver, run with the reference's Python, loads its trained
+generator and draws ``--samples`` new samples with its own noise sampler, written as lossless 8-bit PNG like the
+engine's, and those are measured with `consingan evaluate --samples`.
 
 Prints one table and writes benchmarks/quality.json (merged by image and setting) and a contact sheet per run
 (real image first) under the work folder.
@@ -88,6 +91,10 @@ SETTINGS: dict[str, dict] = {
     "reference-layers": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic"},
     "no-bn-repeat": {"batch_norm": False, "generator_update": "repeat"},
     "repeat": {"generator_update": "repeat"},
+    "no-bn-repeat-noise-0.2": {"batch_norm": False, "generator_update": "repeat", "noise_amp": 0.2},
+    "no-bn-repeat-pad0": {"batch_norm": False, "generator_update": "repeat", "padding": 0},
+    "no-bn-cbam-repeat": {"batch_norm": False, "cbam": False, "generator_update": "repeat"},
+    "no-bn-repeat-cubic": {"batch_norm": False, "generator_update": "repeat", "upsampling": "cubic"},
     "preset": {"config": str(ROOT / "presets" / "microscopy-2d.yaml")},
 }
 
@@ -203,11 +210,55 @@ def train_reference(name: str, image: StudyImage, path: Path, reference: Path, w
     return {"seconds": seconds, "samples": folders[-1]}
 
 
-def measure(job: dict, image: StudyImage, path: Path, work: Path) -> dict:
+_REFERENCE_SAMPLER = '''"""Draws samples from a trained official ConSinGAN with its own noise sampler; writes lossless 8-bit PNG files.
+
+Run with the reference's Python and the reference on PYTHONPATH: python reference_sampler.py MODEL_DIR OUT NUM SEED
+"""
+import sys
+from pathlib import Path
+
+import imageio
+import torch
+
+import ConSinGAN.functions as functions
+
+model_dir, out_dir, num, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+load = lambda name: torch.load(model_dir / name, map_location="cpu", weights_only=False)  # its own pickles
+generator, noise_amp, reals = load("G.pth"), load("noise_amp.pth"), load("reals.pth")
+shapes = [real.shape for real in reals]
+generator.opt.device = torch.device("cpu")
+torch.manual_seed(seed)
+out_dir.mkdir(parents=True, exist_ok=True)
+with torch.no_grad():
+    for index in range(num):
+        sample = generator(functions.sample_random_noise(len(reals) - 1, shapes, generator.opt), shapes, noise_amp)
+        pixels = ((sample[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        imageio.imwrite(out_dir / f"sample_{index:04d}.png", pixels)
+'''
+
+
+def reference_samples(job: dict, work: Path, reference: Path, num: int) -> Path:
+    """``num`` lossless samples of a finished reference run (drawn once, then reused)."""
+    out = Path(job["samples"]).parent / f"lossless_samples_{num}"
+    if len(list(out.glob("sample_*.png"))) == num:
+        return out
+    script = work / "reference_sampler.py"
+    script.write_text(_REFERENCE_SAMPLER)
+    env = one_thread_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(work / "reference_stubs"), str(reference)])
+    command = [os.environ.get("REFERENCE_PYTHON", sys.executable), str(script), str(Path(job["samples"]).parent),
+               str(out), str(num), "0"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"sampling the reference failed: {(result.stderr or result.stdout).strip().splitlines()[-3:]}")
+    return out
+
+
+def measure(job: dict, image: StudyImage, path: Path, work: Path, num: int) -> dict:
     from consingan.io.preview import contact_sheet, write_png
     from consingan.metrics.evaluate import EvaluateConfig, evaluate, evaluate_samples
 
-    options = EvaluateConfig(num=25, seed=0)
+    options = EvaluateConfig(num=num, seed=0)
     if "run_dir" in job:
         result = evaluate(job["run_dir"], options)
         health = [json.loads(p.read_text()).get("health", {}).get("warnings", [])
@@ -225,7 +276,7 @@ def measure(job: dict, image: StudyImage, path: Path, work: Path) -> dict:
         "memorisation_ratio": result["memorisation"]["ratio"], "verdict": result["verdict"]["label"],
         "at_range_ends": result["extremes"],
         "histogram_w1": result["histogram_w1"], "seconds": job["seconds"],
-        "health_warnings": sum(len(w) for w in health),
+        "health_warnings": sum(len(w) for w in health), "samples": num,
     }
 
 
@@ -239,6 +290,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override every image's epochs per scale")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "quality", help="runs, samples and sheets")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "quality.json")
+    parser.add_argument("--samples", type=int, default=100, help="samples measured per run")
     args = parser.parse_args()
     args.work = args.work.resolve()  # the reference runs in its own folder: every path it gets must be absolute
     (args.work / "sheets").mkdir(parents=True, exist_ok=True)
@@ -264,7 +316,9 @@ def main() -> None:
         try:
             outcome = start()
             outcome["label"] = f"{name}_{setting}{seed_suffix(seed)}"
-            row = measure(outcome, images[name], paths[name], args.work)
+            if "samples" in outcome:  # the reference: measure lossless samples drawn from its trained generator
+                outcome["samples"] = reference_samples(outcome, args.work, args.reference.resolve(), args.samples)
+            row = measure(outcome, images[name], paths[name], args.work, args.samples)
         except Exception as error:  # one failed run must not stop the study
             row = {"error": str(error)}
         print(f"done {name} {setting} seed {seed}: {row}", flush=True)

@@ -9,8 +9,9 @@ never copied into this repository) trains once at ``--epochs`` per stage. Each e
 ``--epochs`` and, for the curves, at the given fractions of it (same images, stages, sizes and channels as the
 quality study, `benchmarks/bench_quality.py`, whose runners this script uses). Every run is one process with one
 thread, two at a time, so the reference always shares the machine with one engine run, as the engine runs share it
-with each other. Each run's samples are measured with `consingan evaluate`'s measures (25 samples, seed 0, in the
-source's min-max space).
+with each other. Each run's samples are measured with `consingan evaluate`'s measures (``--samples``, 100 by default,
+evaluation seed 0, in the source's min-max space; the reference's drawn losslessly from its trained generator, see
+`bench_quality.py`). With several ``--seeds`` every run is repeated per seed and the means are compared.
 
 Prints one table (wall time, SWD x1e3 with its coarsest level, diversity, the copy ratio of the memorisation check,
 the verdict, the time as a fraction of the reference's) and, per setting, the *time to reference quality*: the wall
@@ -73,6 +74,19 @@ def plot(rows: list[dict], reference: dict | None, path: Path, title: str) -> No
     plt.close(figure)
 
 
+def mean_rows(rows: list[dict]) -> list[dict]:
+    """One row per (setting, epochs): measures and seconds averaged over seeds, the seeds' SWD kept beside them."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["setting"], row["epochs"]), []).append(row)
+    keys = ("seconds", "swd_x1e3", "swd_coarse_x1e3", "diversity", "memorisation_ratio")
+    return [{"setting": setting, "epochs": epochs, "seeds": len(group),
+             **{key: sum(r[key] for r in group) / len(group) for key in keys},
+             "swd_per_seed": [round(r["swd_x1e3"], 1) for r in group],
+             "verdict": ",".join(sorted({r["verdict"] for r in group}))}
+            for (setting, epochs), group in groups.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default="cell", choices=[n for n, i in study.IMAGES.items() if i.dim == 2])
@@ -81,7 +95,8 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0],
                         help="the engine also trains at these fractions of --epochs (the curves)")
     parser.add_argument("--reference", type=Path, help="checkout of tohinz/ConSinGAN")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="every run once per seed; means compared")
+    parser.add_argument("--samples", type=int, default=100, help="samples measured per run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--work", type=Path, default=study.ROOT / "out" / "time_to_quality")
     parser.add_argument("--results", type=Path, default=HERE / "time_to_quality.json")
@@ -95,43 +110,50 @@ def main() -> None:
     budgets = sorted({max(1, round(args.epochs * f)) for f in args.fractions if f > 0}, reverse=True)
 
     jobs = []
-    if args.reference:
-        jobs.append(("reference", args.epochs, lambda: study.train_reference(
-            f"{args.image}_e{args.epochs}", image, path, args.reference.resolve(), args.work, args.seed)))
-    for epochs in budgets:  # the longest runs first, so the reference's partner is an engine run of equal epochs
-        for setting in args.settings:
-            jobs.append((setting, epochs, lambda s=setting, e=epochs: study.train_engine(
-                f"{args.image}_e{e}", replace(image, epochs=e), path, s, args.work, args.seed)))
+    for seed in args.seeds:
+        if args.reference:
+            jobs.append(("reference", args.epochs, seed, lambda r=seed: study.train_reference(
+                f"{args.image}_e{args.epochs}", image, path, args.reference.resolve(), args.work, r)))
+        for epochs in budgets:  # the longest runs first, so the reference's partner is an engine run of equal epochs
+            for setting in args.settings:
+                jobs.append((setting, epochs, seed, lambda s=setting, e=epochs, r=seed: study.train_engine(
+                    f"{args.image}_e{e}", replace(image, epochs=e), path, s, args.work, r)))
 
     def run(job):
-        setting, epochs, start = job
+        setting, epochs, seed, start = job
         try:
             outcome = start()
-            outcome["label"] = f"{args.image}_{setting}_e{epochs}"
-            row = study.measure(outcome, image, path, args.work)
+            outcome["label"] = f"{args.image}_{setting}_e{epochs}{study.seed_suffix(seed)}"
+            if "samples" in outcome:  # the reference: lossless samples drawn from its trained generator
+                outcome["samples"] = study.reference_samples(outcome, args.work, args.reference.resolve(),
+                                                             args.samples)
+            row = study.measure(outcome, image, path, args.work, args.samples)
         except Exception as error:  # one failed run must not stop the others
-            print(f"failed {setting} {epochs} epochs: {error}", flush=True)
+            print(f"failed {setting} {epochs} epochs seed {seed}: {error}", flush=True)
             return None
-        print(f"done {setting} {epochs} epochs: SWD {row['swd_x1e3']:.1f} in {row['seconds']:.0f} s", flush=True)
-        return {"setting": setting, "epochs": epochs, **row}
+        print(f"done {setting} {epochs} epochs seed {seed}: SWD {row['swd_x1e3']:.1f} in {row['seconds']:.0f} s",
+              flush=True)
+        return {"setting": setting, "epochs": epochs, "seed": seed, **row}
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = [row for row in pool.map(run, jobs) if row is not None]
+        runs = [row for row in pool.map(run, jobs) if row is not None]
+    rows = mean_rows(runs)
     reference = next((r for r in rows if r["setting"] == "reference"), None)
     engine = [r for r in rows if r["setting"] != "reference"]
 
-    header = f"{'program / setting':18} {'epochs':>6} {'seconds':>8} {'x ref':>6} {'SWD':>7} {'coarse':>7} " \
-             f"{'divers.':>7} {'copy':>6} {'verdict':>14}"
+    header = f"{'program / setting':18} {'epochs':>6} {'seeds':>5} {'seconds':>8} {'x ref':>6} {'SWD':>7} " \
+             f"{'SWD per seed':>20} {'coarse':>7} {'divers.':>7} {'copy':>6} {'verdict':>8}"
     print(header)
     print("-" * len(header))
     for row in rows:
         ratio = f"{row['seconds'] / reference['seconds']:.2f}" if reference else "-"
-        print(f"{row['setting']:18} {row['epochs']:6d} {row['seconds']:8.1f} {ratio:>6} {row['swd_x1e3']:7.1f} "
-              f"{row['swd_coarse_x1e3']:7.1f} {row['diversity']:7.3f} {row['memorisation_ratio']:6.2f} "
-              f"{row['verdict']:>14}")
+        per_seed = " ".join(f"{v:.0f}" for v in row["swd_per_seed"])
+        print(f"{row['setting']:18} {row['epochs']:6d} {row['seeds']:5d} {row['seconds']:8.1f} {ratio:>6} "
+              f"{row['swd_x1e3']:7.1f} {per_seed:>20} {row['swd_coarse_x1e3']:7.1f} {row['diversity']:7.3f} "
+              f"{row['memorisation_ratio']:6.2f} {row['verdict']:>8}")
     summary = {}
     if reference:
-        print(f"\ntime to the reference's quality (SWD <= {reference['swd_x1e3']:.1f}, diversity >= "
+        print(f"\ntime to the reference's quality (mean SWD <= {reference['swd_x1e3']:.1f}, mean diversity >= "
               f"{DIVERSITY_KEPT} x {reference['diversity']:.3f}); target: <= {reference['seconds'] / 2:.0f} s")
         for setting in dict.fromkeys(r["setting"] for r in engine):
             good = [r for r in engine if r["setting"] == setting and reaches(r, reference)]
@@ -142,9 +164,12 @@ def main() -> None:
                   f"{best['seconds']:.0f} s ({best['epochs']} epochs), {best['seconds'] / reference['seconds']:.2f} "
                   f"x the reference's time"))
     args.plot.parent.mkdir(parents=True, exist_ok=True)
-    plot(engine, reference, args.plot, f"{args.image}: {image.num_scales} stages, up to {args.epochs} epochs each")
+    plot(engine, reference, args.plot, f"{args.image}: {image.num_scales} stages, up to {args.epochs} epochs each, "
+         f"{len(args.seeds)} seed(s)")
     stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    stored[f"{args.image}_e{args.epochs}_s{args.seed}"] = {"rows": rows, "time_to_reference_quality": summary}
+    seeds = "_".join(map(str, args.seeds))
+    stored[f"{args.image}_e{args.epochs}_seeds{seeds}_n{args.samples}"] = {
+        "rows": rows, "runs": runs, "time_to_reference_quality": summary}
     args.results.write_text(json.dumps(stored, indent=1, default=str) + "\n")
     print(f"\ncurves: {args.plot}")
 
