@@ -214,13 +214,27 @@ _REFERENCE_SAMPLER = '''"""Draws samples from a trained official ConSinGAN with 
 
 Run with the reference's Python and the reference on PYTHONPATH: python reference_sampler.py MODEL_DIR OUT NUM SEED
 """
+import struct
 import sys
+import zlib
 from pathlib import Path
 
-import imageio
 import torch
 
 import ConSinGAN.functions as functions
+
+
+def write_png(path, pixels):
+    """8-bit RGB PNG from a [H, W, 3] uint8 array, with the standard library only (the reference's Python and this
+    engine's need no imaging package in common)."""
+    height, width = pixels.shape[:2]
+    raw = b"".join(b"\\x00" + pixels[row].tobytes() for row in range(height))
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
 
 model_dir, out_dir, num, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 load = lambda name: torch.load(model_dir / name, map_location="cpu", weights_only=False)  # its own pickles
@@ -232,8 +246,8 @@ out_dir.mkdir(parents=True, exist_ok=True)
 with torch.no_grad():
     for index in range(num):
         sample = generator(functions.sample_random_noise(len(reals) - 1, shapes, generator.opt), shapes, noise_amp)
-        pixels = ((sample[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        imageio.imwrite(out_dir / f"sample_{index:04d}.png", pixels)
+        pixels = ((sample[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        write_png(out_dir / f"sample_{index:04d}.png", pixels)
 '''
 
 

@@ -80,10 +80,80 @@ def test_quality_benchmark_trains_measures_and_tabulates(tmp_path, capsys):
     config = json.loads((outcome["run_dir"] / "config.json").read_text())
     assert outcome["run_dir"].name == "cell_no-bn_s3" and config["batch_norm"] is False and config["seed"] == 3
     outcome["label"] = "cell_no-bn_s3"
-    row = bench.measure(outcome, image, path, tmp_path)
-    assert row["swd_x1e3"] > 0 and row["verdict"] in {"ok", "low diversity", "collapse", "copying"}
+    row = bench.measure(outcome, image, path, tmp_path, 6)
+    assert row["samples"] == 6 and row["swd_x1e3"] > 0 and row["verdict"] in {"ok", "low diversity", "collapse", "copying"}
     assert (tmp_path / "sheets" / "cell_no-bn_s3.png").is_file()
     bench.print_table([("cell", "no-bn", 3, row), ("cell", "minmax", 0, {"error": "boom"})])
     table = capsys.readouterr().out
     assert "cell     no-bn" in table and "failed: boom" in table
     assert not bench.applies("cubic", bench.IMAGES["mri"]) and not bench.applies("gsteps1", bench.IMAGES["ct"])
+
+
+_FAKE_REFERENCE = """
+import torch
+
+
+class Options:
+    device = "cpu"
+
+
+class Generator(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.opt = Options()
+
+    def forward(self, noise, shapes, noise_amp):
+        return torch.tanh(noise[-1] * noise_amp[-1])
+
+
+def sample_random_noise(depth, shapes, opt):
+    return [torch.randn(shape) for shape in shapes[: depth + 1]]
+"""
+
+
+def test_reference_samples_are_drawn_losslessly_from_its_generator(tmp_path, monkeypatch):
+    """The driver loads a trained reference's pickled generator and draws PNG samples with its own noise sampler
+    (here a stand-in package with the reference's names and signatures)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from consingan.io import read_volume
+
+    bench = load("bench_quality")
+    package = tmp_path / "fake_reference" / "ConSinGAN"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "functions.py").write_text(_FAKE_REFERENCE)
+    model = tmp_path / "TrainedModels" / "cell" / "run"
+    (model / "gen_samples_stage_1").mkdir(parents=True)
+    script = "import sys, torch; sys.path.insert(0, sys.argv[1]); from ConSinGAN.functions import Generator; " \
+             "torch.save(Generator(), sys.argv[2] + '/G.pth')"
+    subprocess.run([sys.executable, "-c", script, str(package.parent), str(model)], check=True)
+    torch.save([1.0, 0.5], model / "noise_amp.pth")
+    torch.save([torch.zeros(1, 3, 8, 10), torch.zeros(1, 3, 16, 20)], model / "reals.pth")
+    (tmp_path / "reference_stubs").mkdir()
+    monkeypatch.setenv("PYTHONPATH", "")
+    job = {"samples": str(model / "gen_samples_stage_1")}
+    folder = bench.reference_samples(job, tmp_path, package.parent, 4)
+    files = sorted(folder.glob("sample_*.png"))
+    assert len(files) == 4
+    arrays = [read_volume(f, 2).array for f in files]
+    assert arrays[0].shape == (3, 16, 20) and arrays[0].std() > 0  # the finest stage's size, from the noise
+    assert not np.array_equal(arrays[0], arrays[1])  # new noise for every sample
+    assert bench.reference_samples(job, tmp_path, package.parent, 4) == folder  # drawn once, then reused
+
+
+def test_time_to_quality_averages_over_seeds():
+    bench = load("bench_time_to_quality")
+    row = dict(seconds=10.0, swd_x1e3=200.0, swd_coarse_x1e3=300.0, diversity=0.8, memorisation_ratio=1.0,
+               verdict="ok")
+    rows = bench.mean_rows([{"setting": "repeat", "epochs": 75, **row},
+                            {"setting": "repeat", "epochs": 75, **row, "swd_x1e3": 220.0, "seconds": 12.0},
+                            {"setting": "reference", "epochs": 150, **row}])
+    repeat = next(r for r in rows if r["setting"] == "repeat")
+    assert repeat["seeds"] == 2 and repeat["swd_x1e3"] == 210.0 and repeat["seconds"] == 11.0
+    assert repeat["swd_per_seed"] == [200.0, 220.0]
+    assert bench.reaches(repeat, {"swd_x1e3": 210.0, "diversity": 0.85}) and \
+        not bench.reaches(repeat, {"swd_x1e3": 209.0, "diversity": 0.85})
