@@ -87,6 +87,7 @@ SETTINGS: dict[str, dict] = {
     "no-bn-pad0": {"batch_norm": False, "padding": 0},
     "no-bn-cubic": {"batch_norm": False, "upsampling": "cubic"},
     "no-bn-window-99.9": {"batch_norm": False, "window_high_percentile": 99.9},
+    "no-bn-window-100": {"batch_norm": False, "window_high_percentile": 100.0},
     "no-bn-noise-0.2": {"batch_norm": False, "noise_amp": 0.2},
     "reference-layers": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic"},
     "no-bn-repeat": {"batch_norm": False, "generator_update": "repeat"},
