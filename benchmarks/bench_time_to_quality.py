@@ -42,6 +42,9 @@ SETTINGS: dict[str, dict] = {
     "lazy-gp": {"batch_norm": False, "gradient_penalty_every": 3},
     "gsteps1": {"batch_norm": False, "Gsteps": 1},
     "fast": {"batch_norm": False, "generator_update": "repeat", "gradient_penalty_every": 3},
+    "reference-layers": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic"},
+    "reference-layers-repeat": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic",
+                                "generator_update": "repeat"},
 }
 DIVERSITY_KEPT = 0.9  # a setting reaches the reference's quality only if it keeps this share of its diversity
 
