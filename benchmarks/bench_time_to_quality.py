@@ -171,7 +171,7 @@ def main() -> None:
          f"{len(args.seeds)} seed(s)")
     stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
     seeds = "_".join(map(str, args.seeds))
-    stored[f"{args.image}_e{args.epochs}_seeds{seeds}_n{args.samples}"] = {
+    stored[f"{args.image}_e{args.epochs}_seeds{seeds}_n{args.samples}_{'_'.join(args.settings)}"] = {
         "rows": rows, "runs": runs, "time_to_reference_quality": summary}
     args.results.write_text(json.dumps(stored, indent=1, default=str) + "\n")
     print(f"\ncurves: {args.plot}")
