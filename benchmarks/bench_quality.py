@@ -90,6 +90,8 @@ SETTINGS: dict[str, dict] = {
     "no-bn-window-100": {"batch_norm": False, "window_high_percentile": 100.0},
     "no-bn-noise-0.2": {"batch_norm": False, "noise_amp": 0.2},
     "reference-layers": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic"},
+    "reference-layers-noise-0.15": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic",
+                                    "noise_amp": 0.15},
     "no-bn-repeat": {"batch_norm": False, "generator_update": "repeat"},
     "repeat": {"generator_update": "repeat"},
     "no-bn-repeat-noise-0.2": {"batch_norm": False, "generator_update": "repeat", "noise_amp": 0.2},
