@@ -74,6 +74,9 @@ IMAGES = {
                         note="3D fluorescence stack of beads 32x64x64, sparse with a heavy bright tail"),
 }
 
+# The official ConSinGAN's architecture (no critic batch norm, no CBAM, padding 0, bicubic) with this engine's training.
+REFERENCE_LAYERS = {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic"}
+
 SETTINGS: dict[str, dict] = {
     "default": {},
     "gp-image": {"gradient_penalty": "image"},
@@ -89,9 +92,8 @@ SETTINGS: dict[str, dict] = {
     "no-bn-window-99.9": {"batch_norm": False, "window_high_percentile": 99.9},
     "no-bn-window-100": {"batch_norm": False, "window_high_percentile": 100.0},
     "no-bn-noise-0.2": {"batch_norm": False, "noise_amp": 0.2},
-    "reference-layers": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic"},
-    "reference-layers-noise-0.15": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic",
-                                    "noise_amp": 0.15},
+    "reference-layers": REFERENCE_LAYERS,
+    "reference-layers-noise-0.15": {**REFERENCE_LAYERS, "noise_amp": 0.15},
     "no-bn-repeat": {"batch_norm": False, "generator_update": "repeat"},
     "repeat": {"generator_update": "repeat"},
     "no-bn-repeat-noise-0.2": {"batch_norm": False, "generator_update": "repeat", "noise_amp": 0.2},
@@ -271,10 +273,13 @@ def reference_samples(job: dict, work: Path, reference: Path, num: int) -> Path:
     return out
 
 
-def measure(job: dict, image: StudyImage, path: Path, work: Path, num: int) -> dict:
+def measure(job: dict, image: StudyImage, path: Path, work: Path, num: int, reference: Path | None = None) -> dict:
+    """``num`` samples of an engine run, or of a reference run (``reference``: its checkout), measured and sheeted."""
     from consingan.io.preview import contact_sheet, write_png
     from consingan.metrics.evaluate import EvaluateConfig, evaluate, evaluate_samples
 
+    if "samples" in job:  # the reference: measure lossless samples drawn from its trained generator
+        job = {**job, "samples": reference_samples(job, work, reference, num)}
     options = EvaluateConfig(num=num, seed=0)
     if "run_dir" in job:
         result = evaluate(job["run_dir"], options)
@@ -333,9 +338,8 @@ def main() -> None:
         try:
             outcome = start()
             outcome["label"] = f"{name}_{setting}{seed_suffix(seed)}"
-            if "samples" in outcome:  # the reference: measure lossless samples drawn from its trained generator
-                outcome["samples"] = reference_samples(outcome, args.work, args.reference.resolve(), args.samples)
-            row = measure(outcome, images[name], paths[name], args.work, args.samples)
+            row = measure(outcome, images[name], paths[name], args.work, args.samples,
+                          args.reference.resolve() if args.reference else None)
         except Exception as error:  # one failed run must not stop the study
             row = {"error": str(error)}
         print(f"done {name} {setting} seed {seed}: {row}", flush=True)

@@ -42,9 +42,8 @@ SETTINGS: dict[str, dict] = {
     "lazy-gp": {"batch_norm": False, "gradient_penalty_every": 3},
     "gsteps1": {"batch_norm": False, "Gsteps": 1},
     "fast": {"batch_norm": False, "generator_update": "repeat", "gradient_penalty_every": 3},
-    "reference-layers": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic"},
-    "reference-layers-repeat": {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic",
-                                "generator_update": "repeat"},
+    "reference-layers": study.REFERENCE_LAYERS,
+    "reference-layers-repeat": {**study.REFERENCE_LAYERS, "generator_update": "repeat"},
 }
 DIVERSITY_KEPT = 0.9  # a setting reaches the reference's quality only if it keeps this share of its diversity
 
@@ -127,10 +126,8 @@ def main() -> None:
         try:
             outcome = start()
             outcome["label"] = f"{args.image}_{setting}_e{epochs}{study.seed_suffix(seed)}"
-            if "samples" in outcome:  # the reference: lossless samples drawn from its trained generator
-                outcome["samples"] = study.reference_samples(outcome, args.work, args.reference.resolve(),
-                                                             args.samples)
-            row = study.measure(outcome, image, path, args.work, args.samples)
+            row = study.measure(outcome, image, path, args.work, args.samples,
+                                args.reference.resolve() if args.reference else None)
         except Exception as error:  # one failed run must not stop the others
             print(f"failed {setting} {epochs} epochs seed {seed}: {error}", flush=True)
             return None
