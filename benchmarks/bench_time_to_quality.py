@@ -44,6 +44,7 @@ SETTINGS: dict[str, dict] = {
     "fast": {"batch_norm": False, "generator_update": "repeat", "gradient_penalty_every": 3},
     "reference-layers": study.REFERENCE_LAYERS,
     "reference-layers-repeat": {**study.REFERENCE_LAYERS, "generator_update": "repeat"},
+    "reference-layers-gsteps2": study.SETTINGS["reference-layers-gsteps2"],
 }
 DIVERSITY_KEPT = 0.9  # a setting reaches the reference's quality only if it keeps this share of its diversity
 

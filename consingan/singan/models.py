@@ -7,10 +7,10 @@ import re
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from consingan.nn import CBAM, ConvBlock, factory
+from consingan.nn.interpolation import Resampler
 
 
 def architecture(config) -> dict:
@@ -94,7 +94,7 @@ class GrowingGenerator(nn.Module):
         self._block_args = dict(kernel_size=kernel_size, padding=padding, negative_slope=negative_slope)
         self._num_layers = num_layers
         self._cbam = cbam
-        self._mode = factory.interpolation_mode(spatial_dims, upsampling)
+        self._resize = Resampler(spatial_dims, upsampling)
         self.head = nn.Sequential(
             factory.pad(spatial_dims, "zeros", shrink // 2),
             ConvBlock(spatial_dims, in_channels, num_feature_channels, **self._block_args),
@@ -161,11 +161,6 @@ class GrowingGenerator(nn.Module):
 
     def reconstruction_inputs(self) -> list[torch.Tensor]:
         return [self.reconstruction_noise(k) for k in range(self.num_stages)]
-
-    def _resize(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        if tuple(x.shape[2:]) == tuple(size):
-            return x
-        return F.interpolate(x, size=tuple(size), mode=self._mode, align_corners=False)
 
     def forward(self, noise: Sequence[torch.Tensor], num_stages: int | None = None) -> torch.Tensor:
         """Generate from per-stage noise (see ``noise_shape``); the output size is that of the last stage used.
