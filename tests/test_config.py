@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,14 @@ def test_memory_estimate_is_above_measured_peaks():
         assert measured_mib <= estimate <= 2.5 * measured_mib
         ratios.append(estimate / measured_mib)
     assert min(ratios) < 1.2  # tight where memory is tightest (2D at the largest measured size), not blanket slack
+
+
+PRESETS = sorted((Path(__file__).parents[1] / "presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_shipped_presets_load_and_validate(path):
+    dimension = 2 if "2d" in path.name else 3
+    config = resolve_config(path, {"dimension": dimension})
+    assert config.dimension == dimension
+    assert config.to_dict() != TrainConfig(dimension=dimension).to_dict()  # a preset changes something
