@@ -96,6 +96,7 @@ SETTINGS: dict[str, dict] = {
     "reference-layers-noise-0.15": {**REFERENCE_LAYERS, "noise_amp": 0.15},
     "reference-layers-gsteps2": {**REFERENCE_LAYERS, "Gsteps": 2},
     "reference-layers-minmax": {**REFERENCE_LAYERS, "intensity_mapping": "minmax"},
+    "reference-layers-minmax-repeat": {**REFERENCE_LAYERS, "intensity_mapping": "minmax", "generator_update": "repeat"},
     "no-bn-repeat": {"batch_norm": False, "generator_update": "repeat"},
     "repeat": {"generator_update": "repeat"},
     "no-bn-repeat-noise-0.2": {"batch_norm": False, "generator_update": "repeat", "noise_amp": 0.2},
