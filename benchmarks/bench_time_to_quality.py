@@ -38,7 +38,6 @@ import bench_quality as study  # noqa: E402  (the quality study's image table, r
 SETTINGS: dict[str, dict] = {
     "default": {},
     "preset": {"config": str(study.ROOT / "presets" / "microscopy-2d.yaml")},
-    "preset-fast": {"config": str(study.ROOT / "presets" / "microscopy-2d-fast.yaml")},
     "repeat": {"batch_norm": False, "generator_update": "repeat"},
     "lazy-gp": {"batch_norm": False, "gradient_penalty_every": 3},
     "gsteps1": {"batch_norm": False, "Gsteps": 1},
