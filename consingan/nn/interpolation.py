@@ -4,11 +4,12 @@ PyTorch's CPU bicubic kernel is slow, its backward most of all: on one thread it
 epoch at 64 px (forward 10 %, backward 15 % of the profile), more than any layer but the convolutions. Cubic
 interpolation is linear and separable, so along each axis it is a product with a small (out x in) matrix, and a
 matrix product and its gradient are among the fastest operations there are. The matrices are made by PyTorch's own
-bicubic kernel applied to the identity, so the result is ``F.interpolate(mode='bicubic', align_corners=False)`` (same
-taps, same border clamping): equal to 1e-12 in float64; in float32 up to about 1e-4 apart at 250 px, because
-PyTorch's kernel computes the source positions in float32 and these matrices are built in float64. On one CPU thread, forward and backward of 2 x 32 channels:
-50 x 42 -> 64 x 53 took 1.6 ms against 6.3 ms, 190 x 250 -> 250 x 330 142 ms against 156 ms. For linear
-interpolation PyTorch's kernels are already fast (dense matrices lose there), so it stays with them.
+bicubic kernel applied to the identity, so the result is ``F.interpolate(mode='bicubic', align_corners=False)``
+(same taps, same border clamping): equal to 1e-12 in float64; in float32 up to about 1e-4 apart at 250 px, because
+PyTorch's kernel computes the source positions in float32 and these matrices are built in float64. Forward and
+backward of 2 x 32 channels on one CPU thread run 3.6 to 5.3 x faster at the sizes of a 64 px pyramid, 1.45 x at
+the seed's largest step (115 x 171 -> 167 x 250), and break even beyond it (``benchmarks/bench_resize.py``). For
+linear interpolation PyTorch's kernels are already fast (dense matrices lose there), so it stays with them.
 """
 
 from __future__ import annotations
