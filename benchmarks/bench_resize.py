@@ -12,28 +12,17 @@ between their outputs. Prints one table.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from bench_memory_format import median_seconds  # this folder is on the path when run as a script
 from consingan.nn.interpolation import cubic_resize
 
 # (input, output) sizes: the cell pyramid of the time-to-quality runs (31x25 .. 64x53; with padding 0 the next
 # stage's noise is 6 larger per side), the two largest steps of the seed's 250 px pyramid, and one beyond it.
 CASES = [((31, 25), (43, 37)), ((37, 31), (56, 48)), ((50, 42), (70, 59)), ((60, 89), (115, 171)),
          ((115, 171), (167, 250)), ((167, 250), (250, 330))]
-
-
-def seconds(step, repeats: int) -> float:
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -58,7 +47,7 @@ def main() -> None:
         with torch.no_grad():
             difference = (F.interpolate(x, size=size_out, mode="bicubic", align_corners=False)
                           - cubic_resize(x, size_out)).abs().max().item()
-        slow, fast = seconds(pytorch, args.repeats), seconds(matrix, args.repeats)
+        slow, fast = median_seconds(pytorch, args.repeats), median_seconds(matrix, args.repeats)
         print(f"{'x'.join(map(str, size_in)):>10} {'x'.join(map(str, size_out)):>10} {slow * 1e3:11.2f} "
               f"{fast * 1e3:10.2f} {slow / fast:8.2f}x {difference:11.1e}")
 
