@@ -17,10 +17,22 @@ def wasserstein_generator_loss(fake_score: torch.Tensor) -> torch.Tensor:
     return -fake_score.mean()
 
 
+def joint_scores(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The critic's score maps of ``real`` and ``fake`` from one batch: (real scores, fake scores).
+
+    A critic with batch norm fed one image at a time normalises each map by its own statistics, and every block
+    then ignores the map's mean and contrast (with padding 0 the score of ``a * x + b`` is exactly that of ``x``): it
+    cannot tell a haze of the wrong brightness from the image. In one batch, real and fake share their statistics
+    and the difference stays visible. Without batch norm the scores are those of two separate calls."""
+    scores = critic(torch.cat([real, fake]))
+    return scores[: len(real)], scores[len(real):]
+
+
 GRADIENT_PENALTY_FORMS = ("pixel", "image")
 
 
-def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, form: str = "pixel") -> torch.Tensor:
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, form: str = "pixel",
+                     reference: torch.Tensor | None = None) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): mean of (||grad D(x_hat)||_2 - 1)^2 at random points between real and fake.
 
     ``form`` says over what the norm is taken:
@@ -32,6 +44,9 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
       critic it grows with the square root of the number of positions, so at fine scales and in 3D it holds the
       critic nearly flat.
 
+    ``reference`` (for a critic with batch norm): a batch scored beside the mixed points, so the penalty holds the
+    function the critic is trained as (its statistics taken over the real and the generated image together).
+
     Returned unweighted; the caller multiplies by its lambda. One mixing weight per batch element.
     """
     if form not in GRADIENT_PENALTY_FORMS:
@@ -39,7 +54,7 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
     weight = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
     # A non-leaf input (the clone) keeps autograd.grad compatible with torch.utils.flop_counter (benchmarks/).
     mixed = (weight * real.detach() + (1.0 - weight) * fake.detach()).requires_grad_(True).clone()
-    score = critic(mixed)
+    score = critic(mixed) if reference is None else critic(torch.cat([reference.detach(), mixed]))[len(reference):]
     (gradient,) = torch.autograd.grad(score.sum(), mixed, create_graph=True)
     norm = gradient.norm(2, dim=1) if form == "pixel" else gradient.flatten(1).norm(2, dim=1)
     return ((norm - 1.0) ** 2).mean()

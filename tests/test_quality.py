@@ -145,7 +145,7 @@ def test_training_records_its_mapping_and_health_and_evaluates_other_samples(run
                                     "--out", str(tmp_path / "ev")], terminal_width=200)
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
-    assert report["verdict"]["label"] in {"ok", "low diversity", "collapse", "copying"}
+    assert report["verdict"]["label"] in {"ok", "low diversity", "collapse", "copying", "failed"}
     assert report["shape"] == [32, 32] and report["reconstruction"] is None
     refused = runner.invoke(app, ["evaluate", "--samples", str(tmp_path / "s"), "--out", str(tmp_path / "e2")])
     assert refused.exit_code == 2 and "--image" in refused.output
@@ -212,3 +212,77 @@ def test_a_run_name_is_one_folder_inside_the_output_root(runner, nifti_3d, tmp_p
                                  "--run-name", name, *TINY], terminal_width=200)
     assert result.exit_code == 2 and "single folder name" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "deep").exists() and not (tmp_path / "escape").exists()
+
+
+def test_a_thin_volume_preview_has_titled_columns_named_rows_and_no_empty_band():
+    volume = np.random.default_rng(0).uniform(-1, 1, (1, 6, 30, 30)).astype(np.float32)  # 6 slices of 30 x 30
+    plain = preview_grid([volume, volume])
+    titled = preview_grid([volume, volume], titles=["real", "sample"])
+    factor = -(-MIN_PANEL // 30)
+    # Rows as high as their own panels (30, 6 and 6 voxels enlarged), not three rows of the tallest.
+    assert plain.shape[0] == (30 + 6 + 6) * factor + 2 * 2
+    title_rows, label_columns = titled.shape[0] - plain.shape[0], titled.shape[1] - plain.shape[1]
+    assert title_rows > 10 and label_columns > 10
+    assert titled[:title_rows - 2, label_columns:].max() > 100  # the titles are drawn
+    assert titled[title_rows:, :label_columns - 2].max() > 100  # and the row names
+    assert np.array_equal(titled[title_rows:, label_columns:], plain)  # around the same panels
+    with pytest.raises(ValueError):
+        preview_grid([volume], titles=["real", "sample"])
+
+
+def test_a_critic_with_batch_norm_sees_the_fakes_intensity_only_when_scored_beside_the_real():
+    from consingan.losses import joint_scores
+    from consingan.singan.models import Critic
+
+    torch.manual_seed(0)
+    critic = Critic(3, 1, 8, 2, kernel_size=3, padding=0, batch_norm=True, cbam=False)
+    real = torch.from_numpy(blobs((16, 16, 16)) * 2 - 1).float()[None, None]
+    haze = 0.3 * real + 0.4  # low contrast, too bright: the grey fog of the failed MRI runs
+    # One image at a time, each normalised by its own statistics, the haze scores almost as the image (only batch
+    # norm's epsilon tells them apart: the blind spot); scored beside the image, ten times as differently.
+    apart = (critic(real) - critic(haze)).abs().max()
+    real_scores, haze_scores = joint_scores(critic, real, haze)
+    assert (real_scores - haze_scores).abs().max() > 10 * apart
+    alone = Critic(3, 1, 8, 2, kernel_size=3, padding=0, batch_norm=False, cbam=False)
+    assert torch.allclose(joint_scores(alone, real, haze)[1], alone(haze), atol=1e-6)
+
+
+def test_the_grey_fog_of_a_failed_mri_run_is_not_called_ok():
+    # The measures of the failed run in issue 22 (aniso_vox, seed 2): diversity 0.10, memorisation ratio 1.41,
+    # coverage ratio 1.42 -- samples farther from the image than a flat average. It used to read "OK".
+    memo = {"ratio": 1.41, "coverage_ratio": 1.42, "copying": False}
+    label, reason = measures.verdict(0.10, memo)
+    assert label == "failed" and "1.42" in reason
+    # A healthy run of the quality study (ihc, preset): coverage 0.32, diversity 0.89.
+    assert measures.verdict(0.89, {"ratio": 1.2, "coverage_ratio": 0.32, "copying": False})[0] == "ok"
+
+
+def test_samples_without_the_images_background_are_not_ok():
+    rng = np.random.default_rng(0)
+    head = torch.from_numpy(blobs((24, 24, 12)) * 2 - 1).float()
+    real = torch.where(head < -0.2, torch.tensor(-1.0), head)[None, None]  # a scan: part background at its minimum
+    # The failed run's samples: a haze between the scan's median and its 99th percentile, no background anywhere.
+    haze = (-0.6 + 0.1 * torch.from_numpy(rng.standard_normal((4, 1, 24, 24, 12)))).float()
+    match = measures.intensity_match(real, haze)
+    assert match["background_image"][0] > 0.2 and match["background_samples"][0] < 0.01
+    assert "no background" in measures.intensity_failure(match)
+    memo = {"ratio": 1.0, "coverage_ratio": 0.5, "copying": False}  # even where the patches look close enough
+    assert measures.verdict(0.3, memo, intensities=match)[0] == "failed"
+    same = measures.intensity_match(real, real.repeat(3, 1, 1, 1, 1))
+    assert same["histogram_overlap"][0] == pytest.approx(1.0) and measures.intensity_failure(same) is None
+
+
+def test_health_warns_when_samples_ignore_their_noise_and_miss_the_background():
+    history = [{"critic": -0.5 + 0.01 * e, "gradient_penalty": 0.1, "adversarial": 0.1 * (-1) ** e,
+                "reconstruction": 0.1 / (e + 1)} for e in range(40)]
+    head = torch.from_numpy(blobs((24, 24, 12)) * 2 - 1).float()
+    real = torch.where(head < -0.2, torch.tensor(-1.0), head)[None, None]
+    rng = np.random.default_rng(1)
+    haze = (-0.6 + 0.05 * torch.from_numpy(rng.standard_normal((4, 1, 24, 24, 12)))).float()
+    health = check_scale(history, real, haze, reconstruction=real + 0.01)
+    text = " ".join(health.warnings)
+    assert "ignores its noise" in text and "no background" in text, health
+    assert health.sample_coverage >= 0.7 and health.reconstruction_coverage < 0.5
+    samples = torch.from_numpy(np.stack([blobs((24, 24, 12), s) * 2 - 1 for s in range(1, 5)])).float()[:, None]
+    samples = torch.where(samples < -0.2, torch.tensor(-1.0), samples)
+    assert check_scale(history, real, samples, reconstruction=real + 0.01).warnings == []

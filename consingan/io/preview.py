@@ -53,22 +53,68 @@ def central_slices(array: np.ndarray) -> list[np.ndarray]:
     return [axial, coronal[:, ::-1], sagittal[:, ::-1]]
 
 
-def preview_grid(images: Sequence[np.ndarray], gap: int = 2, min_panel: int = MIN_PANEL) -> np.ndarray:
+AXIS_NAMES = ("axial", "coronal", "sagittal")  # the order of ``central_slices`` in 3D
+TEXT_COLOUR = (230, 230, 230)
+
+
+def _font(size: int):
+    """Pillow's built-in scalable font (no font file needed), or its small bitmap font where FreeType is missing."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def text_strip(text: str, width: int, height: int, vertical: bool = False) -> np.ndarray:
+    """A dark [height, width, 3] uint8 strip with ``text`` centred in it (turned to read bottom-up when
+    ``vertical``), for panel titles and row names."""
+    from PIL import Image, ImageDraw
+
+    long, short = (height, width) if vertical else (width, height)
+    canvas = Image.new("RGB", (long, short), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(8, int(short * 0.6)))
+    box = draw.textbbox((0, 0), text, font=font)
+    draw.text(((long - (box[2] - box[0])) / 2 - box[0], (short - (box[3] - box[1])) / 2 - box[1]), text,
+              fill=TEXT_COLOUR, font=font)
+    if vertical:
+        canvas = canvas.transpose(Image.Transpose.ROTATE_90)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def preview_grid(images: Sequence[np.ndarray], gap: int = 2, min_panel: int = MIN_PANEL,
+                 titles: Sequence[str] | None = None) -> np.ndarray:
     """One column per image ([C, *spatial] in [-1, 1]), one row per slice axis (a single row in 2D); every panel is
     enlarged by one whole factor, the smallest that brings the largest panel's longer side to ``min_panel`` pixels
-    (one factor for all, so the slices of a volume keep their relative sizes), and padded to the largest panel's
-    size. Returns [H, W, 3] uint8."""
+    (one factor for all, so the slices of a volume keep their relative sizes). Each row is as high as its tallest
+    panel and each column as wide as its widest, so a thin volume's coronal and sagittal rows leave no empty band.
+    With ``titles`` (one per image) every column is titled and, in 3D, every row is named (axial, coronal,
+    sagittal). Returns [H, W, 3] uint8."""
     panels = [[_to_display(panel) for panel in central_slices(np.asarray(image))] for image in images]
     factor = max(1, -(-min_panel // max(max(p.shape[:2]) for column in panels for p in column)))
     columns = [[enlarge(panel, factor) for panel in column] for column in panels]
-    height = max(p.shape[0] for column in columns for p in column)
-    width = max(p.shape[1] for column in columns for p in column)
     rows = max(len(column) for column in columns)
-    grid = np.zeros((rows * (height + gap) - gap, len(columns) * (width + gap) - gap, 3), dtype=np.uint8)
+    heights = [max(column[r].shape[0] for column in columns if r < len(column)) for r in range(rows)]
+    widths = [max(p.shape[1] for p in column) for column in columns]
+    title_height = max(14, min(28, min(widths) // 9)) if titles else 0
+    label_width = title_height if titles and rows > 1 else 0
+    tops = [title_height + gap * bool(titles) + sum(heights[:r]) + gap * r for r in range(rows)]
+    lefts = [label_width + gap * bool(label_width) + sum(widths[:c]) + gap * c for c in range(len(columns))]
+    grid = np.zeros((tops[-1] + heights[-1], lefts[-1] + widths[-1], 3), dtype=np.uint8)
     for c, column in enumerate(columns):
         for r, panel in enumerate(column):
-            top, left = r * (height + gap), c * (width + gap)
-            grid[top:top + panel.shape[0], left:left + panel.shape[1]] = panel
+            grid[tops[r]:tops[r] + panel.shape[0], lefts[c]:lefts[c] + panel.shape[1]] = panel
+    if titles:
+        if len(titles) != len(columns):
+            raise ValueError(f"{len(titles)} titles for {len(columns)} images")
+        for c, title in enumerate(titles):
+            grid[:title_height, lefts[c]:lefts[c] + widths[c]] = text_strip(title, widths[c], title_height)
+        if label_width:
+            for r in range(rows):
+                grid[tops[r]:tops[r] + heights[r], :label_width] = text_strip(
+                    AXIS_NAMES[r], label_width, heights[r], vertical=True)
     return grid
 
 

@@ -20,6 +20,10 @@ FLAT_CRITIC = 1e-4
 # Samples are stuck at the range's ends when more than this share of the voxels that the image keeps off the ends
 # sit there in the samples.
 MAX_STUCK = 0.4
+# The generator ignores its noise when its random samples cover the image no better than this (coverage ratio, see
+# ``consingan.metrics.measures.memorisation``) while its reconstruction covers it well (below NEAR_COVERAGE).
+FAR_COVERAGE = 0.7
+NEAR_COVERAGE = 0.5
 
 
 def stuck_share(saturated: float, real_saturated: float) -> float:
@@ -50,6 +54,9 @@ class ScaleHealth:
     real_saturated_fraction: float  # the same for the real image at this scale
     diversity: float  # per-voxel std across samples over the image's std
     critic_magnitude: float  # mean |critic loss| over the last quarter of the epochs
+    sample_coverage: float | None = None  # coverage ratio of the samples (1: no better than a flat average)
+    reconstruction_coverage: float | None = None  # the same for the reconstruction
+    background: list[float] | None = None  # share of voxels in the image's darkest band: [image, samples]
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -60,9 +67,22 @@ def saturated_fraction(images: torch.Tensor) -> float:
     return float((images.abs() >= 1.0 - SATURATION_MARGIN).float().mean())
 
 
-def check_scale(history: Sequence[dict[str, float]], real: torch.Tensor, samples: torch.Tensor) -> ScaleHealth:
-    """Judge one scale from its loss history, its real image [1, C, ...] and a few samples [N, C, ...] (N >= 2),
-    both in [-1, 1] and restricted to the image channels."""
+def likeness(real: torch.Tensor, samples: torch.Tensor, reconstruction: torch.Tensor) -> tuple[float, float, dict]:
+    """Coverage ratios of the samples and of the reconstruction, and the samples' intensity match, on the CPU with
+    few patches (a cheap version of ``consingan evaluate``'s measures)."""
+    from consingan.metrics import measures
+
+    real, samples, reconstruction = (x.detach().float().cpu() for x in (real, samples, reconstruction))
+    size = min(7, *real.shape[2:])
+    coverage = [measures.memorisation(real, x, patch_size=size, max_patches=512)["coverage_ratio"]
+                for x in (samples, reconstruction)]
+    return coverage[0], coverage[1], measures.intensity_match(real, samples)
+
+
+def check_scale(history: Sequence[dict[str, float]], real: torch.Tensor, samples: torch.Tensor,
+                reconstruction: torch.Tensor | None = None) -> ScaleHealth:
+    """Judge one scale from its loss history, its real image [1, C, ...], a few samples [N, C, ...] (N >= 2) and
+    (optionally) the reconstruction [1, C, ...], all in [-1, 1] and restricted to the image channels."""
     epochs = len(history)
     rec = [row["reconstruction"] for row in history]
     adv = [row["adversarial"] for row in history]
@@ -72,7 +92,8 @@ def check_scale(history: Sequence[dict[str, float]], real: torch.Tensor, samples
     diversity = float(samples.std(dim=0).mean() / spread)
     tail = history[-max(1, epochs // 4):]
     critic = sum(abs(row["critic"]) for row in tail) / len(tail)
-    warnings = []
+    health = ScaleHealth(frozen, saturated, real_saturated, diversity, critic)
+    warnings = health.warnings
     if epochs >= 5 and frozen >= frozen_threshold(epochs):
         warnings.append(
             f"losses did not change for {frozen} epochs: no gradient reaches the generator (output stuck at tanh's "
@@ -92,4 +113,24 @@ def check_scale(history: Sequence[dict[str, float]], real: torch.Tensor, samples
             f"the critic's loss stayed within {FLAT_CRITIC:g} of zero: it cannot tell real from generated, so the "
             f"generator gets no adversarial signal (a whole-image gradient penalty or batch norm in the critic can "
             f"hold it flat; try --gradient-penalty pixel, --no-batch-norm)")
-    return ScaleHealth(frozen, saturated, real_saturated, diversity, critic, warnings)
+    if reconstruction is not None:
+        _check_likeness(health, real, samples, reconstruction)
+    return health
+
+
+def _check_likeness(health: ScaleHealth, real: torch.Tensor, samples: torch.Tensor,
+                    reconstruction: torch.Tensor) -> None:
+    """Warn when random samples are far from the image while the reconstruction is close (the generator has learnt
+    its fixed reconstruction input and ignores its noise), or when the samples lack the image's background."""
+    from consingan.metrics.measures import intensity_failure
+
+    health.sample_coverage, health.reconstruction_coverage, match = likeness(real, samples, reconstruction)
+    health.background = [match["background_image"][0], match["background_samples"][0]]
+    if health.sample_coverage >= FAR_COVERAGE and health.reconstruction_coverage < NEAR_COVERAGE:
+        health.warnings.append(
+            f"random samples are far from the image (coverage ratio {health.sample_coverage:.2f}: no better than a "
+            f"flat average) while the reconstruction is close ({health.reconstruction_coverage:.2f}): the generator "
+            f"ignores its noise and has learnt only its reconstruction input")
+    reason = intensity_failure(match)
+    if reason is not None:
+        health.warnings.append(f"{reason}: the random samples' intensities are unlike the image's")
