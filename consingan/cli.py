@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import sys
@@ -9,14 +10,42 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from consingan.config import TrainConfig, option_names
+from consingan.config import TrainConfig, flag_name, option_names
 from consingan.errors import ConsinganError
 
+try:  # newer typer carries its own copy of click, whose exceptions are not click's
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - typer before its own copy
+    from click import exceptions as click_exceptions
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (a flag of the wrong type, an unknown option) in one line and exit 2, as every other error is
+    reported, instead of click's usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click_exceptions.NoArgsIsHelpError as error:  # a bare command: its help, as before
+            error.show()
+            sys.exit(error.exit_code)
+        except click_exceptions.ClickException as error:
+            console.print(f"[bold red]error:[/] {escape(error.format_message())}", highlight=False, soft_wrap=True)
+            sys.exit(error.exit_code)
+        except click_exceptions.Abort:
+            console.print("aborted")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     help="Learn from one 2D image or 3D volume, then generate new, varied ones (ConSinGAN in N-D).",
@@ -42,7 +71,7 @@ def fail(message: str) -> None:
 
 
 def _flag_names(field: dataclasses.Field) -> list[str]:
-    primary = "--" + field.name.lower().replace("_", "-")
+    primary = flag_name(field.name)
     extra = field.metadata.get("flag")
     return [primary] + ([extra] if extra and extra != primary else [])
 
@@ -111,8 +140,12 @@ def _print_config(config: TrainConfig) -> None:
 
 def _train(config_file: Path | None = None, resume: Path | None = None, dry_run: bool = False, **flags: Any) -> None:
     from consingan.config import resolve_config
+    from consingan.distributed import Distributed
 
     try:
+        # Before anything else, on every rank: N processes would be N independent runs in N run folders.
+        Distributed.from_environment().refuse("consingan train (the single-image engine)",
+                                              "; for many images, use consingan train-many")
         if resume is not None:
             _resume(resume, config_file, flags)
             return
@@ -169,11 +202,25 @@ def _numbers(text: str | None, kind: type, name: str) -> list | None:
         raise ConsinganError(f"{name} must be comma-separated numbers, got {text!r}") from None
 
 
+def _count(text: str, name: str = "--num") -> int:
+    """A count option read here rather than by click, so that '1e11' or '2.5' gets one line, not a usage box."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ConsinganError(f"{name} must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise ConsinganError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+NUM_METAVAR = "N"
+
+
 @app.command("sample")
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="Run folder written by consingan train.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the samples (created; nothing is overwritten).")],
-    num: Annotated[int, typer.Option("--num", help="Number of samples.")] = 16,
+    num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Number of samples.")] = "16",
     seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same files.")] = 0,
     scale: Annotated[Optional[str], typer.Option(
         "--scale", help="Retarget by per-axis factors, e.g. 1.5,1 (2D) or 1,1,2 (3D); one number scales all axes.")] = None,
@@ -195,14 +242,18 @@ def sample(
         from consingan.config import check_seed
         from consingan.io import read_volume
         from consingan.singan.sampler import TrainedPyramid, write_samples
+        from consingan.ui import count_progress
 
+        num = _count(num)
         check_seed(seed)
         pyramid = TrainedPyramid.load(run_dir, device=device, scale=use_scale)
+        for note in pyramid.notes:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
         injected = read_volume(inject, pyramid.spatial_dims).array if inject is not None else None
         write_samples(
             pyramid, out, num, seed=seed, source_dtype=source_dtype, batch_size=batch_size,
-            scale_factors=_numbers(scale, float, "--scale"), shape=_numbers(shape, int, "--shape"),
-            start_scale=start_scale, inject=injected,
+            progress=count_progress(console), scale_factors=_numbers(scale, float, "--scale"),
+            shape=_numbers(shape, int, "--shape"), start_scale=start_scale, inject=injected,
         )
         labels = " with their label maps" if pyramid.labels else ""
         console.print(f"wrote {num} samples{labels} and contact_sheet.png to [bold]{out}[/]")
@@ -213,7 +264,7 @@ def sample(
 @app.command("evaluate")
 def evaluate_command(
     run_dir: Annotated[Optional[Path], typer.Argument(help="Run folder written by consingan train.")] = None,
-    num: Annotated[int, typer.Option("--num", help="Samples drawn for the measures.")] = 16,
+    num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Samples drawn for the measures.")] = "16",
     seed: Annotated[int, typer.Option("--seed", help="Seed of samples, patches and projections.")] = 0,
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Folder for evaluation.json and report.png (default: RUN_DIR/evaluation_NNN).")] = None,
@@ -231,19 +282,21 @@ def evaluate_command(
     collapse, copying), reconstruction PSNR/SSIM."""
     try:
         from consingan.metrics.evaluate import EvaluateConfig, evaluate, evaluate_samples, summary_rows, write_report
+        from consingan.outputs import check_encodable
 
         if (run_dir is None) == (samples is None):
             raise ConsinganError("give either a run folder or --samples DIR with --image IMAGE")
         if samples is not None and image is None:
             raise ConsinganError("--samples needs --image (the training image)")
-        if run_dir is None:
-            if out is None:
-                raise ConsinganError("--samples needs --out (a new folder for the report)")
-        elif out is None:
+        if run_dir is None and out is None:
+            raise ConsinganError("--samples needs --out (a new folder for the report)")
+        if out is not None and out.exists():  # before any measure is computed, with a run or with --samples
+            raise ConsinganError(f"{out} already exists; choose another --out")
+        if out is None:
             out = next(run_dir / f"evaluation_{n:03d}" for n in range(1, 1000)
                        if not (run_dir / f"evaluation_{n:03d}").exists())
-        elif out.exists():
-            raise ConsinganError(f"{out} already exists; choose another --out")
+        check_encodable(out, "output folder")
+        num = _count(num)
         options = EvaluateConfig(num=num, seed=seed, device=device,
                                  inception_weights=str(inception_weights) if inception_weights else "")
         if samples is not None:
@@ -279,7 +332,7 @@ def _train_dataset_model(train: Any) -> None:
     main_process = Distributed.from_environment().is_main
     try:
         result = train(main_process)
-        if main_process:
+        if main_process and result is not None:  # None: the command has said why there is nothing to do
             console.print(f"run folder: [bold]{result.run_dir}[/]")
     except ConsinganError as error:
         fail(str(error))
@@ -329,7 +382,9 @@ def paired_predict(
     try:
         from consingan.paired.predict import predict_paired
 
-        written = predict_paired(run_dir, source, out, device)
+        written = predict_paired(run_dir, source, out, device,
+                                 warn=lambda text: console.print(f"[yellow]warning:[/] {escape(text)}",
+                                                                 highlight=False, soft_wrap=True))
         console.print(f"wrote {len(written)} images to [bold]{out}[/]")
     except ConsinganError as error:
         fail(str(error))
@@ -352,6 +407,22 @@ def _cohort_table(runs: list) -> Table:
     return table
 
 
+def _cohort_log() -> Any:
+    """Progress without a terminal (a log file, a pipe), where a live table shows nothing until the end: one line
+    each time a run's state changes (starting, training scale k/n, done, skipped, failed)."""
+    seen: dict[str, str] = {}
+
+    def log(runs: list) -> None:
+        for run in runs:
+            if run.state != "queued" and seen.get(run.name) != run.state:
+                seen[run.name] = run.state
+                minutes = f" ({run.seconds / 60:.1f} min)" if run.seconds else ""
+                detail = run.error or (run.run_dir if run.state in ("done", "skipped") else "")
+                console.print(escape(f"{run.name}: {run.state}{' (resumed)' * run.resumed}{minutes}"
+                                     + (f": {detail}" if detail else "")), highlight=False, soft_wrap=True)
+    return log
+
+
 def _train_many(config_file: Path | None = None, images: str = "", address: str = "", cpus_per_task: int = 1,
                 max_parallel: int = 0, **flags: Any) -> None:
     """Train one model per image of a folder or glob, each as a Ray task."""
@@ -366,10 +437,14 @@ def _train_many(config_file: Path | None = None, images: str = "", address: str 
         if cpus_per_task < 1 or max_parallel < 0:
             raise ConsinganError("--cpus-per-task must be at least 1 and --max-parallel zero or positive")
         config = resolve_config(config_file, flags)
-        found = find_images(images)
-        with Live(console=console, auto_refresh=False) as live:
-            runs = train_many(config, found, address, cpus_per_task, max_parallel,
-                              on_update=lambda state: live.update(_cohort_table(state), refresh=True))
+        found = find_images(images, config.dimension)
+        live = Live(console=console, auto_refresh=False) if console.is_terminal else contextlib.nullcontext()
+        with live:
+            update = (lambda state: live.update(_cohort_table(state), refresh=True)) if console.is_terminal \
+                else _cohort_log()
+            runs = train_many(config, found, address, cpus_per_task, max_parallel, on_update=update,
+                              on_warning=lambda text: console.print(f"[yellow]warning:[/] {escape(text)}",
+                                                                    highlight=False, soft_wrap=True))
         if not console.is_terminal:
             console.print(_cohort_table(runs))
         failed = sum(r.state == "failed" for r in runs)
@@ -379,6 +454,8 @@ def _train_many(config_file: Path | None = None, images: str = "", address: str 
             raise typer.Exit(code=1)
     except ConsinganError as error:
         fail(str(error))
+    except OSError as error:  # the output folder or cohort.json cannot be written
+        fail(f"cannot write: {error.strerror or error}")
 
 
 def _train_many_parameters() -> list[inspect.Parameter]:
@@ -386,8 +463,9 @@ def _train_many_parameters() -> list[inspect.Parameter]:
         inspect.Parameter("images", inspect.Parameter.KEYWORD_ONLY, default="", annotation=Annotated[str, typer.Option(
             "--images", help="A folder of images (one model each) or a glob such as 'scans/*.nii.gz'.")]),
         inspect.Parameter("address", inspect.Parameter.KEYWORD_ONLY, default="", annotation=Annotated[
-            str, typer.Option("--address", help="Ray cluster: 'auto' or 'ray://host:port' (default: a local Ray "
-                                                "started here).")]),
+            str, typer.Option("--address", help="Ray cluster: 'auto', 'host:port' (on the cluster's network) or "
+                                                "'ray://host:port' (Ray client) (default: a local Ray started "
+                                                "here).")]),
         inspect.Parameter("cpus_per_task", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[
             int, typer.Option("--cpus-per-task", help="CPU cores (and torch threads) per run; a GPU per run is "
                                                       "taken when the cluster has GPUs.")]),
@@ -409,7 +487,7 @@ app.command("train-many", help="Train one single-image model per image of a fold
 def sample_many_command(
     runs_dir: Annotated[Path, typer.Argument(help="Folder of run folders (a cohort's --out-dir).")],
     out: Annotated[Path, typer.Option("--out", help="New folder: one sub-folder of samples per run.")],
-    num: Annotated[int, typer.Option("--num", help="Samples per run.")] = 16,
+    num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Samples per run.")] = "16",
     seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same files.")] = 0,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
 ) -> None:
@@ -417,17 +495,31 @@ def sample_many_command(
     try:
         from consingan.cohort import sample_many
         from consingan.config import check_seed
+        from consingan.ui import count_progress
 
         check_seed(seed)
-        if num < 1:
-            raise ConsinganError(f"--num must be at least 1, got {num}")
-        results = sample_many(runs_dir, out, num, seed, device)
+        num = _count(num)
+        printers: dict[str, Any] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            printers.setdefault(name, count_progress(console, prefix=f"{name}: "))(done, total)
+
+        results = sample_many(runs_dir, out, num, seed, device, progress)
+        for result in results:
+            if result.note:
+                console.print(f"[yellow]note:[/] {escape(result.note)}", highlight=False, soft_wrap=True)
         for result in results:
             if result.error:
-                console.print(f"[red]{result.name}[/]: {result.error}", highlight=False)
-        done = [r for r in results if not r.error]
-        console.print(f"wrote {num} samples from each of {len(done)} runs to [bold]{out}[/]"
-                      + (f"; {len(results) - len(done)} could not sample" if len(done) < len(results) else ""))
+                console.print(f"[red]{escape(result.name)}[/]: {escape(result.error)}", highlight=False)
+        untrained = [r.name for r in results if r.training_error]
+        if untrained:
+            console.print(f"[yellow]warning:[/] {len(untrained)} run(s) failed in training (see "
+                          f"{escape(str(runs_dir / 'cohort.json'))}): {escape(', '.join(untrained))}", highlight=False)
+        done, failed = [r for r in results if r.files], [r for r in results if r.error]
+        console.print(f"wrote {num} samples from each of {len(done)} runs to [bold]{escape(str(out))}[/]"
+                      + (f"; {len(failed)} could not sample" if failed else ""), highlight=False)
+        if failed:  # some runs have no samples: a script must not take the folder as complete
+            raise typer.Exit(code=1)
     except ConsinganError as error:
         fail(str(error))
 
@@ -448,13 +540,22 @@ def _conditional_train(config_file: Path | None = None, resume: Path | None = No
 
         if resume is not None:
             _refuse_ignored_flags(ConditionalConfig, resume, config_file, flags)
-            with epoch_progress(console, RunFolder.open(resume, "conditional").config.epochs) as progress:
-                return resume_conditional(resume, progress, device=flags.get("device"))
+            epochs = RunFolder.open(resume, "conditional").config.epochs
+            with epoch_progress(console, epochs) as progress:
+                result = resume_conditional(resume, progress, device=flags.get("device"))
+            if result.already_finished:
+                if main_process:
+                    console.print(f"{resume} is already finished (epoch {epochs} of {epochs}); nothing to do",
+                                  highlight=False)
+                return None
+            return result
         config, data = prepare_conditional(resolve_config(config_file, flags, ConditionalConfig))
         if main_process:
             counts = ", ".join(f"{name} {count}" for name, count in zip(data.classes, data.counts()))
             console.print(f"{len(data.labels)} images in {len(data.classes)} classes: {counts}"
                           + ("; drawn class-balanced" if config.balance else ""), highlight=False)
+            for warning in data.warnings:
+                console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
         with epoch_progress(console, config.epochs) as progress:
             return train_conditional(config, progress, prepared=(config, data))
 
@@ -477,7 +578,7 @@ def conditional_sample(
     run_dir: Annotated[Path, typer.Argument(help="Conditional run folder.")],
     out: Annotated[Path, typer.Option("--out", help="New output folder: one sub-folder per class.")],
     class_name: Annotated[Optional[str], typer.Option("--class", help="Class to draw (all when omitted).")] = None,
-    num: Annotated[int, typer.Option("--num", help="Samples per class.")] = 16,
+    num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Samples per class.")] = "16",
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same files.")] = 0,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
 ) -> None:
@@ -485,13 +586,13 @@ def conditional_sample(
     try:
         from consingan.config import check_seed
         from consingan.conditional.sampler import TrainedConditional
+        from consingan.ui import count_progress
 
         check_seed(seed)
-        if num < 1:
-            raise ConsinganError(f"--num must be at least 1, got {num}")
+        num = _count(num)
         model = TrainedConditional.load(run_dir, device)
         names = [class_name] if class_name is not None else model.classes
-        written = model.write(out, names, num, seed)
+        written = model.write(out, names, num, seed, progress=count_progress(console))
         console.print(f"wrote {len(written)} samples ({num} per class, {len(names)} classes) to [bold]{out}[/]")
     except ConsinganError as error:
         fail(str(error))

@@ -11,19 +11,33 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import json
+import os
+import re
+import socket
 import time
+import urllib.parse
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from consingan.config import TrainConfig
+from consingan.checkpoint import save_json
+from consingan.config import TrainConfig, flag_name
 from consingan.errors import ConsinganError
 from consingan.io import SUPPORTED_SUFFIXES, file_suffix
+from consingan.outputs import OutputError, OutputFolder, check_encodable
 from consingan.runs import RunFolder
 
 INSTALL_HINT = "Ray is not installed; install the optional extra: pip install -e '.[distributed]'"
+CLIENT_HINT = ("--address ray://... needs Ray's client (grpcio), which is not installed: pip install 'ray[client]' "
+               "(or pip install -e '.[distributed]')")
 SUMMARY = "cohort.json"
+ADDRESS_FORMS = "'auto', 'host:port' or 'ray://host:port'"
+PROBE_SECONDS = 5.0  # an address that does not answer a TCP connect within this is not a cluster; Ray would retry for minutes
+# Options a rerun may change: the per-run ones (set for each image), and the device, which --resume also lets change.
+RERUN_FREE = ("image", "label", "run_name", "out_dir", "data_dir", "device")
 
 
 def image_name(path: Path) -> str:
@@ -32,21 +46,24 @@ def image_name(path: Path) -> str:
     return path.name[: len(path.name) - len(suffix)] if suffix else path.name
 
 
-def find_images(spec: str) -> list[Path]:
-    """The images of a folder (its files with a supported suffix, and DICOM series folders), or of a glob."""
+def find_images(spec: str, dimension: int = 3) -> list[Path]:
+    """The images of a folder (its files with a supported suffix, and in 3D its DICOM series folders), or of a glob.
+
+    In 2D a sub-folder is never an image (DICOM series folders are 3D), so it is skipped as other non-images are."""
     folder = Path(spec)
     if folder.is_dir():
         found = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and (
-            (p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES) or p.is_dir())]
+            (p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES) or (p.is_dir() and dimension == 3))]
     else:
-        found = [Path(p) for p in sorted(glob.glob(spec))]
+        found = [Path(p) for p in sorted(glob.glob(spec)) if dimension == 3 or not Path(p).is_dir()]
     if not found:
         raise ConsinganError(f"no images found for --images {spec!r}")
     names: dict[str, Path] = {}
     for path in found:
         name = image_name(path)
         if name in names:
-            raise ConsinganError(f"{names[name].name} and {path.name} would share the run folder {name!r}; rename one")
+            # Full paths: with a glob over several folders the file names alone may be the same.
+            raise ConsinganError(f"{names[name]} and {path} would share the run folder {name!r}; rename one")
         names[name] = path
     return found
 
@@ -70,6 +87,90 @@ def run_state(run_dir: Path, num_scales: int) -> str:
         return "new"
     run = RunFolder.open(run_dir, "singan")
     return "done" if len(run.completed_scales()) >= num_scales else "resume"
+
+
+def check_rerun_options(config: TrainConfig, out_dir: Path, names: list[str]) -> None:
+    """Refuse options that differ from those of the runs already in ``out_dir``: a rerun skips or resumes each run
+    with the options in its config.json, so the new ones would be ignored (and only recorded in cohort.json)."""
+    differing: list[tuple[Path, list[str]]] = []
+    for name in names:
+        run_dir = out_dir / name
+        if not (run_dir / RunFolder.CONFIG).is_file():
+            continue
+        try:
+            trained = RunFolder.open(run_dir, "singan").config
+        except ConsinganError:
+            continue  # a damaged run folder fails as its own task, with its own message
+        changes = [f"{flag_name(field.name)} {getattr(trained, field.name)} (now {getattr(config, field.name)})"
+                   for field in dataclasses.fields(TrainConfig) if field.name not in RERUN_FREE
+                   and getattr(config, field.name) != getattr(trained, field.name)
+                   and not (field.name == "seed" and config.seed is None)]  # no --seed: each run keeps its own
+        if changes:
+            differing.append((run_dir, changes))
+    if differing:
+        run_dir, changes = differing[0]
+        others = f" (and {len(differing) - 1} more runs)" if len(differing) > 1 else ""
+        raise ConsinganError(f"{run_dir}{others} was trained with other options: {', '.join(changes)}; a rerun "
+                             f"continues every run with its own options: give the same options, or another --out-dir")
+
+
+def check_address(address: str) -> tuple[str, int] | None:
+    """The host and port of ``--address`` ('host:port' or 'ray://host:port'), or None for a local Ray ('') and
+    'auto'; a malformed address, or ray:// without Ray's client installed, is a one-line error."""
+    if address in ("", "auto"):
+        return None
+    client = address.startswith("ray://")
+    rest = address[len("ray://"):] if client else address
+    try:
+        parts = urllib.parse.urlsplit("//" + rest)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number, or out of range
+        host = port = None
+    if not host or not port or "@" in rest or parts.path or parts.query or parts.fragment \
+            or not re.fullmatch(r"[A-Za-z0-9._:-]+", host):
+        raise ConsinganError(f"--address must be {ADDRESS_FORMS}, got {address!r}")
+    if client and not ray_client_installed():
+        raise ConsinganError(CLIENT_HINT)
+    return host, port
+
+
+def ray_client_installed() -> bool:
+    """Whether Ray's client (ray[client]: grpcio) is importable, which ray:// addresses need."""
+    return importlib.util.find_spec("grpc") is not None
+
+
+def probe_address(address: str) -> None:
+    """Fail in seconds when nothing listens at ``address`` (Ray itself retries for minutes)."""
+    target = check_address(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=PROBE_SECONDS):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise ConsinganError(f"no Ray cluster answers at --address {address}: {reason}") from None
+
+
+def local_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def oversubscription(address: str, cpus_per_task: int, max_parallel: int) -> str:
+    """A warning when the local Ray started here would promise more cores than this machine has ('' otherwise)."""
+    if address:
+        return ""  # a cluster's resources are its own; Ray places the tasks by them
+    wanted, cores = max(1, max_parallel) * cpus_per_task, local_cores()
+    if wanted <= cores:
+        return ""
+    asked = f"--max-parallel {max_parallel} x --cpus-per-task {cpus_per_task}" if max_parallel > 1 \
+        else f"--cpus-per-task {cpus_per_task}"
+    return (f"{asked} asks for {wanted} CPU cores but this machine has {cores}; the runs' threads will compete for "
+            f"them (slower, not faster)")
 
 
 def train_one(config: dict, image: str, name: str, threads: int) -> dict:
@@ -97,34 +198,53 @@ def train_one(config: dict, image: str, name: str, threads: int) -> dict:
 
 
 def _progress(run: CohortRun, out_dir: Path, num_scales: int) -> None:
-    """A running task's scale, read from its run folder."""
+    """A running task's scale, read from its run folder (none yet: the task waits for a worker, still 'starting')."""
     run_dir = out_dir / run.name
+    if not (run_dir / RunFolder.INFO).is_file():
+        return
     try:
-        done = len(RunFolder.open(run_dir, "singan").completed_scales()) if (run_dir / RunFolder.INFO).is_file() else 0
+        done = len(RunFolder.open(run_dir, "singan").completed_scales())
     except ConsinganError:
         return
-    run.state = f"training scale {min(done, num_scales - 1)}/{num_scales}"
+    if done >= num_scales:
+        return  # trained before: the task only finds it finished (skipped)
+    run.state = f"training scale {done}/{num_scales}"
 
 
 def train_many(config: TrainConfig, images: list[Path], address: str = "", cpus_per_task: int = 1,
-               max_parallel: int = 0, on_update: Callable[[list[CohortRun]], None] | None = None) -> list[CohortRun]:
-    """Train one model per image as Ray tasks; returns every run's outcome and writes ``out_dir/cohort.json``.
+               max_parallel: int = 0, on_update: Callable[[list[CohortRun]], None] | None = None,
+               on_warning: Callable[[str], None] | None = None) -> list[CohortRun]:
+    """Train one model per image as Ray tasks; returns every run's outcome and keeps ``out_dir/cohort.json``
+    current (rewritten each time a run finishes, so a killed cohort still has one).
 
-    ``max_parallel`` caps the tasks running at once (0: as many as the cluster's resources allow)."""
+    ``max_parallel`` caps the tasks running at once (0: as many as the cluster's resources allow). Every check
+    (options, address, earlier runs' options) happens before anything is written; ``on_warning`` gets what is
+    allowed but suspicious (default: ``warnings.warn``)."""
     try:
         import ray
     except ImportError:
         raise ConsinganError(INSTALL_HINT) from None
     config = config.validate()
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_encodable(config.out_dir, "output folder")
     runs = [CohortRun(image_name(p), str(p.resolve())) for p in images]
-    options = {**config.to_dict(), "out_dir": str(out_dir.resolve())}
+    check_address(address)
+    check_rerun_options(config, out_dir, [run.name for run in runs])
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **({} if address else {"num_cpus": max(cpus_per_task, (max_parallel or 1) * cpus_per_task)}))
+        probe_address(address)
+    warning = oversubscription(address, cpus_per_task, max_parallel)
+    if warning:
+        (on_warning or warnings.warn)(warning)
+    if started_here:
+        try:
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     **({} if address else {"num_cpus": max(cpus_per_task, (max_parallel or 1) * cpus_per_task)}))
+        except (ConnectionError, RuntimeError, ValueError) as error:  # 'auto' with no cluster, a refused handshake
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ConsinganError(f"cannot connect to Ray at --address {address or '(local)'}: {reason}") from None
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        options = {**config.to_dict(), "out_dir": str(out_dir.resolve())}
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus, max_retries=0)(train_one)
         update = on_update or (lambda _: None)
@@ -144,30 +264,48 @@ def train_many(config: TrainConfig, images: list[Path], address: str = "", cpus_
                 run.resumed = outcome.get("resumed", False)
             for run in pending.values():
                 _progress(run, out_dir, config.num_scales)
+            if ready:
+                write_summary(out_dir / SUMMARY, config, runs)
             update(runs)
     finally:
         if started_here:
             ray.shutdown()
-    write_summary(out_dir / SUMMARY, config, runs)
     return runs
 
 
 def write_summary(path: Path, config: TrainConfig, runs: list[CohortRun]) -> None:
+    """The cohort's options and every run's state so far, written atomically (a kill leaves the last whole one)."""
     counts = {state: sum(r.state == state for r in runs) for state in ("done", "skipped", "failed")}
-    path.write_text(json.dumps({"counts": counts, "config": config.to_dict(),
-                                "runs": [dataclasses.asdict(r) for r in runs]}, indent=2) + "\n")
+    save_json(path, {"counts": counts, "config": config.to_dict(), "runs": [dataclasses.asdict(r) for r in runs]})
 
 
 @dataclass
 class SampledRun:
+    """One run's outcome in ``sample_many``: files written, why it could not sample, or why it never trained."""
+
     name: str
     files: int = 0
     error: str = ""
+    training_error: str = ""  # cohort.json records the run as failed in training
+    note: str = ""  # what sampling it used, when the run is unfinished
 
 
-def sample_many(runs_dir: Path, out: Path, num: int, seed: int, device: str = "auto") -> list[SampledRun]:
+def training_failures(runs_dir: Path) -> dict[str, str]:
+    """The runs that ``runs_dir/cohort.json`` records as failed in training, with their error lines ({} without a
+    readable cohort.json: a folder of runs need not be a cohort)."""
+    try:
+        runs = json.loads((runs_dir / SUMMARY).read_text()).get("runs", [])
+        return {str(r["name"]): str(r.get("error", "")) for r in runs if r.get("state") == "failed"}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return {}
+
+
+def sample_many(runs_dir: Path, out: Path, num: int, seed: int, device: str = "auto",
+                progress: Callable[[str, int, int], None] | None = None) -> list[SampledRun]:
     """``num`` samples (seed ``seed``, the same rule as ``consingan sample``) from every single-image run folder
-    under ``runs_dir``, into ``out/<run>/``; a run that cannot sample is reported and skipped."""
+    under ``runs_dir``, into ``out/<run>/``; a run that cannot sample is reported and skipped, and so is one that
+    cohort.json records as failed in training (with no run folder to sample). A failed write (a full disk, no room
+    for ``num`` samples) stops the whole draw and leaves no ``out``; ``progress(run, done, num)`` follows each run."""
     from consingan.singan.sampler import TrainedPyramid, write_samples
 
     if not runs_dir.is_dir():
@@ -177,13 +315,22 @@ def sample_many(runs_dir: Path, out: Path, num: int, seed: int, device: str = "a
     folders = [p for p in sorted(runs_dir.iterdir()) if (p / RunFolder.INFO).is_file()]
     if not folders:
         raise ConsinganError(f"{runs_dir} holds no run folders")
-    results = []
-    for folder in folders:
-        outcome = SampledRun(folder.name)
-        try:
-            pyramid = TrainedPyramid.load(folder, device=device)
-            outcome.files = len(write_samples(pyramid, out / folder.name, num, seed=seed))
-        except ConsinganError as error:
-            outcome.error = str(error)
-        results.append(outcome)
-    return results
+    failed = training_failures(runs_dir)
+    results = [SampledRun(name, training_error=error) for name, error in failed.items()
+               if name not in {folder.name for folder in folders}]
+    with OutputFolder(out) as made:
+        for folder in folders:
+            outcome = SampledRun(folder.name, training_error=failed.get(folder.name, ""))
+            report = None if progress is None else (lambda done, total, name=folder.name: progress(name, done, total))
+            try:
+                pyramid = TrainedPyramid.load(folder, device=device)
+                outcome.note = " ".join(pyramid.notes)
+                outcome.files = len(write_samples(pyramid, out / folder.name, num, seed=seed, progress=report))
+            except OutputError:
+                raise  # the next run would fail alike: stop, and keep nothing
+            except ConsinganError as error:
+                outcome.error = str(error)
+            results.append(outcome)
+        if not any(result.files for result in results):
+            made.remove()  # nothing could be sampled: no empty --out either
+    return sorted(results, key=lambda result: result.name)

@@ -18,10 +18,16 @@ from typing import Any
 from consingan.errors import ConsinganError
 
 
+def is_single_folder_name(name: str) -> bool:
+    """One folder name inside another folder: not empty, '.' or '..', no '/', '\\' or NUL, not absolute (what a run
+    name and a conditional class name may be, so that nothing is ever written outside the folder they go into)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0") \
+        and not Path(name).is_absolute()
+
+
 def check_run_name(run_name: str) -> str:
     """A run name is one folder name inside the output root: no separator, no '.' or '..', not absolute."""
-    if run_name and (run_name in (".", "..") or "/" in run_name or "\\" in run_name or Path(run_name).is_absolute()
-                     or "\0" in run_name):
+    if run_name and not is_single_folder_name(run_name):
         raise ConsinganError(f"run name {run_name!r} must be a single folder name (no '/', '..' or absolute path); "
                              f"use --out-dir to choose where run folders go")
     return run_name
@@ -164,7 +170,8 @@ class TrainConfig:
         return apply_overrides(cls(), values, source)
 
 
-PAIRED_MODELS = ("unet", "cbam_unet", "spade_unet", "resnet", "local_enhancer", "unetpp")
+UNET_MODELS = ("unet", "cbam_unet", "spade_unet")  # pix2pix U-Nets: their depth is set by --depth or the tile
+PAIRED_MODELS = (*UNET_MODELS, "resnet", "local_enhancer", "unetpp")
 GAN_MODES = ("lsgan", "bce", "hinge", "wgan")
 
 
@@ -222,7 +229,39 @@ class PairedConfig:
             raise ConsinganError(f"stride must be between 1 and the tile size {self.tile}")
         if self.decay_start >= self.epochs:
             raise ConsinganError(f"decay_start ({self.decay_start}) must be below epochs ({self.epochs})")
+        self._check_model_fits_tile()
         return self
+
+    def refuse_ignored_options(self) -> "PairedConfig":
+        """For a new run: an option the chosen model would ignore is refused, naming the models it applies to. (Not
+        part of ``validate``, so that runs written before this check still open.)"""
+        if self.deep_supervision and self.model != "unetpp":
+            raise ConsinganError(f"--deep-supervision applies to model unetpp (U-Net++) only, not {self.model}; "
+                                 f"drop it or use --model unetpp")
+        if self.depth and self.model not in UNET_MODELS:
+            raise ConsinganError(f"--depth applies to the U-Nets ({', '.join(UNET_MODELS)}) only, not {self.model}; "
+                                 f"drop it")
+        return self
+
+    def _check_model_fits_tile(self) -> None:
+        """Tile and depth against what the chosen model needs, so that a model that cannot be built is refused
+        before any run folder is made."""
+        if self.model not in UNET_MODELS:
+            multiple = self.size_multiple()
+            # A normalised bottleneck needs at least 2 voxels per side (U-Nets leave their innermost unnormalised).
+            if self.tile % multiple or self.tile < 2 * multiple:
+                raise ConsinganError(f"--tile {self.tile} does not fit model {self.model}: it must be a multiple of "
+                                     f"{multiple} and at least {2 * multiple}")
+            return
+        levels = (self.tile & -self.tile).bit_length() - 1  # each U-Net level halves the tile: its factors of 2
+        if self.depth > levels:
+            raise ConsinganError(f"--depth {self.depth} is deeper than --tile {self.tile} allows: each level halves "
+                                 f"the tile, so it allows a depth of at most {levels}")
+        if self.depth == 1:
+            raise ConsinganError(f"model {self.model} needs --depth 2 or more (0: as deep as the tile allows), got 1")
+        if self.resolved_depth() < 2:
+            raise ConsinganError(f"--tile {self.tile} allows a U-Net of depth 1 only and model {self.model} needs 2 "
+                                 f"or more: use a tile that is a multiple of 4 (16, 32, 64 ...)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -357,6 +396,11 @@ MAX_SEED = 2**63 - 1  # torch and numpy seeds are 64-bit; one bit kept for signe
 def option_names(config_class: type = None) -> dict[str, dataclasses.Field]:
     """Fields by name of a config dataclass (default ``TrainConfig``), for the CLI and config-file parsing."""
     return {f.name: f for f in dataclasses.fields(config_class or TrainConfig)}
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of an option field: 'num_scales' -> '--num-scales', 'Dsteps' -> '--dsteps'."""
+    return "--" + name.lower().replace("_", "-")
 
 
 def _canonical_key(config_class: type, key: str) -> str | None:

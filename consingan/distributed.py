@@ -11,6 +11,9 @@ Rank 0 alone writes the run folder, checkpoints, logs and previews; every rank r
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -29,6 +32,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launcher: int = 0  # the PID of the torchrun process that started this one (0: not checked)
 
     @classmethod
     def from_environment(cls) -> "Distributed":
@@ -38,12 +42,33 @@ class Distributed:
             rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         except ValueError as error:
             raise ConsinganError(f"torchrun's environment is not readable: {error}") from None
-        return cls(rank, world, local) if world > 1 else cls()
+        return cls(rank, world, local, os.getppid()) if world > 1 else cls()
 
     def check_seed(self, seed: int | None) -> None:
         """Every rank must draw the same data order: under torchrun the seed cannot be left to chance."""
         if self.active and seed is None:
             raise ConsinganError("under torchrun give --seed: every process must draw the same order of the data")
+
+    def refuse(self, command: str, instead: str = "") -> None:
+        """Refuse, on every rank, a command that does not train data-parallel: under torchrun each process would run
+        it on its own (N runs in N run folders)."""
+        if self.active:
+            raise ConsinganError(f"{command} does not train distributed: under torchrun (WORLD_SIZE="
+                                 f"{self.world_size}) each process would train a copy of its own into a run folder "
+                                 f"of its own; run it without torchrun{instead}")
+
+    def check_resume(self, run: RunFolder) -> None:
+        """A run resumes with the world size it was trained with: the global batch (--batch-size x processes), and
+        so what the learning rates mean, would change silently otherwise. Call before joining the process group."""
+        trained = run.info.world_size
+        if trained != self.world_size:
+            def processes(n: int) -> str:
+                return f"under torchrun with {n} processes" if n > 1 else "without torchrun (1 process)"
+
+            batch = run.config.batch_size * getattr(run.config, "accumulate", 1)  # per process and optimiser step
+            raise ConsinganError(f"{run.path} was trained with world size {trained} and this resume has world size "
+                                 f"{self.world_size}, which would change the global batch from {batch * trained} "
+                                 f"to {batch * self.world_size}; resume it {processes(trained)}")
 
     @property
     def active(self) -> bool:
@@ -66,15 +91,16 @@ class Distributed:
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """DDP-wrap a trained model. Batch norm becomes SyncBatchNorm on GPUs (PyTorch has no CPU version: on gloo
-        each process normalises by its own batch). ``broadcast_buffers=False``: buffers are not re-sent at every
-        forward, which with a discriminator run on real and fake before one backward modifies, in place, buffers
-        autograd still needs (pix2pix's DDP error)."""
+        each process normalises by its own batch). Buffers are not re-sent at every forward, which with a
+        discriminator run on real and fake before one backward modifies, in place, buffers autograd still needs
+        (pix2pix's DDP error); they are sent once when wrapping, which changes nothing since every rank builds or
+        loads the same ones."""
         if not self.active:
             return model
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[device.index] if device.type == "cuda" else None, **_NO_FORWARD_BUFFER_SYNC)
 
     def broadcast(self, value: object) -> object:
         """Rank 0's ``value`` on every rank (a run folder's path, say)."""
@@ -93,13 +119,21 @@ class Distributed:
         return padded[self.rank::self.world_size]
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """Per-epoch losses averaged over the ranks (each rank saw its own share of the data)."""
+        """Per-epoch losses averaged over the ranks (each rank saw its own share of the data).
+
+        The same reduction counts the ranks whose torchrun launcher still runs: once it has been killed (kill -9
+        leaves its ranks running, reparented), every rank stops at the same epoch, rank 0 releasing the run's lock,
+        instead of training on beside a new ``--resume``."""
         if not self.active or not values:
             return values
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+        alive = float(not self.launcher or os.getppid() == self.launcher)
+        tensor = torch.tensor([*values.values(), alive], dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
-        return dict(zip(values, (tensor / self.world_size).tolist()))
+        if tensor[-1].item() < self.world_size:
+            raise ConsinganError("the torchrun launcher of this training has ended (killed?); every rank stops: "
+                                 "the last finished epoch is saved, --resume the run to continue")
+        return dict(zip(values, (tensor[:-1] / self.world_size).tolist()))
 
     def barrier(self) -> None:
         if self.active:
@@ -110,28 +144,37 @@ class Distributed:
             dist.destroy_process_group()
 
 
+# PyTorch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers and warns (FutureWarning) on the old name.
+_DDP_PARAMETERS = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_PARAMETERS
+                           else {"broadcast_buffers": False})
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (for state dicts: the same keys with or without DDP)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def shared_run(distributed: Distributed, config: object, family: str, info: RunInfo) -> RunFolder:
-    """A new run folder: rank 0 creates it and writes run.json, then every rank opens the same folder."""
+    """A new run folder: rank 0 creates it and writes run.json (with the world size, which a resume must keep), then
+    every rank opens the same folder."""
     run = RunFolder.create(config, family) if distributed.is_main else None
     if run is not None:
-        run.write_info(info)
+        run.write_info(dataclasses.replace(info, world_size=distributed.world_size))
     return RunFolder.open(distributed.broadcast(run.path if run else None), family)
 
 
 def train_to_end(trainer: object, distributed: Distributed, resume_from: RunFolder | None = None,
                  models: tuple[str, ...] = ()) -> list[dict]:
     """Run ``trainer.train()`` (after restoring ``resume_from``'s latest training state on every rank, when given)
-    and leave the process group however it ends."""
+    and leave the process group however it ends. Rank 0, the one writer, holds the run's lock meanwhile: a run
+    another process trains is refused before anything is written."""
     try:
-        if resume_from is not None:
-            state_path = resume_from.latest_training_state()
-            if state_path is not None:
-                trainer.restore(resume_from.load_training_state(state_path, models, trainer.device), state_path)
-        return trainer.train()
+        with trainer.run.writing() if distributed.is_main else contextlib.nullcontext():
+            if resume_from is not None:
+                state_path = resume_from.latest_training_state()
+                if state_path is not None:
+                    trainer.restore(resume_from.load_training_state(state_path, models, trainer.device), state_path)
+            return trainer.train()
     finally:
         distributed.finish()

@@ -3,6 +3,7 @@
 A run folder, whatever the model family::
 
     out/<run_name>/
+        .lock                while a process trains the run: its PID and host (one writer per run folder)
         config.json          every option, resolved (seed included); written first
         run.json             RunInfo: family, shapes, channels, intensity mapping, geometry, the output file type
         losses.csv           paired: one row per epoch (single-image: one per scale, in scale_NN/)
@@ -19,22 +20,25 @@ run files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from consingan import __version__
-from consingan.checkpoint import load_state, make_run_dir, save_json, save_state, save_text
-from consingan.config import ConditionalConfig, PairedConfig, TrainConfig, check_device_name
+from consingan.checkpoint import RunLock, load_state, make_run_dir, save_json, save_state, save_text
+from consingan.config import ConditionalConfig, PairedConfig, TrainConfig, check_device_name, is_single_folder_name
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding
+from consingan.outputs import check_encodable
 
 FAMILIES = {"singan": TrainConfig, "paired": PairedConfig, "conditional": ConditionalConfig}
 # Options added after the first runs were written, with the behaviour those runs were trained with: a run folder
@@ -100,6 +104,9 @@ class RunInfo:
     inputs: InputInfo | None = None
     classes: list[str] = field(default_factory=list)  # class names of a conditional run, in label order
     class_counts: list[int] = field(default_factory=list)  # its training images per class
+    # torchrun processes it was trained with (paired, conditional); a resume must keep it. Runs from before it was
+    # recorded were trained with one.
+    world_size: int = 1
     consingan_version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +153,8 @@ class RunInfo:
         if len(self.intensity.minimum) != self.channels:
             raise ValueError("the intensity mapping does not match the channel count")
         np.dtype(self.output_dtype)
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"world_size {self.world_size!r} is not a number of processes")
         if self.family == "singan":
             _check_shape(self.source_shape, self.spatial_dims, "source_shape")
             if not self.shapes:
@@ -160,6 +169,10 @@ class RunInfo:
         if self.family == "conditional" and (not self.classes or not all(isinstance(c, str) and c for c in self.classes)
                                              or len(set(self.classes)) != len(self.classes)):
             raise ValueError("a conditional run needs its distinct class names")
+        if self.family == "conditional":  # a tampered name would send samples outside --out (<out>/<class>/)
+            unsafe = [c for c in self.classes if not is_single_folder_name(c)]
+            if unsafe:
+                raise ValueError(f"class name {unsafe[0]!r} is not a single folder name")
 
 
 @dataclass
@@ -258,15 +271,18 @@ class RunFolder:
 
     def __init__(self, path: Path, family: str, config: Any, info: RunInfo | None = None) -> None:
         self.path, self.family, self.config, self._info = Path(path), family, config, info
+        self._lock = RunLock(self.path)
 
     # --- creating and opening --------------------------------------------------------------------------------------
 
     @classmethod
     def create(cls, config: Any, stem: str) -> "RunFolder":
-        """A new folder ``out_dir/run_name`` (or ``out_dir/<stem>_NNN``), atomically, with config.json written."""
+        """A new folder ``out_dir/run_name`` (or ``out_dir/<stem>_NNN``), atomically, locked by this process (see
+        ``acquire``), with config.json written."""
         family = next(name for name, config_class in FAMILIES.items() if isinstance(config, config_class))
         path = make_run_dir(Path(config.out_dir), config.run_name, stem)
         run = cls(path, family, config)
+        run.acquire()
         save_json(path / cls.CONFIG, config.to_dict())
         return run
 
@@ -289,6 +305,29 @@ class RunFolder:
         values = {**LEGACY_OPTIONS.get(info.family, {}), **values}
         config = FAMILIES[info.family].from_dict(values, f"{path / cls.CONFIG}").validate()
         return cls(path, info.family, config, info)
+
+    # --- one writer per run folder ----------------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Take the run's lock (``checkpoint.RunLock``) before writing to it: a folder another living process trains
+        is refused in one line naming its PID and host; a stale lock left by a killed process is taken over with a
+        ``note:`` line on stderr. Under torchrun rank 0 alone takes it (the other ranks write nothing)."""
+        check_encodable(self.path, "run folder")
+        note = self._lock.acquire()
+        if note:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator["RunFolder"]:
+        """The run locked for the duration, released however it ends (errors and Ctrl-C included)."""
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
 
     @property
     def info(self) -> RunInfo:

@@ -26,8 +26,9 @@ def test_train_sample_evaluate_and_resume_on_cuda(request, runner, out_dir, tmp_
         result = run_cli(runner, ["sample", run, "--num", "2", "--seed", "1", "--device", device,
                                   "--out", tmp_path / device])
         assert result.exit_code == 0, result.output
-    files = sorted((tmp_path / "cuda").iterdir())
-    assert len(files) == 2
+    suffix = ".png" if dims == 2 else ".nii.gz"
+    files = sorted(p.name for p in (tmp_path / "cuda").iterdir())  # the samples and their contact sheet
+    assert files == sorted(["contact_sheet.png", f"sample_0000{suffix}", f"sample_0001{suffix}"])
     result = run_cli(runner, ["evaluate", run, "--num", "3", "--device", "cuda"])
     assert result.exit_code == 0, result.output
     evaluation = json.loads((run / "evaluation_001" / "evaluation.json").read_text())

@@ -32,7 +32,9 @@ def test_3d_write_read_round_trip(tmp_path, suffix):
     affine = np.diag([0.8, 0.9, 2.5, 1.0])
     affine[:3, 3] = [1.0, -2.0, 3.0]
     if suffix == ".npy":
-        affine = np.eye(4)  # .npy stores no geometry
+        from consingan.io.volume import default_affine
+
+        affine = default_affine(3)  # .npy stores no geometry: read as ITK's default, like a TIFF without one
     header = nib.Nifti1Header() if suffix == ".nii.gz" else None
     written = write_volume(tmp_path / "vol", Volume(array, affine, suffix, np.dtype(np.float32), header))
     back = read_volume(written, 3)

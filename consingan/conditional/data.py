@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from consingan.config import is_single_folder_name
 from consingan.errors import ConsinganError
-from consingan.io import SUPPORTED_SUFFIXES, IntensityRange, file_suffix, read_volume
+from consingan.io import SUPPORTED_SUFFIXES, IntensityRange, Volume, file_suffix, read_volume
 from consingan.singan.pyramid import resize
 
 MAX_MAPPING_VALUES = 2**22  # values per channel the intensity window's percentiles are computed from
+UPSCALE_WARNING = 4.0  # an image enlarged more than this to --size is mostly interpolation
+SQUASH_WARNING = 2.0  # an image whose aspect ratio --fit resize changes more than this is visibly distorted
 
 
 @dataclass
@@ -25,45 +29,103 @@ class LabelledSet:
     classes: list[str]
     intensity: IntensityRange
     suffix: str  # file type of the first image, for writing samples
-    dtype: str  # its data type
+    dtype: str  # the data type of every image (a set of mixed types is refused)
+    warnings: list[str] = field(default_factory=list)  # suspicious but legitimate: images upscaled or squashed
 
     def counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
 
 
+def resolve_data(data: Path | str) -> Path:
+    """``data`` as an absolute path; a symbolic-link loop is refused in one line."""
+    try:
+        return Path(data).resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError on a loop, later versions OSError
+        raise ConsinganError(f"--data {data} is a symbolic-link loop (or cannot be resolved)") from None
+
+
+def check_class_name(name: str, where: str) -> str:
+    """A class name is one folder name (samples are written to ``<out>/<class>/``), refused naming ``where``."""
+    if not is_single_folder_name(name):
+        raise ConsinganError(f"{where}: class name {name!r} must be a single folder name (not empty, '.' or '..'; "
+                             f"no '/', '\\' or NUL), as samples are written to <out>/<class>/")
+    return name
+
+
+def _csv_rows(data: Path) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a CSV with the line each ends on. Read as UTF-8 with an optional byte-order mark (as
+    spreadsheets write it; it would otherwise glue itself to the header's first cell)."""
+    try:
+        raw = data.read_bytes()
+    except OSError as error:
+        raise ConsinganError(f"cannot read {data}: {error.strerror or error}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise ConsinganError(f"{data} is not UTF-8 text (byte {raw[error.start]:#04x} on line {line}); save it as "
+                             f"UTF-8 ('CSV UTF-8' in a spreadsheet)") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        return [(reader.line_num, row) for row in reader if row and any(cell.strip() for cell in row)]
+    except csv.Error as error:
+        raise ConsinganError(f"{data} row {reader.line_num}: not valid CSV ({error})") from None
+
+
+def _real_path(path: Path) -> Path:
+    """The file ``path`` names, links and '..' resolved where possible (to find one image listed twice)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return path.absolute()
+
+
 def list_labelled(data: Path) -> list[tuple[Path, str]]:
     """(path, class) pairs from a folder of class folders (files with a supported suffix, and DICOM series folders;
     other files are skipped) or from a CSV file of path,class rows (paths relative to the CSV's folder; a header row
-    'path,class' is allowed)."""
+    'path,class' is allowed; rows are numbered by line, the header being row 1, as a spreadsheet does).
+
+    Refused, naming the row or folder: a class name that is not a single folder name, one image listed twice (under
+    one class or two), and a set of fewer than two classes."""
     if not data.exists():
         raise ConsinganError(f"data not found: {data}")
+    entries: list[tuple[Path, str, str]] = []  # (path, class, where it was listed)
     if data.is_file():
         if data.suffix.lower() != ".csv":
             raise ConsinganError(f"--data must be a folder of class folders or a .csv file, got {data}")
-        with data.open(newline="") as handle:
-            rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
-        if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "class"]:
+        rows = _csv_rows(data)
+        if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["path", "class"]:
             rows = rows[1:]
-        pairs = []
-        for number, row in enumerate(rows, 1):
+        for line, row in rows:
             if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise ConsinganError(f"{data} row {number}: expected 'path,class', got {','.join(row)!r}")
-            path = Path(row[0].strip())
-            pairs.append((path if path.is_absolute() else data.parent / path, row[1].strip()))
-        if not pairs:
+                raise ConsinganError(f"{data} row {line}: expected 'path,class', got {','.join(row)!r}")
+            path, name = Path(row[0].strip()), check_class_name(row[1].strip(), f"{data} row {line}")
+            entries.append((path if path.is_absolute() else data.parent / path, name, f"row {line}"))
+        if not entries:
             raise ConsinganError(f"{data} lists no images")
-        return pairs
-    folders = sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise ConsinganError(f"{data} holds no class folders (one sub-folder of images per class)")
-    pairs = []
-    for folder in folders:
-        items = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (
-            (p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES) or p.is_dir()))
-        if not items:
-            raise ConsinganError(f"class {folder.name!r} has no images in {folder}")
-        pairs += [(item, folder.name) for item in items]
-    return pairs
+    else:
+        folders = sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise ConsinganError(f"{data} holds no class folders (one sub-folder of images per class)")
+        for folder in folders:
+            check_class_name(folder.name, f"class folder {folder}")
+            items = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (
+                (p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES) or p.is_dir()))
+            if not items:
+                raise ConsinganError(f"class {folder.name!r} has no images in {folder}")
+            entries += [(item, folder.name, str(item.relative_to(data))) for item in items]
+    seen: dict[Path, tuple[str, str]] = {}
+    for path, name, where in entries:
+        first = seen.setdefault(_real_path(path), (where, name))
+        if first != (where, name):
+            classes = f"under both {first[1]!r} and {name!r}; an image belongs to one class" if first[1] != name \
+                else f"twice under {name!r}; list each image once"
+            raise ConsinganError(f"{data}: {first[0]} and {where} are the same image {path.name} ({classes})")
+    classes = sorted({name for _, name, _ in entries})
+    if len(classes) < 2:
+        raise ConsinganError(f"{data} has one class only ({classes[0]!r}): a class-conditional model needs at least "
+                             f"two classes")
+    return [(path, name) for path, name, _ in entries]
 
 
 def fit_to_size(array: np.ndarray, size: int, fit: str) -> np.ndarray:
@@ -83,27 +145,64 @@ def fit_to_size(array: np.ndarray, size: int, fit: str) -> np.ndarray:
 def load_labelled(data: Path | str, spatial_dims: int, size: int, fit: str = "resize",
                   mapping: str = "window", seed: int = 0) -> LabelledSet:
     """Read, check, fit and normalise every image of ``data``; errors name the file (unreadable, wrong
-    dimensionality, a channel count unlike the first image's)."""
+    dimensionality, one voxel thick in 3D, a channel count or data type unlike the first image's). Images enlarged
+    or squashed a lot to ``size`` are allowed, with a warning naming the worst one."""
     pairs = list_labelled(Path(data))
     classes = sorted({name for _, name in pairs})
-    arrays, labels, first = [], [], None
+    arrays, labels, first, first_path = [], [], None, None
+    upscaled, squashed = [], []  # (factor, path, shape)
     for path, name in pairs:
         try:
             volume = read_volume(path, spatial_dims)
         except ConsinganError as error:
             raise ConsinganError(f"class {name!r}: {error}") from None
+        if spatial_dims == 3 and 1 in volume.spatial_shape:  # as the single-image engine: not stretched to a volume
+            raise ConsinganError(f"class {name!r}: {path} has shape {volume.spatial_shape}, one voxel thick: it is a "
+                                 f"2D image, not a volume; a 3D set needs volumes (2D images train with --dim 2)")
         if first is None:
-            first = volume
+            first, first_path = volume, path
         elif volume.channels != first.channels:
             raise ConsinganError(f"{path} has {volume.channels} channel(s); the set's first image has "
                                  f"{first.channels} (every image needs the same channels)")
+        elif np.dtype(volume.source_dtype).name != np.dtype(first.source_dtype).name:  # byte order aside
+            # One intensity map and one output type serve the whole set: 16-bit values would squeeze 8-bit images
+            # into the bottom of the range, or be clipped when samples are written in the first image's 8 bits.
+            raise ConsinganError(f"mixed data types: {first_path} is {np.dtype(first.source_dtype).name} but {path} "
+                                 f"is {np.dtype(volume.source_dtype).name}; convert the set to one data type and range")
+        upscale, squash = fit_factors(volume, size, fit)
+        upscaled += [(upscale, path, volume.spatial_shape)] if upscale > UPSCALE_WARNING else []
+        squashed += [(squash, path, volume.spatial_shape)] if squash > SQUASH_WARNING else []
         arrays.append(fit_to_size(volume.array, size, fit))
         labels.append(classes.index(name))
     images = np.stack(arrays)  # [N, C, *size]
     intensity = mapping_of(images, mapping, seed)
     normalised = np.stack([intensity.normalise(image) for image in images]).astype(np.float32)
+    target = "x".join([str(size)] * spatial_dims)
+    warnings = [fit_warning(upscaled, f"enlarged more than {UPSCALE_WARNING:g}x to {target}", "they look blurred"),
+                fit_warning(squashed, f"squashed out of their aspect ratio (more than {SQUASH_WARNING:g}x) to "
+                                      f"{target}", "--fit crop keeps it")]
     return LabelledSet(torch.from_numpy(normalised), torch.tensor(labels, dtype=torch.int64), classes, intensity,
-                       first.suffix, str(np.dtype(first.source_dtype)))
+                       first.suffix, str(np.dtype(first.source_dtype)), [w for w in warnings if w])
+
+
+def fit_factors(volume: Volume, size: int, fit: str) -> tuple[float, float]:
+    """How much fitting ``volume`` to ``size`` enlarges it (the largest factor along an axis) and how much it
+    changes its physical aspect ratio (longest over shortest extent; 1 when cropping, which keeps it)."""
+    shape = np.asarray(volume.spatial_shape, dtype=np.float64)
+    if fit == "crop":
+        return float(size / shape.min()), 1.0
+    spacing = volume.spacing
+    extent = shape * (spacing if np.isfinite(spacing).all() and (spacing > 0).all() else 1.0)
+    return float((size / shape).max()), float(extent.max() / extent.min())
+
+
+def fit_warning(found: list[tuple[float, Path, tuple[int, ...]]], what: str, advice: str) -> str:
+    """One line for every image ``found`` (factor, path, shape), naming the worst; empty when none."""
+    if not found:
+        return ""
+    factor, path, shape = max(found, key=lambda item: item[0])
+    return (f"{len(found)} image(s) {what}, the most {path} ({'x'.join(map(str, shape))}, {factor:.1f}x); "
+            f"{advice}")
 
 
 def mapping_of(images: np.ndarray, mapping: str, seed: int = 0) -> IntensityRange:

@@ -4,41 +4,57 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from consingan.conditional.models import ConditionalGenerator, build_models
 from consingan.errors import ConsinganError
-from consingan.io import Volume, write_volume
+from consingan.io import Volume, output_suffix, write_volume
 from consingan.io.preview import contact_sheet, write_png
+from consingan.outputs import OutputFolder, Progress
 from consingan.runs import RunFolder, load_weights
 
 MODEL_NAMES = ("generator", "discriminator")
 EMA_NAME = "generator_ema"
 PREVIEW_PER_CLASS = 6
 PREVIEW_SEED = 12345  # the preview's fixed noise, so previews of successive epochs compare
+NOISE_CHUNK = 1024  # samples whose noise is drawn at once (the draw of up to this many is one torch.randn)
+
+
+def class_noise_chunks(seed: int, class_index: int, count: int, noise_dim: int) -> Iterator[torch.Tensor]:
+    """Noise for ``count`` samples of one class, ``NOISE_CHUNK`` rows [n, noise_dim] at a time (so a draw of
+    millions holds one chunk): a stream of its own per (seed, class), so a class's samples do not depend on which
+    other classes are drawn, and the same seed gives the same files."""
+    state = np.random.SeedSequence([seed, class_index]).generate_state(2, np.uint64)
+    generator = torch.Generator().manual_seed(int(state[0] & np.uint64(2**63 - 1)))
+    for start in range(0, count, NOISE_CHUNK):
+        yield torch.randn(min(NOISE_CHUNK, count - start), noise_dim, generator=generator)
 
 
 def class_noise(seed: int, class_index: int, count: int, noise_dim: int) -> torch.Tensor:
-    """Noise [count, noise_dim] for one class: a stream of its own per (seed, class), so a class's samples do not
-    depend on which other classes are drawn, and the same seed gives the same files."""
-    state = np.random.SeedSequence([seed, class_index]).generate_state(2, np.uint64)
-    generator = torch.Generator().manual_seed(int(state[0] & np.uint64(2**63 - 1)))
-    return torch.randn(count, noise_dim, generator=generator)
+    """The noise of ``class_noise_chunks`` in one tensor [count, noise_dim]."""
+    chunks = list(class_noise_chunks(seed, class_index, count, noise_dim))
+    return torch.cat(chunks) if chunks else torch.empty(0, noise_dim)
 
 
 @torch.no_grad()
+def generate_batches(generator: ConditionalGenerator, class_index: int, count: int, seed: int,
+                     device: torch.device, batch_size: int = 16) -> Iterator[torch.Tensor]:
+    """``count`` images of one class in [-1, 1], ``batch_size`` [n, C, *size] at a time."""
+    generator.eval()
+    for noise in class_noise_chunks(seed, class_index, count, generator.noise_dim):
+        for start in range(0, len(noise), batch_size):
+            chunk = noise[start:start + batch_size].to(device)
+            labels = torch.full((len(chunk),), class_index, dtype=torch.int64, device=device)
+            yield generator(chunk, labels).float().cpu()
+
+
 def generate(generator: ConditionalGenerator, class_index: int, count: int, seed: int, device: torch.device,
              batch_size: int = 16) -> torch.Tensor:
     """``count`` images [count, C, *size] in [-1, 1] of one class."""
-    noise = class_noise(seed, class_index, count, generator.noise_dim)
-    generator.eval()
-    parts = []
-    for start in range(0, count, batch_size):
-        chunk = noise[start:start + batch_size].to(device)
-        labels = torch.full((len(chunk),), class_index, dtype=torch.int64, device=device)
-        parts.append(generator(chunk, labels).float().cpu())
+    parts = list(generate_batches(generator, class_index, count, seed, device, batch_size))
     return torch.cat(parts) if parts else torch.empty(0)
 
 
@@ -91,22 +107,35 @@ class TrainedConditional:
     def sample(self, name: str, count: int, seed: int) -> torch.Tensor:
         return generate(self.generator, self.class_index(name), count, seed, self.device)
 
-    def write(self, out: Path, names: list[str], count: int, seed: int) -> list[Path]:
+    def write(self, out: Path, names: list[str], count: int, seed: int, progress: Progress | None = None
+              ) -> list[Path]:
         """``count`` samples of each class in ``names`` under ``out/<class>/``, in the training data's file type,
-        data type and intensity range. ``out`` must not exist (nothing is overwritten)."""
+        data type and intensity range. ``out`` must not exist (nothing is overwritten).
+
+        Batch by batch (``progress(done, total)`` after each): when the first batch shows the whole draw would not
+        fit the free disk, or a write fails (a full disk), ``out`` is removed and a one-line error says why."""
         if out.exists():
             raise ConsinganError(f"{out} already exists; choose a new --out folder")
         indices = [self.class_index(name) for name in names]
         info = self.run.info
         dims = info.spatial_dims
-        written = []
-        out.mkdir(parents=True)
-        for name, index in zip(names, indices):
-            folder = out / name
-            folder.mkdir()
-            images = generate(self.generator, index, count, seed, self.device)
-            for number, image in enumerate(images):
-                array = info.intensity.denormalise(image.numpy())
-                volume = Volume(array, np.eye(dims + 1), info.output_suffix, np.dtype(info.output_dtype))
-                written.append(write_volume(folder / f"{name}_{number:04d}", volume, source_dtype=True))
+        suffix = output_suffix(info.output_suffix)
+        written, total = [], count * len(names)
+        with OutputFolder(out) as made:
+            for name, index in zip(names, indices):
+                folder = out / name
+                folder.mkdir()
+                number = 0
+                for images in generate_batches(self.generator, index, count, seed, self.device):
+                    for image in images:
+                        array = info.intensity.denormalise(image.numpy())
+                        volume = Volume(array, np.eye(dims + 1), info.output_suffix, np.dtype(info.output_dtype))
+                        path = folder / f"{name}_{number:04d}{suffix}"
+                        number += 1
+                        made.add(path)
+                        written.append(write_volume(path, volume, source_dtype=True))
+                    if len(written) == len(images):  # the first batch tells what the whole draw needs on the disk
+                        made.check_room(len(written), total)
+                    if progress is not None:
+                        progress(len(written), total)
         return written

@@ -15,13 +15,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from consingan.conditional.data import LabelledSet, augment, class_balanced_sampler, load_labelled
+from consingan.conditional.data import (LabelledSet, augment, class_balanced_sampler, list_labelled, load_labelled,
+                                        resolve_data)
+from consingan.conditional.memory import check_memory
 from consingan.conditional.models import attention_bytes, build_models
 from consingan.conditional.sampler import EMA_NAME, MODEL_NAMES, preview_grid_png
 from consingan.config import ConditionalConfig
 from consingan.distributed import Distributed, shared_run, train_to_end, unwrap
 from consingan.errors import ConsinganError
 from consingan.losses import adversarial_loss, gradient_penalty, texture_loss
+from consingan.outputs import check_encodable
 from consingan.runs import RunFolder, RunInfo, TrainingState, load_weights, resolve_device
 from consingan.singan.memory import available_bytes
 
@@ -33,6 +36,7 @@ class ConditionalResult:
     run_dir: Path
     config: ConditionalConfig
     losses: list[dict] = field(default_factory=list)
+    already_finished: bool = False  # a --resume of a run that had finished: nothing was trained or written
 
 
 def ema_decay_at(decay: float, step: int) -> float:
@@ -265,19 +269,27 @@ def prepare_conditional(config: ConditionalConfig) -> tuple[ConditionalConfig, L
     config = config.validate()
     if not config.data:
         raise ConsinganError("--data is required (a folder of class folders, or a CSV of path,class)")
+    check_encodable(Path(config.out_dir) / config.run_name, "output folder")
     Distributed.from_environment().check_seed(config.seed)
     if config.seed is None:
         config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
-    config = dataclasses.replace(config, data=str(Path(config.data).resolve()))
+    config = dataclasses.replace(config, data=str(resolve_data(config.data)))
     device = resolve_device(config.device)
     check_attention_fits(config, available_bytes(device))
     if config.perceptual_weights:
         from consingan.paired.perceptual import VGGPerceptualLoss
 
         VGGPerceptualLoss.from_file(config.perceptual_weights)
-    data = load_labelled(config.data, config.dimension, config.size, config.fit, config.intensity_mapping,
+    return config, load_fitting(config, device)
+
+
+def load_fitting(config: ConditionalConfig, device: torch.device, channels: int = 1) -> LabelledSet:
+    """The data set of ``config``, after the memory preflight (before any image is read: the listing gives the
+    image and class counts; ``channels`` per image, 1 when not known yet, which makes the estimate a lower bound)."""
+    pairs = list_labelled(Path(config.data))
+    check_memory(config, channels, len({name for _, name in pairs}), len(pairs), device)
+    return load_labelled(config.data, config.dimension, config.size, config.fit, config.intensity_mapping,
                          int(config.seed))
-    return config, data
 
 
 def train_conditional(config: ConditionalConfig, progress: Callable[[int, dict], None] | None = None,
@@ -297,13 +309,20 @@ def resume_conditional(run_dir: Path, progress: Callable[[int, dict], None] | No
     """Continue a conditional run from its last epoch's training state (options from the run; the device may
     change)."""
     run = RunFolder.open(run_dir, "conditional")
+    Distributed.from_environment().check_resume(run)  # before the data is read or a process group joined
     config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
     run.config = config
-    data = load_labelled(config.data, config.dimension, config.size, config.fit, config.intensity_mapping,
-                         int(config.seed))
+    data = load_fitting(config, resolve_device(config.device), run.info.channels)
     if data.classes != run.info.classes:
         raise ConsinganError(f"the classes in {config.data} ({', '.join(data.classes)}) are not the run's "
                              f"({', '.join(run.info.classes)})")
+    if run.info.class_counts and data.counts() != run.info.class_counts:
+        changed = [f"{name!r} has {now} (the run was trained on {then})"
+                   for name, now, then in zip(data.classes, data.counts(), run.info.class_counts) if now != then]
+        raise ConsinganError(f"images were added to or removed from {config.data} since the run started: "
+                             f"{'; '.join(changed)}; a resume needs the same images (start a new run)")
+    if (run.path / RunFolder.WEIGHTS).is_file():  # written after the last epoch only: nothing left to train
+        return ConditionalResult(run.path, config, already_finished=True)
     distributed = Distributed.from_environment()
     device = distributed.start(resolve_device(config.device))
     torch.manual_seed(config.seed)

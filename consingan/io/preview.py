@@ -122,7 +122,12 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
     """Write an [H, W, 3] uint8 array as PNG."""
     import SimpleITK as sitk
 
-    sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=True), str(path))
+    try:
+        sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=True), str(path))
+    except RuntimeError as error:  # ITK's write errors (a full disk, a removed folder) as the OSError they are
+        Path(path).unlink(missing_ok=True)
+        reason = next((line for line in str(error).splitlines() if line.strip()), "write failed")
+        raise OSError(f"cannot write {path}: {reason.strip()[:200]}") from None
     return path
 
 

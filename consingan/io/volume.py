@@ -22,6 +22,7 @@ import numpy as np
 
 from consingan.errors import ConsinganError
 from consingan.io.labels import LabelEncoding
+from consingan.outputs import OutputError, check_encodable
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_VOLUME_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
@@ -124,7 +125,7 @@ def read_volume(path: Path | str, spatial_dims: int, check_values: bool = True) 
 
     ``check_values`` refuses NaN/Inf and constant channels (what training needs); turn it off to read outputs.
     """
-    path = Path(path)
+    path = check_encodable(path, "image")
     if not path.exists():
         raise ConsinganError(f"image not found: {path}")
     if path.is_dir():
@@ -178,10 +179,18 @@ def _check_declared_size(path: Path, shape: Sequence[int], itemsize: int, offset
                              f"holds {size} bytes; the file is truncated or its header damaged")
 
 
+class DimensionError(ConsinganError):
+    """A file whose axes do not make an image of the dimensionality asked for; commands without --dim (prediction
+    with a trained run) catch it to say what the run takes instead of pointing at a flag they do not have."""
+
+    def __init__(self, path: Path, shape: Sequence[int], spatial_dims: int, detail: str = "") -> None:
+        self.name, self.shape, self.spatial_dims = path.name, tuple(int(s) for s in shape), spatial_dims
+        super().__init__(f"{path.name} has shape {self.shape}, which is not a {spatial_dims}D image{detail}; "
+                         f"check --dim")
+
+
 def _dimension_error(path: Path, shape: Sequence[int], spatial_dims: int, detail: str = "") -> ConsinganError:
-    return ConsinganError(
-        f"{path.name} has shape {tuple(shape)}, which is not a {spatial_dims}D image{detail}; check --dim"
-    )
+    return DimensionError(path, shape, spatial_dims, detail)
 
 
 def _read_nifti(path: Path, spatial_dims: int) -> Volume:
@@ -238,13 +247,24 @@ def _read_numpy(path: Path, spatial_dims: int) -> Volume:
         raise _dimension_error(path, data.shape, spatial_dims, " (expected [*spatial] or [C, *spatial])")
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise ConsinganError(f"{path.name} holds {data.dtype} values, not real numbers")
-    return Volume(np.ascontiguousarray(data, dtype=np.float32), np.eye(spatial_dims + 1), ".npy", data.dtype)
+    return Volume(np.ascontiguousarray(data, dtype=np.float32), default_affine(spatial_dims), ".npy", data.dtype)
+
+
+def default_affine(spatial_dims: int) -> np.ndarray:
+    """The geometry of a file that stores none (.npy): what ITK gives a picture without geometry (origin 0, spacing
+    1, identity direction) in this module's convention, whose columns follow the reversed (z, y, x) array axes. So a
+    .npy and a PNG or TIFF of the same grid have the same affine and pair or label each other."""
+    affine = np.eye(spatial_dims + 1)
+    affine[:-1, :-1] = affine[:-1, :-1][:, ::-1]
+    return affine
 
 
 def _read_dicom_series(folder: Path) -> Volume:
     """A DICOM series folder (one series), through SimpleITK/GDCM; outputs are written as .mha with its geometry."""
     import SimpleITK as sitk
 
+    for entry in folder.iterdir():  # GDCM opens every file of the folder
+        check_encodable(entry, "image")
     try:
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError:
@@ -334,7 +354,7 @@ def write_volume(path: Path | str, volume: Volume, source_dtype: bool = False) -
     source's integer type, since PNG has no float pixels (and JPEG would add compression artefacts).
     """
     suffix = output_suffix(volume.suffix)
-    path = with_suffix(Path(path), suffix)
+    path = check_encodable(with_suffix(Path(path), suffix), "output file")
     array = np.asarray(volume.array, dtype=np.float32)
     if source_dtype or suffix == ".png":
         array = cast_to(array, volume.source_dtype if suffix != ".png" or np.issubdtype(
@@ -344,7 +364,10 @@ def write_volume(path: Path | str, volume: Volume, source_dtype: bool = False) -
     elif suffix == ".npy":
         np.save(path, array if array.shape[0] > 1 else array[0])
     else:
-        _write_itk(path, volume, array, suffix)
+        try:
+            _write_itk(path, volume, array, suffix)
+        except RuntimeError as error:  # SimpleITK's way of saying a write failed (a full disk, a folder gone)
+            raise OutputError(f"cannot write {path.name}: {reader_reason(error)}") from None
     return path
 
 

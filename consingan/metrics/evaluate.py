@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -13,8 +15,10 @@ from consingan.errors import ConsinganError
 from consingan.io import SUPPORTED_SUFFIXES, IntensityRange, file_suffix, read_volume
 from consingan.io.preview import contact_sheet, write_png
 from consingan.metrics import measures
+from consingan.outputs import OutputFolder, human_bytes
 from consingan.singan.pyramid import resize
 from consingan.runs import RunFolder
+from consingan.singan.memory import available_bytes
 from consingan.singan.sampler import TrainedPyramid
 
 
@@ -71,6 +75,7 @@ def evaluate(run_dir: Path | str, options: EvaluateConfig | None = None) -> dict
     if RunFolder.open(run_dir).family == "conditional":
         return evaluate_conditional(run_dir, options)
     pyramid = TrainedPyramid.load(run_dir, device=options.device)
+    check_samples_fit(options.num, pyramid.channels, pyramid.shapes[-1])
     real, space = training_image(pyramid)
     channels = pyramid.image_channels
     trained = pyramid.intensity.channels(channels)
@@ -88,6 +93,20 @@ def evaluate(run_dir: Path | str, options: EvaluateConfig | None = None) -> dict
         **compute_measures(real, fake, reconstruction, options),
         "_loss_logs": pyramid.run.loss_logs(),
     }
+
+
+EVALUATION_COPIES = 8  # copies of the samples alive at once while measuring (samples, measurement space, patches)
+
+
+def check_samples_fit(num: int, channels: int, shape: Sequence[int]) -> None:
+    """Evaluation holds every sample in memory (diversity and coverage compare them all): a ``--num`` whose samples
+    would not fit the free memory is refused, with what would, before any is drawn."""
+    per_sample = EVALUATION_COPIES * channels * math.prod(shape) * 4
+    free = available_bytes(torch.device("cpu"))
+    if num * per_sample > 0.9 * free:
+        raise ConsinganError(f"--num {num} would hold about {human_bytes(num * per_sample)} of samples in memory but "
+                             f"{human_bytes(free)} are free; evaluate fewer (--num "
+                             f"{max(2, int(0.9 * free // per_sample))} would fit)")
 
 
 def image_features(images: torch.Tensor, features: measures.RandomFeatures) -> np.ndarray:
@@ -130,6 +149,7 @@ def evaluate_conditional(run_dir: Path | str, options: EvaluateConfig) -> dict:
 
     model = TrainedConditional.load(run_dir, options.device)
     config, info = model.run.config, model.run.info
+    check_samples_fit(options.num * len(info.classes), info.channels, [config.size] * config.dimension)
     data = load_labelled(config.data, config.dimension, config.size, config.fit, config.intensity_mapping,
                          int(config.seed))
     space = IntensityRange(info.intensity.minimum, info.intensity.maximum)
@@ -187,7 +207,12 @@ def evaluate_samples(image: Path | str, samples: Path | str, spatial_dims: int,
         raise ConsinganError(f"{folder} holds {len(paths)} readable images; at least 2 are needed")
     volume = read_volume(image, spatial_dims)
     space = measurement_space(volume.array)
-    arrays = [read_volume(p, spatial_dims).array for p in paths]
+    arrays = []
+    for path in paths:  # a constant sample is not an error here: it is the collapse the verdict exists to report
+        array = read_volume(path, spatial_dims, check_values=False).array
+        if not np.isfinite(array).all():
+            raise ConsinganError(f"{path.name} contains NaN or infinite values")
+        arrays.append(array)
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1 or arrays[0].shape[0] != volume.channels:
         raise ConsinganError(f"samples in {folder} must share one shape with {volume.channels} channel(s); "
@@ -214,7 +239,9 @@ def compute_measures(real: torch.Tensor, fake: torch.Tensor, reconstruction: tor
     memo = measures.memorisation(real, fake, options.patch_size, seed=options.seed,
                                  threshold=options.memorisation_threshold)
     ends = measures.extremes(real, fake)
-    label, reason = measures.verdict(diversity, memo, options.collapse_diversity, ends["stuck"])
+    intensities = measures.intensity_match(real, fake)
+    label, reason = measures.verdict(diversity, memo, options.collapse_diversity, ends["stuck"],
+                                     intensities=intensities)
     return {
         **extra,
         "swd": measures.multiscale_swd(real, fake, options.patch_size, options.swd_levels, seed=options.seed),
@@ -223,6 +250,7 @@ def compute_measures(real: torch.Tensor, fake: torch.Tensor, reconstruction: tor
         "histogram_w1": measures.histogram_distance(real, fake),
         "memorisation": memo,
         "extremes": ends,
+        "intensities": intensities,
         "verdict": {"label": label, "reason": reason},
         "reconstruction": None if reconstruction is None else {
             "psnr": measures.psnr(reconstruction, real), "ssim": measures.ssim(reconstruction, real)},
@@ -231,14 +259,19 @@ def compute_measures(real: torch.Tensor, fake: torch.Tensor, reconstruction: tor
 
 
 def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
-    """evaluation.json (every number and the settings) and report.png (samples, histograms, loss curves)."""
+    """evaluation.json (every number and the settings) and report.png (samples, histograms, loss curves) in the new
+    folder ``out_dir``; a failed write (a full disk) leaves no partial folder."""
+    with OutputFolder(out_dir):
+        return _write_report_files(result, out_dir)
+
+
+def _write_report_files(result: dict, out_dir: Path) -> tuple[Path, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arrays = result.pop("_arrays")
-    out_dir.mkdir(parents=True, exist_ok=False)
     save_json(out_dir / "evaluation.json", result)
     real, fake = arrays["real"], arrays["fake"]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -280,6 +313,10 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         ("histogram W1 per channel", ", ".join(f"{v:.4f}" for v in result["histogram_w1"])),
         ("memorisation ratio (samples -> image)", f"{memo['ratio']:.3f}"),
         ("coverage ratio (image -> samples)", f"{memo['coverage_ratio']:.3f}"),
+        ("histogram overlap per channel", ", ".join(f"{v:.0%}" for v in result["intensities"]["histogram_overlap"])),
+        ("background voxels (image / samples)", ", ".join(
+            f"{a:.0%} / {b:.0%}" for a, b in zip(result["intensities"]["background_image"],
+                                                 result["intensities"]["background_samples"]))),
         ("voxels at the range's ends (image / samples)",
          f"{result['extremes']['real']:.0%} / {result['extremes']['samples']:.0%}"),
         ("verdict", f"{result['verdict']['label'].upper()}: {result['verdict']['reason']}"),

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from consingan.config import PAIRED_MODELS, PairedConfig
+from consingan.config import PAIRED_MODELS, UNET_MODELS, PairedConfig
 from consingan.paired.discriminators import MultiScaleDiscriminator, PatchDiscriminator
 from consingan.paired.resnet import LocalEnhancer, ResNetGenerator
 from consingan.paired.unet import UNetGenerator
@@ -18,7 +18,7 @@ MODEL_NAMES = ("generator", "discriminator")  # the names of the models in a pai
 
 def build_generator(config: PairedConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
     dims, base = config.dimension, config.base_channels
-    if config.model in ("unet", "cbam_unet", "spade_unet"):
+    if config.model in UNET_MODELS:
         return UNetGenerator(dims, in_channels, out_channels, depth=config.resolved_depth(), base_channels=base,
                              skip_attention=config.model == "cbam_unet",
                              spade_channels=in_channels if config.model == "spade_unet" else 0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,19 +25,48 @@ def file_stem(path: Path) -> str:
     return path.name[: len(path.name) - len(suffix)]
 
 
-def _images(folder: Path) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise ConsinganError(f"folder not found: {folder}")
-    files = {file_stem(p): p for p in sorted(folder.iterdir())
-             if p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES and file_suffix(p) in PAIR_SUFFIXES}
+def resolve_folder(folder: Path | str, option: str) -> Path:
+    """``folder`` made absolute; one line when it is missing, a file, or a symbolic link loop."""
+    folder = Path(folder)
+    try:
+        resolved = folder.resolve(strict=True)
+    except FileNotFoundError:
+        raise ConsinganError(f"{option} folder not found: {folder}") from None
+    except (RuntimeError, OSError) as error:  # a link loop: RuntimeError before Python 3.13, OSError ELOOP after
+        if isinstance(error, RuntimeError) or error.errno == errno.ELOOP:
+            raise ConsinganError(f"{option} {folder} is a symbolic link loop (it leads back to itself); give the "
+                                 f"folder itself") from None
+        raise ConsinganError(f"{option} {folder} cannot be opened: {error.strerror or error}") from None
+    if not resolved.is_dir():
+        raise ConsinganError(f"{option} {folder} is a file, not a folder; give the folder that holds the images")
+    return resolved
+
+
+def image_files(folder: Path | str, option: str) -> dict[str, Path]:
+    """The images of ``folder`` by name without suffix, in name order (files with an image suffix; others, such as
+    notes.txt, are skipped). Two files of one name ('a.png' and 'a.tif') are refused, naming both: one would be
+    dropped silently."""
+    resolve_folder(folder, option)
+    files: dict[str, Path] = {}
+    for path in sorted(Path(folder).iterdir()):
+        if not (path.is_file() and file_suffix(path) in SUPPORTED_SUFFIXES and file_suffix(path) in PAIR_SUFFIXES):
+            continue
+        twin = files.setdefault(file_stem(path), path)
+        if twin != path:
+            raise ConsinganError(f"{option} {folder} holds {twin.name} and {path.name}, one name with two suffixes; "
+                                 f"keep one of them")
     if not files:
         raise ConsinganError(f"no images in {folder} (NIfTI, TIFF, PNG, NPY, MHA, NRRD)")
     return files
 
 
 def match_pairs(source_dir: Path, target_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(name, source, target) for files with the same name (suffixes aside); unmatched names are an error."""
-    sources, targets = _images(Path(source_dir)), _images(Path(target_dir))
+    """(name, source, target) for files with the same name (suffixes aside); unmatched names are an error, and so
+    is one folder given as both (every image would be its own target: the model would learn to copy)."""
+    if os.path.samefile(resolve_folder(source_dir, "--source"), resolve_folder(target_dir, "--target")):
+        raise ConsinganError(f"--source and --target are the same folder ({Path(source_dir).resolve()}): every "
+                             f"image would be its own target; put the targets in a folder of their own")
+    sources, targets = image_files(source_dir, "--source"), image_files(target_dir, "--target")
     only_source = sorted(set(sources) - set(targets))
     only_target = sorted(set(targets) - set(sources))
     if only_source or only_target:
@@ -77,17 +108,21 @@ def load_pairs(source_dir: Path, target_dir: Path, spatial_dims: int, one_hot: b
     """Read and check every pair; shape or geometry mismatches are reported by name."""
     pairs = match_pairs(source_dir, target_dir)
     names, sources, targets, volumes, problems = [], [], [], [], []
+    files: dict[str, list[Path]] = {"source": [], "target": []}  # beside the arrays, to name a file that differs
     for name, source_path, target_path in pairs:
         source = read_volume(source_path, spatial_dims, check_values=False)
         target = read_volume(target_path, spatial_dims, check_values=False)  # an empty field is a valid target
+        for kind, path, volume in (("source", source_path, source), ("target", target_path, target)):
+            # Before the grid checks: a NaN is the file's own fault, whatever its partner is.
+            if not np.isfinite(volume.array).all():
+                count = int((~np.isfinite(volume.array)).sum())
+                raise ConsinganError(f"{path.name} (the {kind} of {name}) contains {count} NaN or infinite values; "
+                                     f"clean it first")
         if source.spatial_shape != target.spatial_shape:
             problems.append(f"{name}: source {source.spatial_shape} vs target {target.spatial_shape}")
             continue
         if not np.allclose(source.affine, target.affine, atol=1e-3):
             problems.append(f"{name}: source and target geometry (origin, spacing, orientation) differ")
-            continue
-        if not (np.isfinite(source.array).all() and np.isfinite(target.array).all()):
-            problems.append(f"{name}: NaN or infinite values")
             continue
         if one_hot and source.channels > 1:
             if not all(np.array_equal(source.array[0], channel) for channel in source.array[1:]):
@@ -99,13 +134,14 @@ def load_pairs(source_dir: Path, target_dir: Path, spatial_dims: int, one_hot: b
         volumes.append(source)
         sources.append(source.array)
         targets.append(target.array)
+        files["source"].append(source_path)
+        files["target"].append(target_path)
         if len(targets) == 1:
             target_type = (target.suffix, target.source_dtype)
     if problems:
         raise ConsinganError("mismatched pairs: " + "; ".join(problems))
     for kind, arrays in (("source", sources), ("target", targets)):
-        if len({a.shape[0] for a in arrays}) > 1:
-            raise ConsinganError(f"{kind} images have different channel counts")
+        _check_channels(kind, arrays, files[kind], spatial_dims)
     if one_hot:
         classes = np.unique(np.concatenate([np.unique(a) for a in sources]))
         encoding = {"labels": LabelEncoding.of(classes.reshape(1, -1).astype(np.float32), 0, "masks").to_dict()}
@@ -117,6 +153,25 @@ def load_pairs(source_dir: Path, target_dir: Path, spatial_dims: int, one_hot: b
         [torch.from_numpy(target_intensity.normalise(a)) for a in targets], volumes, encoding, target_intensity,
         *target_type,
     )
+
+
+def _check_channels(kind: str, arrays: list[np.ndarray], paths: list[Path], spatial_dims: int) -> None:
+    """One channel count for every source (or target); otherwise name the first file that differs from the most
+    common count, with what it is: a .npy with one axis more than the set's is read as channels, which is how a 3D
+    volume shows in a 2D set."""
+    counts = [a.shape[0] for a in arrays]
+    usual = max(sorted(set(counts)), key=counts.count)
+    odd = next((i for i, count in enumerate(counts) if count != usual), None)
+    if odd is None:
+        return
+    path, array = paths[odd], arrays[odd]
+    if file_suffix(path) == ".npy" and array.shape[0] > 1:
+        what = (f"{path.name} holds a {spatial_dims + 1}D array of shape {array.shape}, which a {spatial_dims}D set "
+                f"(--dim {spatial_dims}) reads as {array.shape[0]} channels")
+    else:
+        what = f"{path.name} has {array.shape[0]} channels"
+    other = paths[counts.index(usual)].name
+    raise ConsinganError(f"{kind} images have different channel counts: {what}; {other} has {usual}")
 
 
 def _joint_range(arrays: list[np.ndarray]) -> IntensityRange:

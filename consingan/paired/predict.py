@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from consingan.errors import ConsinganError
-from consingan.io import SUPPORTED_SUFFIXES, Volume, file_suffix, output_suffix, read_volume, write_volume
+from consingan.io import Volume, output_suffix, read_volume, write_volume
+from consingan.io.volume import DimensionError
+from consingan.outputs import OutputFolder
 from consingan.paired.build import MODEL_NAMES, build_generator
-from consingan.paired.data import PAIR_SUFFIXES, encode_source, file_stem
+from consingan.paired.data import encode_source, file_stem, image_files
 from consingan.paired.tiling import predict_tiled
 from consingan.runs import RunFolder, TrainingState, load_weights
 
@@ -20,16 +23,13 @@ def prediction_inputs(source_dir: Path, spatial_dims: int, file_channels: int, o
     """Every image of ``source_dir`` (the rule training uses: files with an image suffix; others are skipped), read
     and checked before anything is written. ``one_channel``: masks for one-hot encoding, where a grey mask saved
     with equal RGB channels counts as one channel (as in training)."""
-    folder = Path(source_dir)
-    if not folder.is_dir():
-        raise ConsinganError(f"folder not found: {folder}")
-    paths = sorted(p for p in folder.iterdir()
-                   if p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES and file_suffix(p) in PAIR_SUFFIXES)
-    if not paths:
-        raise ConsinganError(f"no images in {folder} (NIfTI, TIFF, PNG, NPY, MHA, NRRD)")
     inputs = []
-    for path in paths:
-        volume = read_volume(path, spatial_dims, check_values=False)
+    for path in image_files(source_dir, "--source").values():
+        try:
+            volume = read_volume(path, spatial_dims, check_values=False)
+        except DimensionError as error:  # prediction has no --dim to check: the run fixes the dimensionality
+            raise ConsinganError(f"{error.name} has shape {error.shape}, which is not a {spatial_dims}D image: the "
+                                 f"run is {spatial_dims}D and this file is {len(error.shape)}D") from None
         if one_channel and volume.channels > 1 and all(np.array_equal(volume.array[0], c) for c in volume.array[1:]):
             volume = Volume(volume.array[:1], volume.affine, volume.suffix, volume.source_dtype, volume.header)
         if volume.channels != file_channels:
@@ -40,10 +40,12 @@ def prediction_inputs(source_dir: Path, spatial_dims: int, file_channels: int, o
     return inputs
 
 
-def predict_paired(run_dir: Path, source_dir: Path, out_dir: Path, device: str = "auto") -> list[Path]:
+def predict_paired(run_dir: Path, source_dir: Path, out_dir: Path, device: str = "auto",
+                   warn: Callable[[str], None] | None = None) -> list[Path]:
     """Translate every image in ``source_dir`` (any size) through overlapping tiles. Outputs keep each input's grid
     and geometry, in the training targets' file type, data type and intensity range; every input is checked and
-    every output name is free before the first file is written."""
+    every output name is free before the first file is written. ``warn`` hears, in one line, that the run is
+    unfinished and which weights are used instead of its final ones."""
     run = RunFolder.open(run_dir, "paired")
     config, info = run.config, run.info
     out_dir = Path(out_dir)
@@ -53,24 +55,25 @@ def predict_paired(run_dir: Path, source_dir: Path, out_dir: Path, device: str =
     inputs = prediction_inputs(source_dir, config.dimension, info.inputs.file_channels,
                                "labels" in info.inputs.encoding)
     suffix = output_suffix(info.output_suffix)
-    names = [out_dir / (file_stem(path) + suffix) for path, _ in inputs]
-    if len(set(names)) != len(names):
-        raise ConsinganError(f"two inputs in {source_dir} share a name once their suffix is dropped")
+    names = [out_dir / (file_stem(path) + suffix) for path, _ in inputs]  # distinct: image_files refuses twins
     taken = [n.name for n in names if n.exists()]
     if taken:
         raise ConsinganError(f"{out_dir} already holds {taken[0]}; choose another --out")
     weights = run.path / (RunFolder.WEIGHTS if (run.path / RunFolder.WEIGHTS).is_file() else RunFolder.STATE)
+    if not weights.is_file():
+        raise ConsinganError(f"{run.path} has no weights yet (no {RunFolder.WEIGHTS} or {RunFolder.STATE}): its "
+                             f"first epoch did not finish; resume it with paired train --resume")
     state = run.load_weights(weights, torch_device)
     if weights.name == RunFolder.STATE:
-        state = TrainingState.from_state(state, str(weights), MODEL_NAMES).models["generator"]
+        training = TrainingState.from_state(state, str(weights), MODEL_NAMES)
+        state = training.models["generator"]
+        if warn is not None:  # training writes generator.pt after its last epoch: without it the run stopped early
+            warn(f"{run.path} is unfinished (epoch {training.epoch} of {config.epochs}, no {RunFolder.WEIGHTS}): "
+                 f"predicting with the generator of epoch {training.epoch} from {RunFolder.STATE}")
     generator = build_generator(config, info.inputs.channels, info.channels).to(torch_device)
     load_weights(generator, state, weights)
     generator.eval()
     encoded = [torch.from_numpy(encode_source(volume.array, info.inputs.encoding))[None] for _, volume in inputs]
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConsinganError(f"output folder {out_dir} cannot be written: {error.strerror or error}") from None
 
     def run_tile(tile: torch.Tensor) -> torch.Tensor:
         output = generator(tile.to(torch_device))
@@ -79,12 +82,14 @@ def predict_paired(run_dir: Path, source_dir: Path, out_dir: Path, device: str =
     written = []
     stride = config.resolved_stride()
     dtype = np.dtype(info.output_dtype)
-    for (path, volume), source, name in zip(inputs, encoded, names):
-        with torch.no_grad():
-            result = predict_tiled(run_tile, source, [config.tile] * config.dimension,
-                                   [stride] * config.dimension, multiple=config.size_multiple())
-        array = info.intensity.denormalise(result[0].numpy())
-        header = volume.header if info.output_suffix in (".nii", ".nii.gz") else None
-        written.append(write_volume(name, Volume(array, volume.affine, info.output_suffix, dtype, header),
-                                    source_dtype=True))
+    with OutputFolder(out_dir, new=False) as made:  # a failed write (a full disk) removes what this call wrote
+        for (path, volume), source, name in zip(inputs, encoded, names):
+            with torch.no_grad():
+                result = predict_tiled(run_tile, source, [config.tile] * config.dimension,
+                                       [stride] * config.dimension, multiple=config.size_multiple())
+            array = info.intensity.denormalise(result[0].numpy())
+            header = volume.header if info.output_suffix in (".nii", ".nii.gz") else None
+            made.add(name)
+            written.append(write_volume(name, Volume(array, volume.affine, info.output_suffix, dtype, header),
+                                        source_dtype=True))
     return written

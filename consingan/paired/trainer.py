@@ -19,7 +19,7 @@ from consingan.distributed import Distributed, shared_run, train_to_end, unwrap
 from consingan.errors import ConsinganError
 from consingan.losses import adversarial_loss, feature_matching_loss
 from consingan.paired.build import MODEL_NAMES, build_discriminator, build_generator
-from consingan.paired.data import PairedData, TileDataset, load_pairs
+from consingan.paired.data import PairedData, TileDataset, load_pairs, resolve_folder
 from consingan.paired.perceptual import VGGPerceptualLoss
 from consingan.runs import InputInfo, RunFolder, RunInfo, TrainingState, load_weights, resolve_device
 
@@ -172,13 +172,8 @@ def load_perceptual(config: PairedConfig) -> VGGPerceptualLoss:
 
 
 def check_model_fits(config: PairedConfig, data: PairedData) -> None:
+    """The images against the model (the tile and depth are checked with the options, in ``PairedConfig``)."""
     multiple = config.size_multiple()
-    if config.tile % multiple:
-        raise ConsinganError(f"--tile {config.tile} must be a multiple of {multiple} for model {config.model}")
-    # Models with a normalised bottleneck need it at least 2 voxels wide (U-Nets leave their innermost unnormalised).
-    smallest_tile = multiple if config.model.endswith("unet") else 2 * multiple
-    if config.tile < smallest_tile:
-        raise ConsinganError(f"--tile must be at least {smallest_tile} for model {config.model}")
     smallest = min(min(s.shape[1:]) for s in data.sources)
     if smallest < multiple:
         raise ConsinganError(f"the smallest image side ({smallest}) is below the model's minimum {multiple}")
@@ -197,15 +192,15 @@ def paired_run_info(config: PairedConfig, data: PairedData) -> RunInfo:
 def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | None = None) -> PairedResult:
     """Check options, device, weights and data, then make a run folder and train: nothing is written before every
     check has passed."""
-    config = config.validate()
+    config = config.validate().refuse_ignored_options()
     if not config.source_dir or not config.target_dir:
         raise ConsinganError("--source and --target are required")
     distributed = Distributed.from_environment()
     distributed.check_seed(config.seed)
     if config.seed is None:
         config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
-    config = dataclasses.replace(config, source_dir=str(Path(config.source_dir).resolve()),
-                                 target_dir=str(Path(config.target_dir).resolve()))
+    config = dataclasses.replace(config, source_dir=str(resolve_folder(config.source_dir, "--source")),
+                                 target_dir=str(resolve_folder(config.target_dir, "--target")))
     device = distributed.start(resolve_device(config.device))
     if config.perceptual_weights:
         load_perceptual(config)
@@ -222,6 +217,7 @@ def resume_paired(run_dir: Path, progress: Callable[[int, dict], None] | None = 
     """Continue a paired run from its last epoch's training state; every option comes from the run (the device
     may change)."""
     run = RunFolder.open(run_dir, "paired")
+    Distributed.from_environment().check_resume(run)  # before the data is read or a process group joined
     config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
     run.config = config
     data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot)

@@ -7,7 +7,7 @@ its likely cause, so a run that has stopped learning says so while it trains ins
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -80,9 +80,12 @@ def likeness(real: torch.Tensor, samples: torch.Tensor, reconstruction: torch.Te
 
 
 def check_scale(history: Sequence[dict[str, float]], real: torch.Tensor, samples: torch.Tensor,
-                reconstruction: torch.Tensor | None = None) -> ScaleHealth:
+                reconstruction: torch.Tensor | None = None,
+                measured: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ScaleHealth:
     """Judge one scale from its loss history, its real image [1, C, ...], a few samples [N, C, ...] (N >= 2) and
-    (optionally) the reconstruction [1, C, ...], all in [-1, 1] and restricted to the image channels."""
+    (optionally) the reconstruction [1, C, ...], all in [-1, 1] and restricted to the image channels. ``measured``
+    maps them into ``consingan evaluate``'s measurement space (the source's min-max) for the likeness checks, so
+    both judge alike."""
     epochs = len(history)
     rec = [row["reconstruction"] for row in history]
     adv = [row["adversarial"] for row in history]
@@ -114,7 +117,7 @@ def check_scale(history: Sequence[dict[str, float]], real: torch.Tensor, samples
             f"generator gets no adversarial signal (a whole-image gradient penalty or batch norm in the critic can "
             f"hold it flat; try --gradient-penalty pixel, --no-batch-norm)")
     if reconstruction is not None:
-        _check_likeness(health, real, samples, reconstruction)
+        _check_likeness(health, *(measured(x) if measured else x for x in (real, samples, reconstruction)))
     return health
 
 

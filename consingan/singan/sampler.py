@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +16,7 @@ from consingan.errors import ConsinganError
 from consingan.io import Volume, decode_header, output_suffix, resized_affine, write_outputs
 from consingan.io.preview import contact_sheet, label_image, write_png
 from consingan.nn import factory
+from consingan.outputs import OutputFolder, Progress
 from consingan.runs import RunFolder, first_reason
 from consingan.singan.models import GrowingGenerator, architecture
 from consingan.singan.pyramid import Shape, resize
@@ -21,11 +24,22 @@ from consingan.singan.pyramid import Shape, resize
 
 MIN_STAGE_SIDE = 4  # voxels per side of the smallest stage a retargeted sample may have
 CONTACT_SHEET_SAMPLES = 32  # the contact sheet shows the first samples of a draw, large enough to judge texture
+CONTACT_SHEET = "contact_sheet.png"
 
 
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample ``index`` of a draw seeded with ``seed``: independent of batch size and of the other samples."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+def unfinished_note(run: RunFolder, completed: Sequence[int], scale: int) -> str:
+    """What sampling an unfinished run (killed, or still training) uses: which scales are finished of how many, and
+    the scale whose generator draws the samples."""
+    total = run.config.num_scales
+    grid = "x".join(map(str, run.info.source_shape))
+    return (f"{run.path} is unfinished: {len(completed)} of {total} scales trained "
+            f"({', '.join(map(str, completed))}); sampling with scale {scale} (its samples resampled onto the "
+            f"source grid {grid}); --resume the run to train the rest")
 
 
 class TrainedPyramid:
@@ -45,6 +59,7 @@ class TrainedPyramid:
         self.channels = run.info.channels
         self.labels = run.info.labels
         self.image_channels = self.labels.image_channels if self.labels else self.channels
+        self.notes: list[str] = []  # what the user should know about the model used (an unfinished run)
 
     @classmethod
     def load(cls, run_dir: Path | str, device: str = "cpu", scale: int | None = None) -> "TrainedPyramid":
@@ -68,7 +83,10 @@ class TrainedPyramid:
         if len(generator.noise_amps) != scale + 1:
             raise ConsinganError(f"{weights} holds {len(generator.noise_amps)} stages, scale {scale} needs {scale + 1}")
         generator.requires_grad_(False)
-        return cls(run, generator, torch_device)
+        pyramid = cls(run, generator, torch_device)
+        if len(completed) < config.num_scales:
+            pyramid.notes.append(unfinished_note(run, completed, scale))
+        return pyramid
 
     # --- shapes ----------------------------------------------------------------------------------------------------
 
@@ -172,17 +190,17 @@ class TrainedPyramid:
     def to_volumes(self, images: torch.Tensor, source_grid: bool = True) -> list[Volume]:
         """Images as Volumes in the source's units, file type and geometry.
 
-        An image of the full pyramid's finest shape is resampled onto the source grid when that grid is different
-        (``max_size`` or anisotropy shrank it), with ``source_grid``. Otherwise (earlier scales, retargeted sizes)
-        the image keeps its own grid: the stage's voxel size, the source's origin and orientation.
+        An image of the scale used (the finest, or an earlier one of an unfinished run or ``--use-scale``) is
+        resampled onto the source grid when that grid is different (``max_size``, anisotropy or a coarse scale),
+        with ``source_grid``, so every sample of a run lands on the source's grid. A retargeted size keeps its own
+        grid: the stage's voxel size, the source's origin and orientation.
         """
         info = self.run.info
         source_affine = np.asarray(info.source_affine, dtype=np.float64)
         source_shape = tuple(info.source_shape)
-        finest = tuple(info.shapes[-1])
         voxel_shape = self.shapes[-1]
         affine = resized_affine(source_affine, source_shape, voxel_shape)
-        on_source = source_grid and tuple(images.shape[2:]) == finest and finest != source_shape
+        on_source = source_grid and tuple(images.shape[2:]) == voxel_shape and voxel_shape != source_shape
         if on_source:
             images = resize(images, source_shape)
             affine = source_affine
@@ -241,40 +259,56 @@ def write_samples(
     seed: int = 0,
     source_dtype: bool = False,
     batch_size: int = 8,
+    progress: Progress | None = None,
     **options,
 ) -> list[Path]:
     """Write ``num`` samples (``sample_0000`` ...) in the source's file type and geometry, plus ``contact_sheet.png``;
     a run trained with labels also writes ``sample_0000_label`` ... integer label maps on the same grid.
 
-    Nothing is overwritten: if any target file exists the call fails before generating anything.
+    Batch by batch: memory stays that of one batch, files appear as they are made and ``progress(done, num)`` is
+    called after each batch. Nothing is overwritten: if any target file exists the call fails before generating
+    anything; when the first batch shows the whole draw would not fit the free disk, or writing fails (a full disk),
+    what was written is removed and a one-line ``ConsinganError`` says why.
     """
     pyramid.check_options(num, batch_size, options.get("scale_factors"), options.get("shape"),
                           options.get("start_scale", 0))
     out_dir = Path(out_dir)
     suffix = output_suffix(pyramid.run.info.output_suffix)
-    names = [out_dir / f"sample_{i:04d}{suffix}" for i in range(num)] + [out_dir / "contact_sheet.png"]
-    label_names = [out_dir / f"sample_{i:04d}_label{suffix}" for i in range(num)] if pyramid.labels else []
-    taken = [p.name for p in names + label_names if p.exists()]
+    taken = taken_names(out_dir, num, suffix, pyramid.labels is not None)
     if taken:
         raise ConsinganError(f"{out_dir} already holds {taken[0]}{' and more' if len(taken) > 1 else ''}; "
                              f"choose another --out")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".consingan_write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ConsinganError(f"output folder {out_dir} cannot be written: {error.strerror or error}") from None
     written, previews = [], []
-    for first in range(0, num, batch_size):
-        count = min(batch_size, num - first)
-        images = pyramid.sample(count, seed=seed, batch_size=batch_size, first_index=first, **options)
-        for offset, volume in enumerate(pyramid.to_volumes(images)):
-            written.extend(write_outputs(names[first + offset], volume, source_dtype=source_dtype))
-        for image in images[: max(0, CONTACT_SHEET_SAMPLES - len(previews))]:
-            channels = image.numpy()
-            shown = channels[: pyramid.image_channels]
-            previews.append((shown, label_image(channels[pyramid.image_channels:])) if pyramid.labels else shown)
-    write_png(names[-1], contact_sheet(previews))
+    with OutputFolder(out_dir, new=False) as folder:
+        for first in range(0, num, batch_size):
+            count = min(batch_size, num - first)
+            images = pyramid.sample(count, seed=seed, batch_size=batch_size, first_index=first, **options)
+            for index, volume in enumerate(pyramid.to_volumes(images), first):
+                path = out_dir / f"sample_{index:04d}{suffix}"
+                folder.add(path, *([out_dir / f"sample_{index:04d}_label{suffix}"] if pyramid.labels else []))
+                written.extend(write_outputs(path, volume, source_dtype=source_dtype))
+            for image in images[: max(0, CONTACT_SHEET_SAMPLES - len(previews))]:
+                channels = image.numpy()
+                shown = channels[: pyramid.image_channels]
+                previews.append((shown, label_image(channels[pyramid.image_channels:])) if pyramid.labels else shown)
+            if first == 0:  # the first batch's files tell what the whole draw needs on the disk
+                folder.check_room(count, num)
+            if progress is not None:
+                progress(first + count, num)
+        folder.add(out_dir / CONTACT_SHEET)
+        write_png(out_dir / CONTACT_SHEET, contact_sheet(previews))
     return written
 
+
+def taken_names(out_dir: Path, num: int, suffix: str, labels: bool = False) -> list[str]:
+    """The files of ``out_dir`` that a draw of ``num`` samples would write, found by reading the folder once (not by
+    testing ``num`` names: ``--num`` may be a billion)."""
+    if not out_dir.is_dir():
+        return []
+    pattern = re.compile(rf"sample_(\d{{4,}})({'(_label)?' if labels else ''}){re.escape(suffix)}")
+    taken = []
+    for entry in os.scandir(out_dir):
+        match = pattern.fullmatch(entry.name)
+        if entry.name == CONTACT_SHEET or match and int(match[1]) < num and match[1] == f"{int(match[1]):04d}":
+            taken.append(entry.name)
+    return sorted(taken)

@@ -20,10 +20,12 @@ from consingan.io import IntensityRange, LabelEncoding, Volume, encode_header, r
 from consingan.io.preview import label_image, preview_grid, write_png
 from consingan.losses import (
     gradient_penalty,
+    joint_scores,
     reconstruction_loss,
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
+from consingan.outputs import check_encodable
 from consingan.singan.health import ScaleHealth, check_scale
 from consingan.singan.memory import check_memory
 from consingan.runs import RunFolder, RunInfo, TrainingState, first_reason, load_weights, resolve_device
@@ -180,14 +182,13 @@ class SinGANTrainer:
         every = config.gradient_penalty_every
         for step in range((epoch - 1) * config.Dsteps, epoch * config.Dsteps):
             optimizer_d.zero_grad(set_to_none=True)
-            if config.batch_norm:  # batch statistics: real and fake must be normalised apart
-                critic_loss = wasserstein_critic_loss(critic(real), critic(fake))
-            else:  # one batch of two: the same scores, and PyTorch's faster CPU convolution path
-                scores = critic(torch.cat([real, fake]))
-                critic_loss = wasserstein_critic_loss(scores[:1], scores[1:])
+            # Real and fake in one batch (see joint_scores): with batch norm, the only way the critic sees the
+            # fake's intensity at all; without it the same scores, and a batch of two takes the faster CPU path.
+            critic_loss = wasserstein_critic_loss(*joint_scores(critic, real, fake))
             loss = critic_loss
             if step % every == 0:  # lazy regularisation: every k-th update, weighted by k
-                penalty = gradient_penalty(critic, real, fake, config.gradient_penalty)
+                penalty = gradient_penalty(critic, real, fake, config.gradient_penalty,
+                                           reference=real if config.batch_norm else None)
                 self.last_penalty = penalty.item()
                 loss = loss + config.lambda_grad_penalty * every * penalty
             loss.backward()
@@ -209,7 +210,9 @@ class SinGANTrainer:
                 fake, rec = output[:1], reconstruction_loss(output[1:], real)
             else:
                 fake, rec = generator(noise), torch.zeros((), device=real.device)
-            adversarial = wasserstein_generator_loss(critic(fake))
+            # With batch norm the fake is scored beside the real, with the statistics the critic learnt on.
+            scores = joint_scores(critic, real, fake)[1] if config.batch_norm else critic(fake)
+            adversarial = wasserstein_generator_loss(scores)
             (adversarial + config.alpha_rec_loss * rec).backward()
             for _ in range(optimizer_steps):
                 optimizer_g.step()
@@ -297,8 +300,17 @@ class SinGANTrainer:
         with self.evaluating() as generator:
             rng = torch.Generator(device=self.device).manual_seed(stage)
             samples = generator(generator.sample_noise(self.shapes[: stage + 1], num_samples, generator=rng))
+            reconstruction = generator(generator.reconstruction_inputs())
         shown = self.image_channels
-        return check_scale(history, self.reals[stage][:, :shown], samples[:, :shown])
+        trained = self.intensity.channels(shown)
+        space = IntensityRange(trained.minimum, trained.maximum)  # evaluate's measurement space: source min-max
+
+        def measured(images: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.from_numpy(space.normalise(trained.denormalise(image.cpu().numpy())))
+                                for image in images])
+
+        return check_scale(history, self.reals[stage][:, :shown], samples[:, :shown], reconstruction[:, :shown],
+                           measured)
 
     @property
     def image_channels(self) -> int:
@@ -342,11 +354,14 @@ class SinGANTrainer:
             write_outputs(folder / f"epoch{epoch:05d}_{name}", self.volume.with_array(self.intensity.denormalise(array)))
         shown = self.image_channels
         real = self.reals[stage][0].cpu().numpy()
-        images = []
-        previewed = (real, sample, variation, reconstruction) if stage > 0 else (real, sample, reconstruction)
-        for array in previewed:  # each image, then its label map when trained with one
+        images, titles = [], []
+        previewed = {"real": real, "sample": sample, "variation": variation, "reconstruction": reconstruction}
+        if stage == 0:  # at the coarsest scale a variation is the reconstruction
+            del previewed["variation"]
+        for title, array in previewed.items():  # each image, then its label map when trained with one
             images += [array[:shown]] + ([label_image(array[shown:])] if self.volume.labels else [])
-        write_png(folder / f"epoch{epoch:05d}_preview.png", preview_grid(images))
+            titles += [title] + ([f"{title} labels"] if self.volume.labels else [])
+        write_png(folder / f"epoch{epoch:05d}_preview.png", preview_grid(images, titles=titles))
 
     def save_scale(self, stage: int, summary: ScaleSummary, history: Sequence[dict[str, float]]) -> None:
         run, folder = self.run, self.run.scale_dir(stage)
@@ -406,6 +421,7 @@ def attach_labels(volume: Volume, label: Volume, name: str) -> Volume:
 def prepare(config: TrainConfig) -> tuple[TrainConfig, Volume]:
     """Validate the configuration and read the image, before anything is written."""
     config = config.validate()
+    check_encodable(Path(config.out_dir) / config.run_name, "output folder")  # before any table is printed
     if config.seed is None:
         config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
     image = find_image(config)
@@ -457,9 +473,10 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
 def train_prepared(config: TrainConfig, volume: Volume, reporter: Reporter | None = None) -> TrainResult:
     """``train`` for a configuration and volume that ``prepare`` returned."""
     run = RunFolder.create(config, Path(config.image).name.split(".")[0] or "run")
-    seed_everything(config.seed)
-    trainer = SinGANTrainer(config, volume, run, reporter)
-    return TrainResult(run.path, config, trainer.train())
+    with run.writing():  # created locked; released however training ends
+        seed_everything(config.seed)
+        trainer = SinGANTrainer(config, volume, run, reporter)
+        return TrainResult(run.path, config, trainer.train())
 
 
 def seed_everything(seed: int) -> None:
@@ -478,9 +495,14 @@ def resume(run_dir: Path | str, reporter: Reporter | None = None, device: str | 
 
     The configuration (architecture included) comes from the run's config.json; only the device may change. With the
     same device, the result equals a run that never stopped: weights, optimizer and scheduler states, losses and the
-    random-number state are all restored.
+    random-number state are all restored. A run another process is training is refused (``RunFolder.acquire``).
     """
     run = RunFolder.open(run_dir, "singan")
+    with run.writing():
+        return _resume_locked(run, reporter, device)
+
+
+def _resume_locked(run: RunFolder, reporter: Reporter | None, device: str | None) -> TrainResult:
     config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
     volume = read_volume(config.image, config.dimension)
     if config.label:
