@@ -165,3 +165,28 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert completed.returncode == 2
     assert "Traceback" not in completed.stderr and "not found" in completed.stderr
     assert len(completed.stderr.strip().splitlines()) == 1
+
+
+USAGE_ERRORS = {
+    "conditional --noise-dim 1e9": (["conditional", "train", "--data", "d", "--noise-dim", "1e9"], "'--noise-dim'"),
+    "train --epochs ten": (["train", "--image", "x.png", "--epochs", "ten"], "'--epochs'"),
+    "sample with an unknown option": (["sample", "run", "--out", "o", "--bogus"], "No such option: --bogus"),
+    "paired train --tile abc": (["paired", "train", "--tile", "abc"], "'--tile'"),
+    "sample without --out": (["sample", "run"], "--out"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_usage_errors_are_one_line(runner, tmp_path, monkeypatch, case):
+    from tests.test_ill_cases import assert_clean_error
+
+    monkeypatch.chdir(tmp_path)
+    args, phrase = USAGE_ERRORS[case]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert_clean_error(result, phrase)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bare_command_still_shows_its_help(runner):
+    result = runner.invoke(app, ["paired"], terminal_width=200)
+    assert "train" in result.output and "predict" in result.output
