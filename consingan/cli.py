@@ -32,7 +32,7 @@ class OneLineErrors(typer.core.TyperGroup):
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
-        except click_exceptions.NoArgsIsHelpError as error:  # a bare command: its help, as before
+        except getattr(click_exceptions, "NoArgsIsHelpError", ()) as error:  # a bare command: its help (click 8.2+)
             error.show()
             sys.exit(error.exit_code)
         except click_exceptions.ClickException as error:

@@ -26,7 +26,7 @@ from typing import Callable
 from consingan.checkpoint import save_json
 from consingan.config import TrainConfig, flag_name
 from consingan.errors import ConsinganError
-from consingan.io import SUPPORTED_SUFFIXES, file_suffix
+from consingan.io import file_suffix, list_images
 from consingan.outputs import OutputError, OutputFolder, check_encodable
 from consingan.runs import RunFolder
 
@@ -52,8 +52,7 @@ def find_images(spec: str, dimension: int = 3) -> list[Path]:
     In 2D a sub-folder is never an image (DICOM series folders are 3D), so it is skipped as other non-images are."""
     folder = Path(spec)
     if folder.is_dir():
-        found = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and (
-            (p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES) or (p.is_dir() and dimension == 3))]
+        found = list_images(folder, dimension)
     else:
         found = [Path(p) for p in sorted(glob.glob(spec)) if dimension == 3 or not Path(p).is_dir()]
     if not found:

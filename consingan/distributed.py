@@ -160,7 +160,11 @@ def shared_run(distributed: Distributed, config: object, family: str, info: RunI
     every rank opens the same folder."""
     run = RunFolder.create(config, family) if distributed.is_main else None
     if run is not None:
-        run.write_info(dataclasses.replace(info, world_size=distributed.world_size))
+        try:
+            run.write_info(dataclasses.replace(info, world_size=distributed.world_size))
+        except BaseException:
+            run.release()
+            raise
     return RunFolder.open(distributed.broadcast(run.path if run else None), family)
 
 

@@ -76,13 +76,14 @@ class OutputFolder:
             if folder.exists():
                 break
             missing = folder
+        self.created = missing  # before mkdir: parents it makes before failing are removed too
         try:
             self.path.mkdir(parents=True, exist_ok=not self.new)
-            self.created = missing
             probe = self.path / ".consingan_write_test"
             probe.write_bytes(b"")
             probe.unlink()
-        except FileExistsError:
+        except FileExistsError:  # made by another process meanwhile: not ours to remove
+            self.created = None
             raise ConsinganError(f"{self.option} {self.path} already exists; choose a new folder") from None
         except OSError as error:
             self.remove()

@@ -283,7 +283,11 @@ class RunFolder:
         path = make_run_dir(Path(config.out_dir), config.run_name, stem)
         run = cls(path, family, config)
         run.acquire()
-        save_json(path / cls.CONFIG, config.to_dict())
+        try:
+            save_json(path / cls.CONFIG, config.to_dict())
+        except BaseException:  # a folder that could not be set up must not stay locked by a living process
+            run.release()
+            raise
         return run
 
     @classmethod

@@ -12,7 +12,7 @@ import torch
 
 from consingan.config import is_single_folder_name
 from consingan.errors import ConsinganError
-from consingan.io import SUPPORTED_SUFFIXES, IntensityRange, Volume, file_suffix, read_volume
+from consingan.io import IntensityRange, Volume, list_images, read_volume
 from consingan.singan.pyramid import resize
 
 MAX_MAPPING_VALUES = 2**22  # values per channel the intensity window's percentiles are computed from
@@ -80,8 +80,8 @@ def _real_path(path: Path) -> Path:
         return path.absolute()
 
 
-def list_labelled(data: Path) -> list[tuple[Path, str]]:
-    """(path, class) pairs from a folder of class folders (files with a supported suffix, and DICOM series folders;
+def list_labelled(data: Path, spatial_dims: int = 3) -> list[tuple[Path, str]]:
+    """(path, class) pairs from a folder of class folders (``consingan.io.list_images``: in 3D DICOM series folders too;
     other files are skipped) or from a CSV file of path,class rows (paths relative to the CSV's folder; a header row
     'path,class' is allowed; rows are numbered by line, the header being row 1, as a spreadsheet does).
 
@@ -109,8 +109,7 @@ def list_labelled(data: Path) -> list[tuple[Path, str]]:
             raise ConsinganError(f"{data} holds no class folders (one sub-folder of images per class)")
         for folder in folders:
             check_class_name(folder.name, f"class folder {folder}")
-            items = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (
-                (p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES) or p.is_dir()))
+            items = list_images(folder, spatial_dims)
             if not items:
                 raise ConsinganError(f"class {folder.name!r} has no images in {folder}")
             entries += [(item, folder.name, str(item.relative_to(data))) for item in items]
@@ -147,7 +146,7 @@ def load_labelled(data: Path | str, spatial_dims: int, size: int, fit: str = "re
     """Read, check, fit and normalise every image of ``data``; errors name the file (unreadable, wrong
     dimensionality, one voxel thick in 3D, a channel count or data type unlike the first image's). Images enlarged
     or squashed a lot to ``size`` are allowed, with a warning naming the worst one."""
-    pairs = list_labelled(Path(data))
+    pairs = list_labelled(Path(data), spatial_dims)
     classes = sorted({name for _, name in pairs})
     arrays, labels, first, first_path = [], [], None, None
     upscaled, squashed = [], []  # (factor, path, shape)

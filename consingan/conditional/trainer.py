@@ -286,7 +286,7 @@ def prepare_conditional(config: ConditionalConfig) -> tuple[ConditionalConfig, L
 def load_fitting(config: ConditionalConfig, device: torch.device, channels: int = 1) -> LabelledSet:
     """The data set of ``config``, after the memory preflight (before any image is read: the listing gives the
     image and class counts; ``channels`` per image, 1 when not known yet, which makes the estimate a lower bound)."""
-    pairs = list_labelled(Path(config.data))
+    pairs = list_labelled(Path(config.data), config.dimension)
     check_memory(config, channels, len({name for _, name in pairs}), len(pairs), device)
     return load_labelled(config.data, config.dimension, config.size, config.fit, config.intensity_mapping,
                          int(config.seed))

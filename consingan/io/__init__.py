@@ -8,6 +8,7 @@ from consingan.io.volume import (
     decode_header,
     encode_header,
     file_suffix,
+    list_images,
     output_suffix,
     read_volume,
     resized_affine,
@@ -15,5 +16,5 @@ from consingan.io.volume import (
     write_volume,
 )
 
-__all__ = ["IntensityRange", "LabelEncoding", "write_outputs", "SUPPORTED_SUFFIXES", "Volume", "decode_header", "encode_header", "file_suffix", "output_suffix", "read_volume", "resized_affine",
+__all__ = ["IntensityRange", "LabelEncoding", "write_outputs", "SUPPORTED_SUFFIXES", "Volume", "decode_header", "encode_header", "file_suffix", "list_images", "output_suffix", "read_volume", "resized_affine",
            "write_volume"]

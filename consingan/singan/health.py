@@ -22,7 +22,7 @@ FLAT_CRITIC = 1e-4
 MAX_STUCK = 0.4
 # The generator ignores its noise when its random samples cover the image no better than this (coverage ratio, see
 # ``consingan.metrics.measures.memorisation``) while its reconstruction covers it well (below NEAR_COVERAGE).
-FAR_COVERAGE = 0.7
+FAR_COVERAGE = 0.7  # the coverage a verdict of OK stays below (consingan.metrics.measures.MAX_COVERAGE)
 NEAR_COVERAGE = 0.5
 
 
