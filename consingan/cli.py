@@ -38,7 +38,7 @@ class OneLineErrors(typer.core.TyperGroup):
         except click_exceptions.ClickException as error:
             console.print(f"[bold red]error:[/] {escape(error.format_message())}", highlight=False, soft_wrap=True)
             sys.exit(error.exit_code)
-        except click_exceptions.Abort:
+        except getattr(click_exceptions, "Abort", typer.Abort):  # newer typer keeps Abort outside its click copy
             console.print("aborted")
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
@@ -304,6 +304,8 @@ def evaluate_command(
             title = f"evaluation of {samples} against {image.name} ({len(result['_arrays']['fake'])} samples)"
         else:
             result = evaluate(run_dir, options)
+            for note in result.get("notes", []):
+                console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
             where = f"{len(result['classes'])} classes, {num} samples each" if result.get("family") == \
                 "conditional" else f"scale {result['scale']}, {num} samples"
             title = f"evaluation of {run_dir} ({where})"
@@ -354,6 +356,14 @@ def _paired_train(config_file: Path | None = None, resume: Path | None = None, *
 
         if resume is not None:
             _refuse_ignored_flags(PairedConfig, resume, config_file, flags)
+            from consingan.runs import RunFolder
+
+            run = RunFolder.open(resume, "paired")
+            if (run.path / RunFolder.WEIGHTS).is_file():  # written after the last epoch only: nothing left to train
+                if main_process:
+                    console.print(f"{resume} is already finished (epoch {run.config.epochs} of {run.config.epochs}); "
+                                  f"nothing to do", highlight=False)
+                return None
             return resume_paired(resume, progress, device=flags.get("device"))
         return train_paired(resolve_config(config_file, flags, PairedConfig), progress)
 

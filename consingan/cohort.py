@@ -55,6 +55,10 @@ def find_images(spec: str, dimension: int = 3) -> list[Path]:
         found = list_images(folder, dimension)
     else:
         found = [Path(p) for p in sorted(glob.glob(spec)) if dimension == 3 or not Path(p).is_dir()]
+        for path in found:  # glob lists links by name: a loop or a dangling link has nothing to read
+            if not path.exists():
+                raise ConsinganError(f"--images: {path} is a symbolic link loop or a link to nothing; remove it or "
+                                     f"give the file it should point to")
     if not found:
         raise ConsinganError(f"no images found for --images {spec!r}")
     names: dict[str, Path] = {}

@@ -173,6 +173,17 @@ def _same_name_in_two_folders(ctx):
     return _command(f"{ctx.tmp_path}/site*/a.png", ctx.tmp_path / "out")
 
 
+def _link_in_images(target: str | None, glob: bool):
+    """--images a link loop itself, or a glob that matches a looping or dangling link beside a real image."""
+    def make(ctx):
+        folder = _one_image(ctx)
+        link = folder / "bad.png"
+        link.symlink_to(target or link.name)  # None: a link to itself (a loop)
+        ctx.phrases = [str(link)]
+        return _command(f"{folder}/*.png" if glob else link, ctx.tmp_path / "out")
+    return make
+
+
 def _rerun_with(*flags: str):
     def make(ctx):
         return _command(ctx.trained.images, ctx.cohort_copy, *flags)
@@ -191,6 +202,9 @@ TRAIN_MANY_CASES = {
     "address http://x": (_address("http://x"), ["--address must be", "'http://x'"]),
     "same stem, two suffixes": (_same_stem_in_one_folder, ["would share the run folder"]),
     "same name in two folders of a glob": (_same_name_in_two_folders, ["would share the run folder"]),
+    "--images a symbolic link loop": (_link_in_images(None, glob=False), ["is a symbolic link loop or a link to"]),
+    "glob matching a link loop": (_link_in_images(None, glob=True), ["is a symbolic link loop or a link to"]),
+    "glob matching a dangling link": (_link_in_images("nowhere.png", glob=True), ["a link to nothing"]),
     "rerun with other epochs": (_rerun_with("--epochs", "4"), ["case0", "--epochs 3 (now 4)"]),
     "rerun with other epochs and seed": (_rerun_with("--epochs", "4", "--seed", "1"),
                                          ["--epochs 3 (now 4)", "--seed 0 (now 1)", "(and 1 more runs)"]),

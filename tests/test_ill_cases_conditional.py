@@ -288,6 +288,12 @@ def _image_added(run: Path, tmp_path: Path) -> None:
     shutil.copy(data / "bright" / "0.png", data / "bright" / "extra.png")
 
 
+def _image_replaced(run: Path, tmp_path: Path) -> None:
+    """The same counts, but a dark image overwritten by a bright one: the set's intensity range is not the run's."""
+    data = _moved_data(run, tmp_path)
+    shutil.copy(data / "bright" / "0.png", data / "dark" / "0.png")
+
+
 def _absurd_noise(run: Path, tmp_path: Path) -> None:
     _edit_json(run / "config.json", noise_dim=10**9)
 
@@ -296,6 +302,7 @@ RESUME_CASES = {
     # row 9: the data changed since the run started (run.json keeps class_counts)
     "image removed from a class": (_image_removed, "'dark' has 2 (the run was trained on 3)"),
     "image added to a class": (_image_added, "'bright' has 4 (the run was trained on 3)"),
+    "image replaced, same counts": (_image_replaced, "have changed since the run started"),
     # row 12: a run whose options cannot fit is refused before anything is loaded or written
     "noise dim 1e9": (_absurd_noise, "training needs about"),
 }

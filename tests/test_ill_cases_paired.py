@@ -185,6 +185,18 @@ def test_paired_predict_on_an_unfinished_run_says_so_and_predicts(runner, paired
     assert result.exit_code == 0 and "warning" not in result.output, result.output
 
 
+@pytest.mark.parametrize("out", [None, "report"], ids=["default --out", "--out given"])
+def test_evaluate_on_a_paired_run_names_what_it_takes(runner, paired_run, tmp_path, out):  # row 13
+    """Not 'not a singan run': evaluate also takes conditional runs, so the message names both; nothing written."""
+    run = tmp_path / "run"
+    shutil.copytree(paired_run, run)
+    before = snapshot(run)
+    result = run_cli(runner, ["evaluate", run, "--num", "2", *(["--out", tmp_path / out] if out else [])])
+    assert_clean_error(result, "is a paired run; evaluate judges single-image runs (consingan train) and conditional")
+    assert "not a singan run" not in result.output
+    assert snapshot(run) == before and not (tmp_path / "report").exists()
+
+
 def test_paired_predict_on_a_run_without_weights(runner, paired_run, tmp_path):
     run = _unfinished_copy(paired_run, tmp_path)
     (run / "training_state.pt").unlink()

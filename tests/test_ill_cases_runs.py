@@ -453,6 +453,20 @@ def test_sampling_an_unfinished_run_says_so_and_keeps_the_source_grid(runner, ru
     assert sitk.ReadImage(str(sample)).GetSize() == (32, 32)  # on the source grid, not the coarse scale's
 
 
+@pytest.mark.parametrize("damage", [_scale_1_cut_off, _scale_1_not_started], ids=["cut off", "not started"])
+def test_evaluating_an_unfinished_run_says_so(runner, runs, tmp_path, damage):
+    """evaluate judges the last completed scale of an unfinished run: a note says so, and evaluation.json keeps it."""
+    run = tmp_path / "singan"
+    shutil.copytree(runs["singan"], run)
+    damage(run)
+    out = tmp_path / "report"
+    result = run_cli(runner, ["evaluate", run, "--out", out, "--num", "2"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "unfinished: 1 of 2 scales trained" in notes[0], result.output
+    assert "unfinished" in json.loads((out / "evaluation.json").read_text())["notes"][0]
+
+
 def test_a_finished_run_samples_without_a_note(runner, runs, tmp_path):
     result = run_cli(runner, ["sample", runs["singan"], "--out", tmp_path / "s", "--num", "2"])
     assert result.exit_code == 0 and "note:" not in result.output, result.output
@@ -564,3 +578,16 @@ def test_evaluate_samples_still_refuses_a_constant_training_image(runner, runs, 
     result = run_cli(runner, ["evaluate", "--samples", runs["masks"], "--image", image, "--out", tmp_path / "r"])
     assert_clean_error(result, "nothing to learn")
     assert not (tmp_path / "r").exists()
+
+
+def test_an_unexpected_error_keeps_its_own_traceback(runner, tmp_path, monkeypatch):
+    """The last guard of the CLI must not mask a bug: typer's own click copy has no Abort, so naming it in an except
+    clause turned every unexpected exception into "no attribute 'Abort'" (seen with a symlink loop in train-many)."""
+    import consingan.cohort as cohort
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cohort, "find_images", boom)
+    result = run_cli(runner, ["train-many", "--images", tmp_path, "--out-dir", tmp_path / "out"])
+    assert isinstance(result.exception, RuntimeError) and "boom" in str(result.exception), repr(result.exception)

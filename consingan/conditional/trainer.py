@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import secrets
 import time
@@ -321,6 +322,10 @@ def resume_conditional(run_dir: Path, progress: Callable[[int, dict], None] | No
                    for name, now, then in zip(data.classes, data.counts(), run.info.class_counts) if now != then]
         raise ConsinganError(f"images were added to or removed from {config.data} since the run started: "
                              f"{'; '.join(changed)}; a resume needs the same images (start a new run)")
+    if json.dumps(data.intensity.to_dict()) != json.dumps(run.info.intensity.to_dict()):  # same counts, new images
+        raise ConsinganError(f"the images of {config.data} have changed since the run started (their intensity "
+                             f"range differs from the run's in run.json); a resume needs the same images (start a "
+                             f"new run)")
     if (run.path / RunFolder.WEIGHTS).is_file():  # written after the last epoch only: nothing left to train
         return ConditionalResult(run.path, config, already_finished=True)
     distributed = Distributed.from_environment()

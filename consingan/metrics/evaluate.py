@@ -72,8 +72,12 @@ def evaluate(run_dir: Path | str, options: EvaluateConfig | None = None) -> dict
     options = options or EvaluateConfig()
     if options.num < 2:
         raise ConsinganError("--num must be at least 2 (diversity needs several samples)")
-    if RunFolder.open(run_dir).family == "conditional":
+    family = RunFolder.open(run_dir).family
+    if family == "conditional":
         return evaluate_conditional(run_dir, options)
+    if family != "singan":
+        raise ConsinganError(f"{run_dir} is a {family} run; evaluate judges single-image runs (consingan train) and "
+                             f"conditional runs")
     pyramid = TrainedPyramid.load(run_dir, device=options.device)
     check_samples_fit(options.num, pyramid.channels, pyramid.shapes[-1])
     real, space = training_image(pyramid)
@@ -88,6 +92,7 @@ def evaluate(run_dir: Path | str, options: EvaluateConfig | None = None) -> dict
     return {
         "run": str(Path(run_dir).resolve()),
         "scale": pyramid.num_stages - 1,
+        "notes": list(pyramid.notes),  # an unfinished run says so (in evaluation.json too)
         "shape": list(pyramid.shapes[-1]),
         "settings": asdict(options),
         **compute_measures(real, fake, reconstruction, options),
