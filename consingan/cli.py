@@ -359,7 +359,11 @@ def _paired_train(config_file: Path | None = None, resume: Path | None = None, *
             from consingan.runs import RunFolder
 
             run = RunFolder.open(resume, "paired")
-            if (run.path / RunFolder.WEIGHTS).is_file():  # written after the last epoch only: nothing left to train
+            try:  # losses.csv: one row per finished epoch, its number first
+                logged = int((run.path / RunFolder.LOSSES).read_text().split()[-1].split(",")[0])
+            except (OSError, ValueError, IndexError):
+                logged = 0
+            if (run.path / RunFolder.WEIGHTS).is_file() and logged >= run.config.epochs:  # nothing left to train
                 if main_process:
                     console.print(f"{resume} is already finished (epoch {run.config.epochs} of {run.config.epochs}); "
                                   f"nothing to do", highlight=False)

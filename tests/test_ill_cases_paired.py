@@ -197,6 +197,18 @@ def test_evaluate_on_a_paired_run_names_what_it_takes(runner, paired_run, tmp_pa
     assert snapshot(run) == before and not (tmp_path / "report").exists()
 
 
+def test_paired_resume_of_a_finished_run_says_so_and_writes_nothing(runner, paired_run, tmp_path):  # row 14
+    """As conditional train --resume does: not a bare 'run folder:' line after reading every pair again."""
+    run = tmp_path / "run"
+    shutil.copytree(paired_run, run)
+    before = snapshot(run)
+    result = run_cli(runner, ["paired", "train", "--resume", run])
+    assert result.exit_code == 0, result.output
+    epochs = json.loads((run / "config.json").read_text())["epochs"]
+    assert result.output.strip() == f"{run} is already finished (epoch {epochs} of {epochs}); nothing to do"
+    assert snapshot(run) == before
+
+
 def test_paired_predict_on_a_run_without_weights(runner, paired_run, tmp_path):
     run = _unfinished_copy(paired_run, tmp_path)
     (run / "training_state.pt").unlink()
