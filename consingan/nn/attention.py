@@ -28,9 +28,16 @@ class ChannelAttention(nn.Module):
             factory.conv(spatial_dims, hidden, channels, kernel_size=1),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the attention map of shape [N, C, 1, ...] (not yet applied)."""
-        return torch.sigmoid(self.mlp(self.avg_pool(x)) + self.mlp(self.max_pool(x)))
+    def forward(self, x: torch.Tensor, descriptor: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Return the attention map of shape [N, C, 1, ...] (not yet applied).
+
+        ``descriptor``: the (average, max) pooled [N, C, 1, ...] to use instead of pooling ``x``, for a region of a
+        larger map whose statistics were computed beforehand (``consingan.singan.regions``).
+        """
+        if descriptor is None:
+            return torch.sigmoid(self.mlp(self.avg_pool(x)) + self.mlp(self.max_pool(x)))
+        average, maximum = descriptor
+        return torch.sigmoid(self.mlp(average) + self.mlp(maximum))
 
 
 class SpatialAttention(nn.Module):
@@ -42,10 +49,14 @@ class SpatialAttention(nn.Module):
             raise ValueError(f"SpatialAttention kernel_size must be odd, got {kernel_size}")
         self.conv = factory.conv(spatial_dims, 2, 1, kernel_size=kernel_size, padding=kernel_size // 2)
 
+    @staticmethod
+    def descriptor(x: torch.Tensor) -> torch.Tensor:
+        """The [N, 2, *spatial] channel-wise mean and max that the convolution sees."""
+        return torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the attention map of shape [N, 1, *spatial] (not yet applied)."""
-        descriptor = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
-        return torch.sigmoid(self.conv(descriptor))
+        return torch.sigmoid(self.conv(self.descriptor(x)))
 
 
 class CBAM(nn.Module):

@@ -68,11 +68,19 @@ def _usable(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> bool:
     )
 
 
-def conv_forward(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``, on the oneDNN path when it applies, else PyTorch's own."""
+def conv_forward(
+    conv: nn.modules.conv._ConvNd, x: torch.Tensor, padding: Sequence[int] | None = None
+) -> torch.Tensor:
+    """``conv(x)``, on the oneDNN path when it applies, else PyTorch's own.
+
+    ``padding`` replaces the layer's own zero padding (the region forward pads its boxes itself and convolves with 0).
+    """
     if not _usable(conv, x):
-        return conv._conv_forward(x, conv.weight, conv.bias)
-    out = _MkldnnConv.apply(x, conv.weight, tuple(conv.padding))
+        if padding is None:
+            return conv._conv_forward(x, conv.weight, conv.bias)
+        functional = F.conv2d if x.dim() == 4 else F.conv3d
+        return functional(x, conv.weight, conv.bias, conv.stride, tuple(padding), conv.dilation, conv.groups)
+    out = _MkldnnConv.apply(x, conv.weight, tuple(conv.padding) if padding is None else tuple(padding))
     if conv.bias is not None:
         out = out + conv.bias.view(1, -1, *([1] * (x.dim() - 2)))
     return out
