@@ -8,13 +8,14 @@ from consingan.nn import factory, fast_conv
 
 @pytest.mark.parametrize("in_channels, out_channels, kernel_size, padding, shape", [
     (8, 8, 3, 1, (9, 10, 7)), (1, 8, 3, 1, (16, 16, 16)), (8, 1, 3, 0, (9, 8, 7)), (2, 1, 7, 3, (8, 9, 10)),
-    (16, 4, 1, 0, (1, 1, 1)),
+    (16, 4, 1, 0, (1, 1, 1)), (24, 8, 3, 1, (30, 30, 6)),
 ])
-def test_matches_plain_convolution_to_second_order(in_channels, out_channels, kernel_size, padding, shape):
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1 below N*C*D*H 20480 takes the swapped-axes kernel gradient
+def test_matches_plain_convolution_to_second_order(in_channels, out_channels, kernel_size, padding, shape, batch):
     torch.manual_seed(0)
     conv = factory.conv(3, in_channels, out_channels, kernel_size, padding=padding)
     assert isinstance(conv, fast_conv.Conv3d)
-    x = torch.randn(2, in_channels, *shape, requires_grad=True)
+    x = torch.randn(batch, in_channels, *shape, requires_grad=True)
 
     def gradients(forward):
         out = forward(conv, x)
