@@ -30,6 +30,14 @@ def test_identical_inputs_give_zero_distance(dims):
     assert measures.psnr(real, real) == float("inf") and measures.ssim(real, real) == pytest.approx(1.0)
 
 
+def test_reconstruction_pearson_ignores_brightness_and_contrast_but_not_structure():
+    real = image(3)
+    assert measures.pearson(0.5 * real - 0.2, real) == pytest.approx(1.0)
+    assert measures.pearson(-real, real) == pytest.approx(-1.0)
+    noisy = real + torch.randn(real.shape, generator=torch.Generator().manual_seed(0)) * real.std()
+    assert 0.5 < measures.pearson(noisy, real) < 0.8  # equal signal and noise variance: r = 1 / sqrt(2)
+
+
 @pytest.mark.parametrize("dims", DIMS)
 def test_distances_grow_with_noise_and_blur(dims):
     real = image(dims)

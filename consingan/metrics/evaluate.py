@@ -258,7 +258,8 @@ def compute_measures(real: torch.Tensor, fake: torch.Tensor, reconstruction: tor
         "intensities": intensities,
         "verdict": {"label": label, "reason": reason},
         "reconstruction": None if reconstruction is None else {
-            "psnr": measures.psnr(reconstruction, real), "ssim": measures.ssim(reconstruction, real)},
+            "psnr": measures.psnr(reconstruction, real), "ssim": measures.ssim(reconstruction, real),
+            "pearson_r": measures.pearson(reconstruction, real)},
         "_arrays": {"real": real, "fake": fake},
     }
 
@@ -328,7 +329,8 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     ]
     if result["reconstruction"] is not None:
         rows += [("reconstruction PSNR", f"{result['reconstruction']['psnr']:.2f} dB"),
-                 ("reconstruction SSIM", f"{result['reconstruction']['ssim']:.4f}")]
+                 ("reconstruction SSIM", f"{result['reconstruction']['ssim']:.4f}"),
+                 ("reconstruction Pearson r", f"{result['reconstruction']['pearson_r']:.3f}")]
     if "sifid_inception" in result:
         rows.append(("SIFID (Inception)", f"{result['sifid_inception']:.4f}"))
     return rows

@@ -358,6 +358,13 @@ def verdict(diversity_value: float, memo: dict, collapse_diversity: float = 0.05
                   f"ratio {memo['coverage_ratio']:.2f}) with its intensities")
 
 
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of all values of ``a`` and ``b`` (1: equal up to brightness and contrast)."""
+    x, y = a.double().flatten(), b.double().flatten()
+    x, y = x - x.mean(), y - y.mean()
+    return float((x @ y) / (x.norm() * y.norm()).clamp_min(1e-12))
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
     mse = F.mse_loss(a, b).item()
     return float("inf") if mse == 0 else 10 * math.log10(data_range**2 / mse)
