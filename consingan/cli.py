@@ -150,9 +150,10 @@ def _train(config_file: Path | None = None, resume: Path | None = None, dry_run:
             _resume(resume, config_file, flags)
             return
         config = resolve_config(config_file, flags)
-        from consingan.singan.trainer import prepare, train_prepared, volume_pyramid_shapes
+        from consingan.singan.trainer import memory_plan, prepare, train_prepared, volume_pyramid_shapes
         from consingan.ui import RichReporter, summary_table
 
+        asked_auto = config.patch_size == "auto"
         config, volume = prepare(config)
         _print_config(config)
         from consingan.singan.trainer import pyramid_notes
@@ -160,6 +161,7 @@ def _train(config_file: Path | None = None, resume: Path | None = None, dry_run:
         for note in [*volume.notes, *pyramid_notes(config, volume)]:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
         shapes = volume_pyramid_shapes(volume, config)
+        console.print(memory_plan(config, volume).describe(chosen=asked_auto), highlight=False)
         if dry_run:
             console.print("pyramid: " + "  ".join("x".join(map(str, s)) for s in shapes))
             return
@@ -214,6 +216,8 @@ def _count(text: str, name: str = "--num") -> int:
 
 
 NUM_METAVAR = "N"
+TILE_HELP = ("Generate in tiles of this many voxels a side, each exact (a sample is the same tiled or not): auto "
+             "(only a volume that would not fit half the free memory), off, or a number.")
 
 
 @app.command("sample")
@@ -236,16 +240,18 @@ def sample(
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     source_dtype: Annotated[bool, typer.Option(
         "--source-dtype", help="Write the source's data type (rounded and clipped) instead of float32.")] = False,
+    tile: Annotated[str, typer.Option("--tile", help=TILE_HELP)] = "auto",
 ) -> None:
     """Draw new images from a trained pyramid, in the input's file type and geometry, plus a PNG contact sheet."""
     try:
         from consingan.config import check_seed
         from consingan.io import read_volume
-        from consingan.singan.sampler import TrainedPyramid, write_samples
+        from consingan.singan.sampler import TrainedPyramid, parse_tile, write_samples
         from consingan.ui import count_progress
 
         num = _count(num)
         check_seed(seed)
+        tile = parse_tile(tile)
         pyramid = TrainedPyramid.load(run_dir, device=device, scale=use_scale)
         for note in pyramid.notes:
             console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
@@ -253,7 +259,7 @@ def sample(
         write_samples(
             pyramid, out, num, seed=seed, source_dtype=source_dtype, batch_size=batch_size,
             progress=count_progress(console), scale_factors=_numbers(scale, float, "--scale"),
-            shape=_numbers(shape, int, "--shape"), start_scale=start_scale, inject=injected,
+            shape=_numbers(shape, int, "--shape"), start_scale=start_scale, inject=injected, tile=tile,
         )
         labels = " with their label maps" if pyramid.labels else ""
         console.print(f"wrote {num} samples{labels} and contact_sheet.png to [bold]{out}[/]")
@@ -276,6 +282,7 @@ def evaluate_command(
         "--samples", help="Instead of a run: a folder of samples from any program, judged against --image.")] = None,
     image: Annotated[Optional[Path], typer.Option("--image", help="The training image, with --samples.")] = None,
     dim: Annotated[int, typer.Option("--dim", help="2 or 3, with --samples.")] = 2,
+    tile: Annotated[str, typer.Option("--tile", help=TILE_HELP)] = "auto",
 ) -> None:
     """Judge a trained pyramid (or, with --samples and --image, any folder of samples) offline: SWD, random-feature
     Frechet distance, diversity, intensity histograms, memorisation and coverage, a verdict (ok, low diversity,
@@ -283,6 +290,7 @@ def evaluate_command(
     try:
         from consingan.metrics.evaluate import EvaluateConfig, evaluate, evaluate_samples, summary_rows, write_report
         from consingan.outputs import check_encodable
+        from consingan.singan.sampler import parse_tile
 
         if (run_dir is None) == (samples is None):
             raise ConsinganError("give either a run folder or --samples DIR with --image IMAGE")
@@ -297,7 +305,7 @@ def evaluate_command(
                        if not (run_dir / f"evaluation_{n:03d}").exists())
         check_encodable(out, "output folder")
         num = _count(num)
-        options = EvaluateConfig(num=num, seed=seed, device=device,
+        options = EvaluateConfig(num=num, seed=seed, device=device, tile=parse_tile(tile),
                                  inception_weights=str(inception_weights) if inception_weights else "")
         if samples is not None:
             result = evaluate_samples(image, samples, dim, options)

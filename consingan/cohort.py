@@ -107,7 +107,8 @@ def check_rerun_options(config: TrainConfig, out_dir: Path, names: list[str]) ->
         changes = [f"{flag_name(field.name)} {getattr(trained, field.name)} (now {getattr(config, field.name)})"
                    for field in dataclasses.fields(TrainConfig) if field.name not in RERUN_FREE
                    and getattr(config, field.name) != getattr(trained, field.name)
-                   and not (field.name == "seed" and config.seed is None)]  # no --seed: each run keeps its own
+                   and not (field.name == "seed" and config.seed is None)  # no --seed: each run keeps its own
+                   and not (field.name == "patch_size" and config.patch_size == "auto")]  # recorded as it resolved
         if changes:
             differing.append((run_dir, changes))
     if differing:

@@ -108,6 +108,11 @@ class TrainConfig:
     generator_update: str = _opt("fresh", "Generator updates per epoch: 'fresh' (Gsteps updates, each from new noise "
                                  "and its own gradient) or 'repeat' (one gradient applied Gsteps times, as the "
                                  "official ConSinGAN does).")
+    # --- large volumes (issue 23) -------------------------------------------------------------------------------------
+    patch_size: str = _opt("auto", "Train every scale larger than this many voxels a side on random regions (patches) "
+                           "of it, with memory bounded by the patch: 'auto' (the largest that fits the device's free "
+                           "memory, the whole volume when it fits; recorded in config.json as the value chosen), an "
+                           "integer, or 'off' (whole volumes always).", integer_text=True)
 
     # ------------------------------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -152,6 +157,9 @@ class TrainConfig:
                               "upsampling": ("linear", "cubic"), "generator_update": ("fresh", "repeat")})
         if self.upsampling == "cubic" and self.dimension != 2:
             raise ConsinganError("upsampling 'cubic' exists only in 2D (PyTorch has no tricubic); use 'linear' in 3D")
+        patch = self.patch_size
+        if not isinstance(patch, str) or not (patch in ("auto", "off") or (patch.isdigit() and int(patch) > 0)):
+            raise ConsinganError(f"patch_size must be 'auto', 'off' or a positive integer, got {patch!r}")
         low, high = self.window_low_percentile, self.window_high_percentile
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
                 or not 0 <= low < high <= 100:
@@ -164,6 +172,13 @@ class TrainConfig:
 
     def save_json(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def patch_side(self) -> int | None:
+        """The patch side of a resolved ``patch_size``: None for 'off' (whole volumes). 'auto' has no side of its own:
+        the memory preflight (``consingan.singan.memory.check_memory``) chooses one."""
+        if self.patch_size == "auto":
+            raise ValueError("patch_size 'auto' is resolved by the memory preflight (check_memory) first")
+        return None if self.patch_size == "off" else int(self.patch_size)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
@@ -434,6 +449,9 @@ def _coerce(config_class: type, name: str, value: Any, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConsinganError(f"{source}: {name} must be a number, got {value!r}")
         return float(value)
+    if option_names(config_class)[name].metadata.get("integer_text") and isinstance(value, int) \
+            and not isinstance(value, bool):
+        return str(value)  # 'patch_size: 64' in a YAML or TOML file is a number there, a word on the command line
     if not isinstance(value, str):
         raise ConsinganError(f"{source}: {name} must be a string, got {value!r}")
     return value

@@ -43,7 +43,9 @@ from consingan.outputs import check_encodable
 FAMILIES = {"singan": TrainConfig, "paired": PairedConfig, "conditional": ConditionalConfig}
 # Options added after the first runs were written, with the behaviour those runs were trained with: a run folder
 # without them is read as it was trained, not with today's defaults.
-LEGACY_OPTIONS = {"singan": {"gradient_penalty": "image", "intensity_mapping": "minmax", "upsampling": "linear"}}
+# patch_size: runs from before patch training trained on whole volumes ('off'), not with today's default 'auto'.
+LEGACY_OPTIONS = {"singan": {"gradient_penalty": "image", "intensity_mapping": "minmax", "upsampling": "linear",
+                             "patch_size": "off"}}
 MAX_SIDE = 2**16  # no axis of a real image is longer; a larger number in run.json means the file was damaged
 MAX_VOXELS = 2**32
 TRAINING_STATE_FORMAT = "consingan-training-state"

@@ -157,3 +157,16 @@ def test_time_to_quality_averages_over_seeds():
     assert repeat["swd_per_seed"] == [200.0, 220.0]
     assert bench.reaches(repeat, {"swd_x1e3": 210.0, "diversity": 0.85}) and \
         not bench.reaches(repeat, {"swd_x1e3": 209.0, "diversity": 0.85})
+
+
+def test_3d_time_to_quality_judges_every_seed_against_the_targets():
+    bench = load("bench_time_to_quality_3d")
+    good = {"setting": "s", "epochs": None, "seconds": 200.0, "swd": 0.12, "diversity": 0.5, "coverage": 0.4,
+            "pearson_r": 0.95, "verdict": "ok"}
+    rows = bench.mean_rows([good, {**good, "seed": 1, "swd": 0.14}])
+    assert rows[0]["seeds"] == 2 and rows[0]["swd"] == pytest.approx(0.13) and bench.meets_targets(rows[0])
+    # One seed over a target fails the setting, though the mean is within it.
+    rows = bench.mean_rows([good, {**good, "swd": 0.17}])
+    assert rows[0]["swd"] == pytest.approx(0.145) and not bench.meets_targets(rows[0])
+    assert not bench.meets_targets(bench.mean_rows([good, {**good, "verdict": "failed"}])[0])
+    assert not bench.meets_targets(bench.mean_rows([{**good, "seconds": 301.0}])[0])

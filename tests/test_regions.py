@@ -262,6 +262,74 @@ def test_tiled_generation_with_a_noise_field_equals_the_untiled_forward(dims, pa
     assert not torch.allclose(tiled[0], tiled[1], atol=1e-3)  # the batch's samples differ
 
 
+MODES = [("region",) * 3, ("whole", "region", "region"), ("tiles", "region", "region"), ("whole", "whole", "region"),
+         ("whole", "tiles", "region"), ("tiles", "tiles", "region")]
+
+
+@pytest.mark.parametrize("dims,padding", [(2, 0), (2, 1), (3, 1)])
+def test_coarse_stages_kept_whole_in_one_piece_or_in_tiles_give_the_whole_forward(dims, padding, monkeypatch):
+    """Every way of keeping the coarse stages (each computed once, whole or tile by tile; the stages above per tile
+    of the output) gives the untiled output and CBAM's exact statistics."""
+    generator = make(dims, padding, cbam=True)
+    shapes = SHAPES[dims]
+    field = R.NoiseField.for_generator(generator, shapes, seed=7, batch_size=2, chunk=5)
+    seen = []
+    hooks = [generator.body[k].cbam.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for k in range(3)]
+    with torch.no_grad():
+        whole = generator(field.whole_noise())
+    for hook in hooks:
+        hook.remove()
+    spatial = tuple(range(2, 2 + dims))
+    for modes in MODES:
+        monkeypatch.setattr(R, "_cache_modes", lambda *args, modes=modes: list(modes))
+        tiled = R.generate_tiled(generator, field, tile=(6, 5, 4)[:dims], statistics_tile=4, cache_bytes=1)
+        assert torch.allclose(tiled, whole, rtol=0, atol=1e-10), modes
+        descriptors = R.cbam_statistics(generator, field, tile=4, cache_bytes=1)
+        for k, features in enumerate(seen):
+            assert torch.allclose(descriptors[k][0], features.mean(spatial, keepdim=True), rtol=0, atol=1e-12)
+            assert torch.allclose(descriptors[k][1], features.amax(spatial, keepdim=True), rtol=0, atol=1e-12)
+
+
+def test_which_stages_are_kept_whole_follows_the_memory_given():
+    generator = make(3, padding=1, cbam=True, dtype=torch.float32, channels=8)
+    shapes = [(20, 20, 20), (40, 40, 40), (80, 80, 80)]
+    layout = R._Layout(generator, shapes, None)
+    item = 2 * 8 * 4  # batch 2, 8 channels, float32
+    maps = R.WHOLE_STAGE_MAPS
+
+    def modes(budget):
+        return R._cache_modes(generator, layout, 2, 10, budget)
+
+    assert modes(0) == ["region"] * 3 and modes(10**12) == ["whole", "whole", "region"]  # the last always per tile
+    both_whole = item * (20**3 + maps * 40**3)  # stage 0's output held while stage 1 runs in one piece
+    assert modes(both_whole) == ["whole", "whole", "region"]
+    assert modes(both_whole - 1) == ["whole", "tiles", "region"]  # stage 1 in tiles, its output kept
+    margin = R.receptive_margins(generator)[1]
+    stage1_tiles = item * (20**3 + 40**3 + maps * (10 + 2 * margin + 2) ** 3)
+    assert modes(stage1_tiles) == ["whole", "tiles", "region"] and modes(stage1_tiles - 1) == ["whole", "region",
+                                                                                              "region"]
+
+
+def test_noise_field_cache_returns_the_same_values_and_stays_within_its_bytes(monkeypatch):
+    shape = (30, 26, 20)
+    chunk_bytes = 4 * 6**3 * 4
+    boxes = [tuple((max(0, a - 3), min(n, b + 3)) for (a, b), n in zip(box, shape)) for box in R.tiles(shape, 8)]
+    draws = []
+    original = R._chunk_noise
+    monkeypatch.setattr(R, "_chunk_noise", lambda *args: draws.append(args[3]) or original(*args))
+    results = {}
+    for cache in (0, 200 * chunk_bytes):
+        field = R.NoiseField(seed=5, channels=[4], noise_shapes=[shape], chunk=6, cache_bytes=cache)
+        draws.clear()
+        results[cache] = [field(0, box) for box in boxes], len(draws)
+        assert field._cached <= cache and len(field._cache) <= 200
+    (plain, uncached_draws), (cached, cached_draws) = results[0], results[200 * chunk_bytes]
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+    assert cached_draws < 0.6 * uncached_draws  # overlapping boxes in raster order reuse their neighbours' chunks
+    whole = R.NoiseField(seed=5, channels=[4], noise_shapes=[shape], chunk=6).whole(0)
+    assert all(torch.equal(part, whole[R.box_slices(box)]) for part, box in zip(cached, boxes))
+
+
 def test_tiled_generation_in_float32_and_on_another_device_for_the_output():
     generator = make(3, padding=1, cbam=True, dtype=torch.float32)
     shapes = SHAPES[3]

@@ -34,6 +34,7 @@ class EvaluateConfig:
     collapse_diversity: float = 0.05  # samples less diverse than this are a collapse (or a copy, see verdict)
     inception_weights: str = ""  # local Inception-v3 state dict (pytorch-fid's) for the standard 2D SIFID
     device: str = "auto"
+    tile: int | str = "auto"  # samples and reconstruction in tiles: 'auto', 'off' or a side (TrainedPyramid.sample)
 
 
 def measurement_space(source: np.ndarray) -> IntensityRange:
@@ -84,11 +85,13 @@ def evaluate(run_dir: Path | str, options: EvaluateConfig | None = None) -> dict
     channels = pyramid.image_channels
     trained = pyramid.intensity.channels(channels)
     batch = sampling_batch(pyramid)
-    fake = _to_space(pyramid.sample(options.num, seed=options.seed, batch_size=batch)[:, :channels].float().cpu(),
-                     trained, space)
-    with torch.no_grad():
-        reconstruction = pyramid.generator(pyramid.generator.reconstruction_inputs()).cpu()[:, :channels]
-    reconstruction = _to_space(reconstruction, trained, space)
+    # Batch by batch into the measurement space, so the generator's raw outputs of the whole set are never held too.
+    fake = torch.empty((options.num, channels, *pyramid.shapes[-1]))
+    for first in range(0, options.num, batch):
+        count = min(batch, options.num - first)
+        images = pyramid.sample(count, seed=options.seed, batch_size=batch, first_index=first, tile=options.tile)
+        fake[first:first + count] = _to_space(images[:, :channels].float(), trained, space)
+    reconstruction = _to_space(pyramid.reconstruct(tile=options.tile)[:, :channels], trained, space)
     return {
         "run": str(Path(run_dir).resolve()),
         "scale": pyramid.num_stages - 1,
@@ -245,11 +248,15 @@ def compute_measures(real: torch.Tensor, fake: torch.Tensor, reconstruction: tor
                                  threshold=options.memorisation_threshold)
     ends = measures.extremes(real, fake)
     intensities = measures.intensity_match(real, fake)
+    swd = measures.multiscale_swd(real, fake, options.patch_size, options.swd_levels, seed=options.seed)
+    structure = {"swd": swd["mean"], "blurred_swd": measures.blurred_baseline_swd(
+        real, options.patch_size, options.swd_levels, seed=options.seed)}
     label, reason = measures.verdict(diversity, memo, options.collapse_diversity, ends["stuck"],
-                                     intensities=intensities)
+                                     intensities=intensities, structure=structure)
     return {
         **extra,
-        "swd": measures.multiscale_swd(real, fake, options.patch_size, options.swd_levels, seed=options.seed),
+        "swd": swd,
+        "structure": structure,
         "random_feature_frechet": measures.single_image_frechet(real, fake, features),
         "diversity": diversity,
         "histogram_w1": measures.histogram_distance(real, fake),
@@ -314,6 +321,8 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     rows = [(f"SWD level {i}", f"{v:.4f}") for i, v in enumerate(result["swd"]["per_level"])]
     rows += [
         ("SWD mean", f"{result['swd']['mean']:.4f}"),
+        *([("SWD of the image blurred by 1 voxel (OK needs less)", f"{result['structure']['blurred_swd']:.4f}")]
+          if "structure" in result else []),
         ("Frechet (random features)", f"{result['random_feature_frechet']:.4f}"),
         ("diversity", f"{result['diversity']:.4f}"),
         ("histogram W1 per channel", ", ".join(f"{v:.4f}" for v in result["histogram_w1"])),

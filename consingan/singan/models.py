@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 
 from consingan.nn import CBAM, ConvBlock, factory
 from consingan.nn.interpolation import Resampler
+from consingan.singan.regions import Box, box_slices, noise_box, whole_box
 
 
 def architecture(config) -> dict:
@@ -132,11 +135,39 @@ class GrowingGenerator(nn.Module):
         self.noise_amps[stage] = float(value)
 
     def reconstruction_noise(self, stage: int) -> torch.Tensor:
-        return getattr(self, f"rec_noise_{stage}")
+        """Stage ``stage``'s fixed reconstruction input, whole (a stage with a noise field draws all of it: for large
+        grids use ``reconstruction_source``, which draws only the boxes asked for)."""
+        field = self._reconstruction_field(stage)
+        if field is None:
+            return getattr(self, f"rec_noise_{stage}")
+        return field(stage, whole_box(field.noise_shape))
 
     def set_reconstruction_noise(self, stage: int, noise: torch.Tensor) -> None:
         """Store the fixed input of stage ``stage`` for the reconstruction loss (a buffer, saved with the state)."""
         self.register_buffer(f"rec_noise_{stage}", noise.detach().clone())
+
+    def set_reconstruction_field(self, stage: int, seed: int, spatial_shape: Sequence[int], chunk: int = 16) -> None:
+        """Fix stage ``stage``'s reconstruction input (k > 0) as a deterministic noise field over its noise grid for
+        the output ``spatial_shape`` (``regions.noise_box``): the buffer holds its seed, chunk and grid, not its
+        values, so patch training draws only the boxes it needs and checkpoints stay small at any size."""
+        if stage == 0:
+            raise ValueError("stage 0 reconstructs from the coarsest real image, not from noise")
+        grid = self.noise_shape(stage, spatial_shape)[2:]
+        self.register_buffer(f"rec_field_{stage}", torch.tensor([seed, chunk, *grid], dtype=torch.int64,
+                                                                device=self.noise_amps.device))
+
+    def _reconstruction_field(self, stage: int) -> _Field | None:
+        buffer = getattr(self, f"rec_field_{stage}", None)
+        if buffer is None:
+            return None
+        seed, chunk, *grid = (int(v) for v in buffer.tolist())
+        return _Field(seed, chunk, tuple(grid), self.num_feature_channels, next(self.parameters()).dtype,
+                      self.noise_amps.device)
+
+    def reconstruction_source(self) -> ReconstructionNoise:
+        """The reconstruction inputs of every stage as a noise source of region forwards (``regions.region_forward``,
+        ``generate_tiled``): boxes cropped from stored tensors, or drawn from a stage's noise field."""
+        return ReconstructionNoise(self)
 
     def noise_shape(self, stage: int, spatial_shape: Sequence[int], batch_size: int = 1) -> tuple[int, ...]:
         """Shape of the noise stage ``stage`` takes to produce ``spatial_shape``."""
@@ -191,7 +222,7 @@ class GrowingGenerator(nn.Module):
         device = self.noise_amps.device
         self.noise_amps = torch.zeros_like(state["noise_amps"], device=device)
         for key, value in state.items():
-            if key.startswith("rec_noise_"):
+            if key.startswith(("rec_noise_", "rec_field_")):
                 self.register_buffer(key, torch.zeros_like(value, device=device))
         self.load_state_dict(state, strict=True)
 
@@ -215,6 +246,41 @@ class GrowingGenerator(nn.Module):
             for parameter in group["params"]:
                 parameter.requires_grad_(True)
         return groups
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One stage's reconstruction noise field (see ``GrowingGenerator.set_reconstruction_field``)."""
+
+    seed: int
+    chunk: int
+    noise_shape: tuple[int, ...]
+    channels: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def __call__(self, stage: int, box: Box) -> torch.Tensor:
+        return noise_box(self.seed, stage, self.channels, self.noise_shape, box, chunk=self.chunk, dtype=self.dtype,
+                         device=self.device)
+
+
+class ReconstructionNoise:
+    """Every stage's reconstruction input as ``noise(stage, box)``, with the output ``shapes`` of the stages."""
+
+    def __init__(self, generator: GrowingGenerator) -> None:
+        self.sources, self.shapes = [], []
+        for k in range(generator.num_stages):
+            field = generator._reconstruction_field(k)
+            if field is None:
+                tensor = generator.reconstruction_noise(k)
+                self.sources.append(lambda box, tensor=tensor: tensor[box_slices(box)])
+                self.shapes.append(generator.output_shape(k, tensor))
+            else:
+                self.sources.append(functools.partial(field, k))
+                self.shapes.append(tuple(n - generator.body_shrink for n in field.noise_shape))
+
+    def __call__(self, stage: int, box: Box) -> torch.Tensor:
+        return self.sources[stage](box)
 
 
 class Critic(nn.Module):

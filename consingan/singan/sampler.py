@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from consingan.io.preview import contact_sheet, label_image, write_png
 from consingan.nn import factory
 from consingan.outputs import OutputFolder, Progress
 from consingan.runs import RunFolder, first_reason
+from consingan.singan import regions
+from consingan.singan.memory import available_bytes
 from consingan.singan.models import GrowingGenerator, architecture
 from consingan.singan.pyramid import Shape, resize
 
@@ -25,6 +28,31 @@ from consingan.singan.pyramid import Shape, resize
 MIN_STAGE_SIDE = 4  # voxels per side of the smallest stage a retargeted sample may have
 CONTACT_SHEET_SAMPLES = 32  # the contact sheet shows the first samples of a draw, large enough to judge texture
 CONTACT_SHEET = "contact_sheet.png"
+
+# A draw may take this share of the device's free memory: a batch is generated in one piece when its whole forward
+# (about regions.WHOLE_STAGE_MAPS feature maps of the finest grid per sample) fits it, else sample by sample, and a
+# sample whose forward alone does not fit it is generated in tiles, with the coarse stages kept whole within it.
+SAMPLING_SHARE = 0.5
+TILE_BYTES = 2**30  # a tile chosen by 'auto' keeps its forward (tile and margins) within this
+MIN_TILE = 8  # voxels a side of the smallest tile 'auto' chooses
+# Chunks of the samples' noise fields: about 4096 voxels each, few enough that drawing them costs little beyond the
+# values themselves (50 us a chunk), small enough that a tile's box draws little outside itself.
+NOISE_CHUNK = {2: 64, 3: 16}
+NOISE_CACHE_BYTES = 2**28  # chunks kept per draw while tiles overlap
+
+
+def parse_tile(value: str | int) -> int | str:
+    """``--tile``: 'auto' (tiles when a sample would not fit the free memory), 'off' (never) or a side in voxels."""
+    text = str(value).strip().lower()
+    if text in ("auto", "off"):
+        return text
+    try:
+        side = int(text)
+    except ValueError:
+        side = 0
+    if side < 1:
+        raise ConsinganError(f"--tile must be auto, off or a positive number of voxels, got {value!r}")
+    return side
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -131,21 +159,85 @@ class TrainedPyramid:
 
     # --- generation ------------------------------------------------------------------------------------------------
 
+    def noise_source(self, shapes: Sequence[Shape], seeds: Sequence[int], start_scale: int = 0,
+                     injected: torch.Tensor | None = None) -> "SampleNoise":
+        """The noise of one sample per seed at the stage ``shapes``: each stage from the sample's noise field, the
+        stages below ``start_scale`` on their fixed reconstruction input (resized to a retargeted grid) and stage 0
+        on ``injected`` ([1, C, *spatial], normalised) when given."""
+        generator = self.generator
+        fixed: dict[int, Callable[[regions.Box], torch.Tensor]] = {}
+        reconstruction = generator.reconstruction_source()
+        for stage in range(min(start_scale, len(shapes))):
+            grid = generator.noise_shape(stage, shapes[stage])[2:]
+            if tuple(shapes[stage]) == tuple(self.shapes[stage]):
+                fixed[stage] = functools.partial(reconstruction, stage)  # boxes drawn as asked for
+                continue
+            whole = generator.reconstruction_noise(stage)
+            whole = (resize(whole, grid) if stage == 0 else
+                     F.interpolate(whole, size=grid, mode=factory.interpolation_mode(self.spatial_dims)))
+            fixed[stage] = functools.partial(_crop, whole)
+        if injected is not None:
+            fixed[0] = functools.partial(_crop, resize(injected, shapes[0]))
+        return SampleNoise(generator, shapes, seeds, fixed, NOISE_CHUNK[self.spatial_dims], NOISE_CACHE_BYTES)
+
     def _noise(self, shapes: Sequence[Shape], seed: int, start_scale: int, injected: torch.Tensor | None
                ) -> list[torch.Tensor]:
+        """The whole noise of one sample seeded ``seed`` (see ``noise_source``)."""
+        return self.noise_source(shapes, [seed], start_scale, injected).whole_noise()
+
+    def whole_forward_bytes(self, shapes: Sequence[Shape], batch_size: int = 1) -> int:
+        """About the peak memory of generating ``batch_size`` samples at ``shapes`` in one piece."""
         generator = self.generator
-        rng = torch.Generator().manual_seed(seed)
-        noise = [torch.randn(generator.noise_shape(k, s), generator=rng) for k, s in enumerate(shapes)]
-        noise = [n.to(self.device) for n in noise]
-        for stage in range(min(start_scale, len(shapes))):
-            fixed = generator.reconstruction_noise(stage)
-            if tuple(fixed.shape[2:]) != tuple(noise[stage].shape[2:]):
-                fixed = (resize(fixed, noise[stage].shape[2:]) if stage == 0 else F.interpolate(
-                    fixed, size=noise[stage].shape[2:], mode=factory.interpolation_mode(self.spatial_dims)))
-            noise[stage] = fixed
-        if injected is not None:
-            noise[0] = resize(injected, shapes[0])
-        return noise
+        grid = generator.noise_shape(len(shapes) - 1, shapes[-1])[2:]
+        item = torch.finfo(next(generator.parameters()).dtype).bits // 8
+        return regions.WHOLE_STAGE_MAPS * batch_size * generator.num_feature_channels * math.prod(grid) * item
+
+    def draw_plan(self, shapes: Sequence[Shape], batch_size: int, tile: int | str = "auto",
+                  memory_bytes: int | None = None) -> tuple[int, tuple[int, ...] | None]:
+        """How a batch is generated: (samples per forward, tile or None for whole forwards).
+
+        ``tile`` 'auto': whole forwards of the batch, or one sample at a time, while they fit ``memory_bytes``
+        (default: ``SAMPLING_SHARE`` of the device's free memory), else tiles as large as ``TILE_BYTES`` allows;
+        'off': whole forwards; a number: tiles of that side, one sample at a time. Samples do not depend on it.
+        """
+        tile = parse_tile(tile)
+        if tile == "off":
+            return batch_size, None
+        if isinstance(tile, int):
+            return 1, tuple(min(tile, n) for n in shapes[-1])
+        budget = self._budget(memory_bytes)
+        if self.whole_forward_bytes(shapes, batch_size) <= budget:
+            return batch_size, None
+        if self.whole_forward_bytes(shapes, 1) <= budget:
+            return 1, None
+        return 1, self.auto_tile(shapes)
+
+    def auto_tile(self, shapes: Sequence[Shape]) -> tuple[int, ...]:
+        """The largest cube tile whose forward, with the finest stage's receptive margins, fits ``TILE_BYTES``."""
+        generator = self.generator
+        per_voxel = self.whole_forward_bytes([(1,) * self.spatial_dims] * len(shapes))
+        margin = regions.receptive_margins(generator, len(shapes))[-1]
+        side = int((TILE_BYTES / per_voxel) ** (1 / self.spatial_dims)) - 2 * margin
+        return tuple(min(max(side, MIN_TILE), n) for n in shapes[-1])
+
+    def _budget(self, memory_bytes: int | None) -> int:
+        return int(SAMPLING_SHARE * available_bytes(self.device)) if memory_bytes is None else int(memory_bytes)
+
+    def _tiled(self, noise: regions.NoiseFn, shapes: Sequence[Shape], tile: tuple[int, ...], batch_size: int,
+               memory_bytes: int | None) -> torch.Tensor:
+        """``generate_tiled`` onto the CPU, keeping coarse stages whole in the budget that the tiles leave."""
+        working = self.whole_forward_bytes([tile] * len(shapes), batch_size)
+        return regions.generate_tiled(self.generator, noise, tile, shapes=shapes, device="cpu",
+                                      cache_bytes=max(0, self._budget(memory_bytes) - working))
+
+    @torch.no_grad()
+    def reconstruct(self, tile: int | str = "auto", memory_bytes: int | None = None) -> torch.Tensor:
+        """The reconstruction of the training image [1, C, *spatial] on the CPU, from the fixed reconstruction
+        inputs; in tiles under the rules of ``draw_plan`` (the same image)."""
+        _, tile_shape = self.draw_plan(self.shapes, 1, tile, memory_bytes)
+        if tile_shape is None:
+            return self.generator(self.generator.reconstruction_inputs()).cpu()
+        return self._tiled(self.generator.reconstruction_source(), self.shapes, tile_shape, 1, memory_bytes)
 
     @torch.no_grad()
     def sample(
@@ -158,6 +250,8 @@ class TrainedPyramid:
         start_scale: int = 0,
         inject: np.ndarray | None = None,
         first_index: int = 0,
+        tile: int | str = "auto",
+        memory_bytes: int | None = None,
     ) -> torch.Tensor:
         """``num`` images [N, C, *spatial] in the generator's [-1, 1] range.
 
@@ -165,7 +259,10 @@ class TrainedPyramid:
         below K on their fixed reconstruction input (the training image's coarse layout) and randomises only from K
         up: the larger K, the finer the variations. ``inject`` ([C, *spatial] in source units, any size) replaces
         the coarsest input, so its layout is kept and the trained stages add the texture, as in ConSinGAN's editing
-        and harmonisation; combine it with ``start_scale`` to choose from where new detail is drawn.
+        and harmonisation; combine it with ``start_scale`` to choose from where new detail is drawn. ``tile`` and
+        ``memory_bytes``: whether samples are generated in one piece or in tiles (``draw_plan``); a sample is the
+        same either way, to float rounding, since its noise is a field whose values depend only on (seed, i, stage,
+        position).
         """
         shapes = self.check_options(num, batch_size, scale_factors, shape, start_scale)
         injected = None
@@ -176,12 +273,15 @@ class TrainedPyramid:
                 raise ConsinganError(f"injected image has shape {inject.shape}, expected [{self.channels}, "
                                      f"{self.spatial_dims} spatial axes]")
             injected = torch.from_numpy(self.intensity.normalise(inject)).clamp(-1, 1)[None].to(self.device)
+        per_forward, tile_shape = self.draw_plan(shapes, min(batch_size, num), tile, memory_bytes)
         outputs = []
-        for first in range(first_index, first_index + num, batch_size):
-            indices = range(first, min(first_index + num, first + batch_size))
-            per_sample = [self._noise(shapes, sample_seed(seed, i), start_scale, injected) for i in indices]
-            batch = [torch.cat([noise[k] for noise in per_sample]) for k in range(len(shapes))]
-            outputs.append(self.generator(batch).cpu())
+        for first in range(first_index, first_index + num, per_forward):
+            seeds = [sample_seed(seed, i) for i in range(first, min(first_index + num, first + per_forward))]
+            noise = self.noise_source(shapes, seeds, start_scale, injected)
+            if tile_shape is None:
+                outputs.append(self.generator(noise.whole_noise()).cpu())
+            else:
+                outputs.append(self._tiled(noise, shapes, tile_shape, len(seeds), memory_bytes))
         return torch.cat(outputs)
 
     def to_source_units(self, images: torch.Tensor) -> list[np.ndarray]:
@@ -208,6 +308,41 @@ class TrainedPyramid:
         dtype = np.dtype(info.output_dtype)
         return [Volume(array, affine, info.output_suffix, dtype, header, info.labels)
                 for array in self.to_source_units(images)]
+
+
+def _crop(whole: torch.Tensor, box: regions.Box) -> torch.Tensor:
+    return whole[regions.box_slices(box)]
+
+
+class SampleNoise:
+    """The noise of a batch of samples as ``noise(stage, box)`` for region forwards, and whole for one-piece ones.
+
+    Sample j's stage noise comes from a ``regions.NoiseField`` seeded with ``seeds[j]``, so its values depend on
+    the seed, the stage and the position only, not on the batch, the tiles or whether it is tiled at all; a stage in
+    ``fixed`` (a source of [1, C, *box] boxes: the reconstruction input, an injected image) is the same for every
+    sample.
+    """
+
+    def __init__(self, generator: GrowingGenerator, shapes: Sequence[Shape], seeds: Sequence[int],
+                 fixed: dict[int, Callable[[regions.Box], torch.Tensor]], chunk: int, cache_bytes: int) -> None:
+        self.shapes = [tuple(s) for s in shapes]
+        self.batch_size = len(seeds)
+        self.fixed = dict(fixed)
+        self.fields = [regions.NoiseField.for_generator(generator, self.shapes, seed, chunk=chunk,
+                                                        cache_bytes=cache_bytes // max(1, len(seeds)))
+                       for seed in seeds]
+        self.grids = [generator.noise_shape(k, s)[2:] for k, s in enumerate(self.shapes)]
+        self.device = generator.noise_amps.device
+
+    def __call__(self, stage: int, box: regions.Box) -> torch.Tensor:
+        if stage in self.fixed:
+            part = self.fixed[stage](box).to(self.device)
+            return part.expand(self.batch_size, *part.shape[1:])
+        return torch.cat([field(stage, box) for field in self.fields])
+
+    def whole_noise(self) -> list[torch.Tensor]:
+        """Every stage's whole noise, for ``generator(noise)``."""
+        return [self(stage, regions.whole_box(grid)) for stage, grid in enumerate(self.grids)]
 
 
 class AugmentationDataset(torch.utils.data.Dataset):

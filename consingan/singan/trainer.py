@@ -9,7 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -27,10 +27,19 @@ from consingan.losses import (
 )
 from consingan.outputs import check_encodable
 from consingan.singan.health import ScaleHealth, check_scale
-from consingan.singan.memory import check_memory
+from consingan.singan.memory import MemoryPlan, check_memory, patch_shape, patched
 from consingan.runs import RunFolder, RunInfo, TrainingState, first_reason, load_weights, resolve_device
 from consingan.singan.models import Critic, GrowingGenerator, architecture, check_network_fits
 from consingan.singan.pyramid import Shape, build_pyramid, pyramid_shapes
+from consingan.singan.regions import (
+    Box,
+    FreshNoise,
+    NoiseField,
+    box_shape,
+    box_slices,
+    generate_tiled,
+    region_forward,
+)
 
 LOSS_NAMES = ("critic", "gradient_penalty", "adversarial", "reconstruction")
 
@@ -60,6 +69,16 @@ class TrainResult:
     run_dir: Path
     config: TrainConfig
     scales: list[ScaleSummary] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """What one epoch trains on (whole images or patches): ``fake()`` the critic's fake (called without gradient),
+    ``real()`` a real image to score beside a fake, ``generate(with_rec)`` a fake and the reconstruction loss."""
+
+    fake: Callable[[], torch.Tensor]
+    real: Callable[[], torch.Tensor]
+    generate: Callable[[bool], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Reporter(Protocol):
@@ -131,6 +150,46 @@ class SinGANTrainer:
                                           **block).to(self.device)
         self.critic = Critic(config.dimension, volume.channels, batch_norm=config.batch_norm, **block).to(self.device)
         self.last_penalty = float("nan")  # the latest gradient penalty (lazy: not computed on every update)
+        # ``prepare`` records the patch 'auto' chose in config.json; a trainer made directly chooses it here.
+        self.patch = (check_memory(config, self.shapes, self.device).patch if config.patch_size == "auto"
+                      else config.patch_side())
+        if self.patch is not None:
+            check_network_fits(config, (self.patch,) * config.dimension, "the patch")
+
+    def patched(self, stage: int) -> bool:
+        """Whether scale ``stage`` trains on patches: it is larger than the patch on some side."""
+        return patched(self.shapes[stage], self.patch)
+
+    def random_box(self, stage: int) -> Box:
+        """A box of the patch's shape at a uniformly random place of scale ``stage`` (the training's random state)."""
+        return tuple((start, start + size) for start, size in (
+            (int(torch.randint(0, n - size + 1, (1,))), size)
+            for n, size in zip(self.shapes[stage], patch_shape(self.shapes[stage], self.patch))))
+
+    @torch.no_grad()
+    def reconstruct(self, stage: int) -> torch.Tensor:
+        """The reconstruction of scale ``stage`` (stages 0..``stage`` on their fixed inputs), whole; in tiles of the
+        patch (``generate_tiled``: exact, CBAM with the whole scale's statistics) when the scale trains on patches."""
+        generator = self.generator
+        if not self.patched(stage):
+            return generator(generator.reconstruction_inputs())
+        return generate_tiled(generator, generator.reconstruction_source(), self.patch, stage + 1)
+
+    @torch.no_grad()
+    def sample_tiled(self, stage: int, seed: int, batch_size: int = 1, coarsest_fixed: bool = False) -> torch.Tensor:
+        """``batch_size`` random samples of a scale that trains on patches, in tiles of the patch, from a noise field of
+        their own seed (so the training's random state is untouched); ``coarsest_fixed`` keeps stage 0 on its
+        reconstruction input (a variation, see ``write_outputs``)."""
+        generator, shapes = self.generator, self.shapes[: stage + 1]
+        field = NoiseField.for_generator(generator, shapes, seed, batch_size=batch_size)
+        fixed = generator.reconstruction_source()
+
+        def noise(k: int, box: Box) -> torch.Tensor:
+            if k == 0 and coarsest_fixed:
+                return fixed(k, box).expand(batch_size, -1, *box_shape(box))
+            return field(k, box)
+
+        return generate_tiled(generator, noise, self.patch, stage + 1, shapes=shapes)
 
     # --- one scale -----------------------------------------------------------------------------------------------
 
@@ -144,15 +203,18 @@ class SinGANTrainer:
         generator = self.generator
         if stage > 0:
             generator.add_stage()
-            noise = torch.randn(generator.noise_shape(stage, self.shapes[stage]), device=self.device)
+        if stage > 0 and self.patched(stage):
+            # A field (seed and grid) rather than a tensor: at 256^3 with 64 channels the tensor is 4 GiB, in every
+            # checkpoint; the seed is drawn from the training's random state, so a run stays reproducible.
+            generator.set_reconstruction_field(stage, int(torch.randint(0, 2**62, (1,))), self.shapes[stage])
         else:
-            noise = self.reals[0].clone()
-        generator.set_reconstruction_noise(stage, noise)
+            noise = (torch.randn(generator.noise_shape(stage, self.shapes[stage]), device=self.device) if stage > 0
+                     else self.reals[0].clone())
+            generator.set_reconstruction_noise(stage, noise)
         if stage > 0:
             with torch.no_grad():
                 generator.set_noise_amp(stage, 0.0)
-                reconstruction = generator(generator.reconstruction_inputs())
-                rmse = reconstruction_loss(reconstruction, self.reals[stage]).sqrt().item()
+                rmse = reconstruction_loss(self.reconstruct(stage), self.reals[stage]).sqrt().item()
             generator.set_noise_amp(stage, self.config.noise_amp * rmse)
 
     def make_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer, list]:
@@ -171,17 +233,17 @@ class SinGANTrainer:
     def train_epoch(
         self, stage: int, optimizer_g: torch.optim.Optimizer, optimizer_d: torch.optim.Optimizer, epoch: int = 1
     ) -> dict[str, float]:
-        config, generator, critic = self.config, self.generator, self.critic
-        real = self.reals[stage]
-        shapes = self.shapes[: stage + 1]
+        config, critic = self.config, self.critic
+        steps = self.patch_steps(stage) if self.patched(stage) else self.whole_steps(stage)
 
         # The fake does not change while only the critic learns: generate it once for all critic steps.
         with torch.no_grad():
-            fake = generator(generator.sample_noise(shapes))
+            fake = steps.fake()
         critic.requires_grad_(True)
         every = config.gradient_penalty_every
         for step in range((epoch - 1) * config.Dsteps, epoch * config.Dsteps):
             optimizer_d.zero_grad(set_to_none=True)
+            real = steps.real()
             # Real and fake in one batch (see joint_scores): with batch norm, the only way the critic sees the
             # fake's intensity at all; without it the same scores, and a batch of two takes the faster CPU path.
             critic_loss = wasserstein_critic_loss(*joint_scores(critic, real, fake))
@@ -195,23 +257,15 @@ class SinGANTrainer:
             optimizer_d.step()
 
         critic.requires_grad_(False)  # no critic gradients are needed for generator updates
-        rec_inputs = generator.reconstruction_inputs()
         use_rec = config.alpha_rec_loss > 0
         # 'repeat' (the reference's scheme): one backward, its gradient applied Gsteps times by Adam.
         backward_passes = config.Gsteps if config.generator_update == "fresh" else 1
         optimizer_steps = 1 if config.generator_update == "fresh" else config.Gsteps
         for _ in range(backward_passes):
             optimizer_g.zero_grad(set_to_none=True)
-            noise = generator.sample_noise(shapes)
-            if use_rec:
-                # One batch of two (random, fixed) instead of two passes: the generator has no batch statistics, so
-                # this is the same computation, and a batch of 2 takes PyTorch's fast CPU convolution path.
-                output = generator([torch.cat([n, r]) for n, r in zip(noise, rec_inputs)])
-                fake, rec = output[:1], reconstruction_loss(output[1:], real)
-            else:
-                fake, rec = generator(noise), torch.zeros((), device=real.device)
+            fake, rec = steps.generate(use_rec)
             # With batch norm the fake is scored beside the real, with the statistics the critic learnt on.
-            scores = joint_scores(critic, real, fake)[1] if config.batch_norm else critic(fake)
+            scores = joint_scores(critic, steps.real(), fake)[1] if config.batch_norm else critic(fake)
             adversarial = wasserstein_generator_loss(scores)
             (adversarial + config.alpha_rec_loss * rec).backward()
             for _ in range(optimizer_steps):
@@ -221,6 +275,51 @@ class SinGANTrainer:
             "critic": critic_loss.item(), "gradient_penalty": self.last_penalty,
             "adversarial": adversarial.item(), "reconstruction": rec.item(),
         }
+
+    def whole_steps(self, stage: int) -> "_Steps":
+        """What an epoch of scale ``stage`` trains on: whole images."""
+        generator, real = self.generator, self.reals[stage]
+        shapes = self.shapes[: stage + 1]
+        rec_inputs = generator.reconstruction_inputs()
+
+        def generate(with_rec: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            noise = generator.sample_noise(shapes)
+            if not with_rec:
+                return generator(noise), torch.zeros((), device=real.device)
+            # One batch of two (random, fixed) instead of two passes: the generator has no batch statistics, so
+            # this is the same computation, and a batch of 2 takes PyTorch's fast CPU convolution path.
+            output = generator([torch.cat([n, r]) for n, r in zip(noise, rec_inputs)])
+            return output[:1], reconstruction_loss(output[1:], real)
+
+        return _Steps(fake=lambda: generator(generator.sample_noise(shapes)), real=lambda: real, generate=generate)
+
+    def patch_steps(self, stage: int) -> "_Steps":
+        """What an epoch of a scale larger than the patch trains on: random boxes of the patch's shape.
+
+        The generator computes a box exactly as its whole forward would there (``region_forward``), but for CBAM's
+        channel attention, which pools over the box (a patch is attended as an image of its size would be). Stages
+        below the concurrently trained ones run without gradient. Every score takes a real box of its own, drawn
+        independently of the fake's; the reconstruction loss takes the same box of the reconstruction as the step's
+        fake, so that fake and reconstruction are one batch of two, as in whole training.
+        """
+        generator, real = self.generator, self.reals[stage]
+        shapes = self.shapes[: stage + 1]
+        fresh, fixed = FreshNoise(generator, shapes), generator.reconstruction_source()
+        frozen_below = max(0, stage + 1 - self.config.active_scales)
+
+        def region(noise, box: Box) -> torch.Tensor:
+            return region_forward(generator, noise, box, shapes=shapes, descriptors="region",
+                                  frozen_below=frozen_below)
+
+        def generate(with_rec: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            box = self.random_box(stage)
+            if not with_rec:
+                return region(fresh, box), torch.zeros((), device=real.device)
+            output = region(lambda k, part: torch.cat([fresh(k, part), fixed(k, part)]), box)
+            return output[:1], reconstruction_loss(output[1:], real[box_slices(box)])
+
+        return _Steps(fake=lambda: region(fresh, self.random_box(stage)),
+                      real=lambda: real[box_slices(self.random_box(stage))], generate=generate)
 
     def train_scale(self, stage: int, resume_state: TrainingState | None = None) -> ScaleSummary:
         """Train scale ``stage`` from its start, or from ``resume_state`` (a training state saved inside it)."""
@@ -298,9 +397,12 @@ class SinGANTrainer:
         The samples are drawn from a generator of their own, so the check leaves the training's random state alone.
         """
         with self.evaluating() as generator:
-            rng = torch.Generator(device=self.device).manual_seed(stage)
-            samples = generator(generator.sample_noise(self.shapes[: stage + 1], num_samples, generator=rng))
-            reconstruction = generator(generator.reconstruction_inputs())
+            if self.patched(stage):  # in tiles, from a noise field of the same seed
+                samples = self.sample_tiled(stage, stage, num_samples)
+            else:
+                rng = torch.Generator(device=self.device).manual_seed(stage)
+                samples = generator(generator.sample_noise(self.shapes[: stage + 1], num_samples, generator=rng))
+            reconstruction = self.reconstruct(stage)
         shown = self.image_channels
         trained = self.intensity.channels(shown)
         space = IntensityRange(trained.minimum, trained.maximum)  # evaluate's measurement space: source min-max
@@ -342,12 +444,17 @@ class SinGANTrainer:
         """
         with self.evaluating() as generator:
             # Its own random generator: how often outputs are written must not change what is trained.
-            rng = torch.Generator(device=self.device).manual_seed(epoch * 1000 + stage)
-            sample = generator(generator.sample_noise(self.shapes[: stage + 1], generator=rng))[0].cpu().numpy()
-            reconstruction = generator(generator.reconstruction_inputs())[0].cpu().numpy()
-            varied = generator.sample_noise(self.shapes[: stage + 1], generator=rng)
-            varied[0] = generator.reconstruction_noise(0)
-            variation = generator(varied)[0].cpu().numpy()
+            seed = epoch * 1000 + stage
+            if self.patched(stage):  # in tiles, from noise fields of their own seeds (2 seed, 2 seed + 1)
+                sample = self.sample_tiled(stage, 2 * seed)[0].cpu().numpy()
+                variation = self.sample_tiled(stage, 2 * seed + 1, coarsest_fixed=True)[0].cpu().numpy()
+            else:
+                rng = torch.Generator(device=self.device).manual_seed(seed)
+                sample = generator(generator.sample_noise(self.shapes[: stage + 1], generator=rng))[0].cpu().numpy()
+                varied = generator.sample_noise(self.shapes[: stage + 1], generator=rng)
+                varied[0] = generator.reconstruction_noise(0)
+                variation = generator(varied)[0].cpu().numpy()
+            reconstruction = self.reconstruct(stage)[0].cpu().numpy()
         folder = self.run.scale_dir(stage) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in (("sample", sample), ("reconstruction", reconstruction)):
@@ -432,8 +539,17 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, Volume]:
         config = dataclasses.replace(config, label=str(label_path.resolve()))
         volume = attach_labels(volume, read_volume(label_path, config.dimension, check_values=False), label_path.name)
     check_pyramid(config, volume)
-    check_memory(config, volume_pyramid_shapes(volume, config), resolve_device(config.device))
-    return config, volume
+    plan = memory_plan(config, volume)
+    if plan.patch is not None:
+        check_network_fits(config, (plan.patch,) * config.dimension, "the patch")
+    # 'auto' is recorded as what it chose, so that a resumed run trains with the same patch.
+    return dataclasses.replace(config, patch_size=plan.patch_size), volume
+
+
+def memory_plan(config: TrainConfig, volume: Volume) -> MemoryPlan:
+    """The memory preflight of training ``volume`` under ``config``: the patch it trains with ('auto' resolved) and
+    the estimates, or ``ConsinganError`` naming settings that would fit."""
+    return check_memory(config, volume_pyramid_shapes(volume, config), resolve_device(config.device))
 
 
 def check_pyramid(config: TrainConfig, volume: Volume) -> None:

@@ -1,0 +1,135 @@
+"""Memory and time of 3D training at the finest scale against the volume's side, whole volume against patches.
+
+    python benchmarks/bench_scale3d.py                                   # sides 48 64 96 128, patch off and auto
+    python benchmarks/bench_scale3d.py --sides 64 128 192 256 --patches off 64 --epochs 2
+    python benchmarks/bench_scale3d.py --device cuda --sides 128 256     # on a GPU: torch.cuda.max_memory_allocated too
+
+Each (side, patch) runs in its own process, so its peak resident memory (``ru_maxrss``) is its own: the volume given
+by ``--image`` (default: the ICBM T1 template of ``benchmarks/data``, a real brain MRI) is resampled to side^3 (cubic
+spline, isotropic voxels, written to a scratch NIfTI), the seed's defaults are kept (64 channels, 3 layers, 3 concurrent stages, CBAM,
+batch norm) except ``--num-scales`` and ``--patch-size``, the generator is grown through every scale the way training
+grows it (each new stage's noise amplitude from its reconstruction: in tiles when the scale trains on patches), and
+then ``--epochs`` epochs of the finest scale are timed after one warm-up epoch. A whole-volume run the memory preflight
+refuses is reported as refused, with the memory the preflight asked for.
+
+Columns: side, patch (the side trained on; 'whole' when none), the preflight's estimate, peak resident memory (and on
+CUDA the allocator's peak), seconds to grow the pyramid, seconds per epoch at the finest scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_IMAGE = HERE / "data" / "mni152_t1_5mm.nii.gz"
+
+
+def child(args: argparse.Namespace) -> None:
+    """One (side, patch) measurement, printed as one JSON line."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+    from scipy import ndimage
+
+    from consingan.config import TrainConfig
+    from consingan.errors import ConsinganError
+    from consingan.singan.memory import estimate_training_bytes
+    from consingan.singan.trainer import SinGANTrainer, prepare
+
+    source = nib.load(str(args.image))
+    array = np.asarray(source.dataobj, dtype=np.float32)
+    zoom = [args.side / n for n in array.shape[:3]]
+    resized = ndimage.zoom(array, zoom, order=3)
+    # Isotropic voxels, so that the engine keeps the cube (it keeps a scan's physical aspect): a brain stretched to
+    # side^3, which is what a memory and time benchmark needs.
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    scratch = Path(tempfile.mkdtemp(prefix="bench_scale3d_"))
+    image = scratch / f"side{args.side}.nii.gz"
+    nib.save(nib.Nifti1Image(resized, affine), str(image))
+    config = TrainConfig(image=str(image), dimension=3, seed=0, device=args.device, num_scales=args.num_scales,
+                         max_size=args.side, patch_size=args.patch, epochs=args.epochs + 1, out_dir=str(scratch),
+                         run_name="run", save_every=0, checkpoint_every=0)
+    row = {"side": args.side, "patch": args.patch}
+    try:
+        config, volume = prepare(config)
+    except ConsinganError as error:
+        print(json.dumps({**row, "refused": str(error)}))
+        return
+    trainer = SinGANTrainer(config, volume, scratch / "run")
+    patch = trainer.patch
+    top = trainer.shapes[-1]
+    row.update(patch_side=patch, shape=list(top),
+               estimate_gib=estimate_training_bytes(config, trainer.shapes, patch) / 2**30)
+    started = time.perf_counter()
+    for stage in range(len(trainer.shapes)):
+        trainer.grow(stage)
+    row["grow_seconds"] = time.perf_counter() - started
+    optimizer_g, optimizer_d, _ = trainer.make_optimizers()
+    stage = len(trainer.shapes) - 1
+    trainer.train_epoch(stage, optimizer_g, optimizer_d, 1)  # warm-up
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for epoch in range(2, args.epochs + 2):
+        trainer.train_epoch(stage, optimizer_g, optimizer_d, epoch)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+        row["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    row["seconds_per_epoch"] = (time.perf_counter() - started) / args.epochs
+    row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(row))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
+    parser.add_argument("--sides", type=int, nargs="+", default=[48, 64, 96, 128])
+    parser.add_argument("--patches", nargs="+", default=["off", "auto"], help="'off', 'auto' or a side each")
+    parser.add_argument("--num-scales", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs at the finest scale (after a warm-up)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", type=Path, default=HERE / "scale3d.json")
+    parser.add_argument("--side", type=int, help=argparse.SUPPRESS)  # the child's own arguments
+    parser.add_argument("--patch", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side is not None:
+        child(args)
+        return
+    rows = []
+    for side in args.sides:
+        for patch in args.patches:
+            command = [sys.executable, __file__, "--image", str(args.image.resolve()), "--side", str(side),
+                       "--patch", patch, "--num-scales", str(args.num_scales), "--epochs", str(args.epochs),
+                       "--device", args.device]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            row = json.loads(lines[-1]) if lines else {"side": side, "patch": patch,
+                                                       "refused": done.stderr.strip().splitlines()[-1:]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    header = f"{'side':>5} {'patch':>7} {'trained on':>10} {'estimate GiB':>12} {'peak RSS GiB':>12} " \
+             f"{'CUDA GiB':>8} {'grow s':>7} {'s/epoch':>8}"
+    print(f"\n{header}\n{'-' * len(header)}")
+    for row in rows:
+        if "refused" in row:
+            print(f"{row['side']:5d} {row['patch']:>7}  refused: {str(row['refused'])[:90]}")
+            continue
+        cuda = f"{row['cuda_peak_gib']:.2f}" if "cuda_peak_gib" in row else "-"
+        trained_on = "whole" if row["patch_side"] is None else f"{row['patch_side']}^3"
+        print(f"{row['side']:5d} {row['patch']:>7} {trained_on:>10} {row['estimate_gib']:12.2f} "
+              f"{row['peak_rss_gib']:12.2f} {cuda:>8} {row['grow_seconds']:7.1f} {row['seconds_per_epoch']:8.2f}")
+    stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    stored[f"{args.device}_sides{'_'.join(map(str, args.sides))}_patches{'_'.join(args.patches)}"] = rows
+    args.results.write_text(json.dumps(stored, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
