@@ -9,6 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from consingan.singan.trainer import SilentReporter
+
 torch.set_num_threads(2)
 
 # The smallest settings that still build a 2-scale pyramid with every code path on (CBAM, batch norm, 2 layers).
@@ -58,3 +60,14 @@ def runner() -> CliRunner:
 @pytest.fixture
 def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"
+
+
+class StopAt(SilentReporter):
+    """Raises KeyboardInterrupt after a given epoch of a given scale, like a user pressing Ctrl-C."""
+
+    def __init__(self, stage, epoch):
+        self.stop = (stage, epoch)
+
+    def update(self, stage, epoch, losses):
+        if (stage, epoch) == self.stop:
+            raise KeyboardInterrupt

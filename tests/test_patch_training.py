@@ -16,8 +16,8 @@ from consingan.io import Volume
 from consingan.singan import memory
 from consingan.singan.models import GrowingGenerator
 from consingan.singan.pyramid import pyramid_shapes
-from consingan.singan.trainer import SinGANTrainer, SilentReporter, resume, train
-from tests.conftest import blobs
+from consingan.singan.trainer import SinGANTrainer, resume, train
+from tests.conftest import StopAt, blobs
 
 
 @pytest.fixture(autouse=True)
@@ -28,14 +28,6 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-
-class StopAt(SilentReporter):
-    def __init__(self, stage, epoch):
-        self.stop = (stage, epoch)
-
-    def update(self, stage, epoch, losses):
-        if (stage, epoch) == self.stop:
-            raise KeyboardInterrupt
 
 
 def tiny(image, out_dir, name, **overrides):

@@ -14,19 +14,9 @@ import torch
 from consingan.checkpoint import load_state
 from consingan.cli import app
 from consingan.config import TrainConfig
-from consingan.singan.trainer import SilentReporter, resume, train
-from tests.conftest import TINY
+from consingan.singan.trainer import resume, train
+from tests.conftest import TINY, StopAt
 
-
-class StopAt(SilentReporter):
-    """Raises KeyboardInterrupt after a given epoch of a given scale, like a user pressing Ctrl-C."""
-
-    def __init__(self, stage, epoch):
-        self.stop = (stage, epoch)
-
-    def update(self, stage, epoch, losses):
-        if (stage, epoch) == self.stop:
-            raise KeyboardInterrupt
 
 
 def tiny_config(image, out_dir, name):
