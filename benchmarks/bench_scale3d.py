@@ -12,13 +12,16 @@ grows it (each new stage's noise amplitude from its reconstruction: in tiles whe
 then ``--epochs`` epochs of the finest scale are timed after one warm-up epoch. A whole-volume run the memory preflight
 refuses is reported as refused, with the memory the preflight asked for.
 
-Columns: side, patch (the side trained on; 'whole' when none), the preflight's estimate, peak resident memory (and on
-CUDA the allocator's peak), seconds to grow the pyramid, seconds per epoch at the finest scale.
+Columns: side, patch (the side trained on; 'whole' when none), the preflight's estimate, the peak memory of the
+finest scale's epochs (on the CPU the resident high-water mark, reset after growing; on CUDA the allocator's peak), the
+process's peak resident memory (growing included), seconds to grow the pyramid, seconds per epoch at the finest
+scale.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import subprocess
@@ -43,6 +46,8 @@ def child(args: argparse.Namespace) -> None:
     from consingan.errors import ConsinganError
     from consingan.singan.memory import estimate_training_bytes
     from consingan.singan.trainer import SinGANTrainer, prepare
+
+    from bench_training import peak_memory_mb, reset_peak_memory  # beside this script
 
     source = nib.load(str(args.image))
     array = np.asarray(source.dataobj, dtype=np.float32)
@@ -74,6 +79,8 @@ def child(args: argparse.Namespace) -> None:
     row["grow_seconds"] = time.perf_counter() - started
     optimizer_g, optimizer_d, _ = trainer.make_optimizers()
     stage = len(trainer.shapes) - 1
+    gc.collect()
+    reset_peak_memory(trainer.device)  # the epochs' own peak, apart from growing the pyramid's
     trainer.train_epoch(stage, optimizer_g, optimizer_d, 1)  # warm-up
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
@@ -82,8 +89,8 @@ def child(args: argparse.Namespace) -> None:
         trainer.train_epoch(stage, optimizer_g, optimizer_d, epoch)
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
-        row["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     row["seconds_per_epoch"] = (time.perf_counter() - started) / args.epochs
+    row["epoch_peak_gib"] = peak_memory_mb(trainer.device) / 1024
     row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps(row))
 
@@ -115,17 +122,17 @@ def main() -> None:
                                                        "refused": done.stderr.strip().splitlines()[-1:]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    header = f"{'side':>5} {'patch':>7} {'trained on':>10} {'estimate GiB':>12} {'peak RSS GiB':>12} " \
-             f"{'CUDA GiB':>8} {'grow s':>7} {'s/epoch':>8}"
+    header = f"{'side':>5} {'patch':>7} {'trained on':>10} {'estimate GiB':>12} {'epoch peak GiB':>14} " \
+             f"{'process peak GiB':>16} {'grow s':>7} {'s/epoch':>8}"
     print(f"\n{header}\n{'-' * len(header)}")
     for row in rows:
         if "refused" in row:
             print(f"{row['side']:5d} {row['patch']:>7}  refused: {str(row['refused'])[:90]}")
             continue
-        cuda = f"{row['cuda_peak_gib']:.2f}" if "cuda_peak_gib" in row else "-"
         trained_on = "whole" if row["patch_side"] is None else f"{row['patch_side']}^3"
         print(f"{row['side']:5d} {row['patch']:>7} {trained_on:>10} {row['estimate_gib']:12.2f} "
-              f"{row['peak_rss_gib']:12.2f} {cuda:>8} {row['grow_seconds']:7.1f} {row['seconds_per_epoch']:8.2f}")
+              f"{row['epoch_peak_gib']:14.2f} {row['peak_rss_gib']:16.2f} {row['grow_seconds']:7.1f} "
+              f"{row['seconds_per_epoch']:8.2f}")
     stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
     stored[f"{args.device}_sides{'_'.join(map(str, args.sides))}_patches{'_'.join(args.patches)}"] = rows
     args.results.write_text(json.dumps(stored, indent=1) + "\n")

@@ -241,26 +241,46 @@ def sample(
     source_dtype: Annotated[bool, typer.Option(
         "--source-dtype", help="Write the source's data type (rounded and clipped) instead of float32.")] = False,
     tile: Annotated[str, typer.Option("--tile", help=TILE_HELP)] = "auto",
+    output_format: Annotated[str, typer.Option(
+        "--format", help="native (sample_0000 ... in the input's file type) or nnunet (an nnU-Net v2 raw dataset: "
+                         "imagesTr, labelsTr, dataset.json; a run trained with --label).")] = "native",
+    channel_names: Annotated[Optional[str], typer.Option(
+        "--channel-names", help="With --format nnunet: dataset.json's channel names, comma-separated (nnU-Net "
+                                "normalises a channel named CT as CT; default: image, or one name per channel).")] = None,
+    label_names: Annotated[Optional[str], typer.Option(
+        "--label-names", help="With --format nnunet: names of the foreground classes in increasing label value, "
+                              "comma-separated (default: label_<value>).")] = None,
 ) -> None:
-    """Draw new images from a trained pyramid, in the input's file type and geometry, plus a PNG contact sheet."""
+    """Draw new images from a trained pyramid, in the input's file type and geometry, plus a PNG contact sheet; or,
+    with --format nnunet, an nnU-Net v2 training set of images and label maps."""
     try:
         from consingan.config import check_seed
         from consingan.io import read_volume
+        from consingan.io.export import parse_format, parse_names, write_nnunet_dataset
         from consingan.singan.sampler import TrainedPyramid, parse_tile, write_samples
         from consingan.ui import count_progress
 
         num = _count(num)
         check_seed(seed)
         tile = parse_tile(tile)
+        output_format = parse_format(output_format)
+        names = dict(channel_names=parse_names(channel_names, "--channel-names"),
+                     label_names=parse_names(label_names, "--label-names"))
+        if output_format == "native" and (channel_names is not None or label_names is not None):
+            raise ConsinganError("--channel-names and --label-names apply to --format nnunet only")
         pyramid = TrainedPyramid.load(run_dir, device=device, scale=use_scale)
         for note in pyramid.notes:
             console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
         injected = read_volume(inject, pyramid.spatial_dims).array if inject is not None else None
-        write_samples(
-            pyramid, out, num, seed=seed, source_dtype=source_dtype, batch_size=batch_size,
-            progress=count_progress(console), scale_factors=_numbers(scale, float, "--scale"),
-            shape=_numbers(shape, int, "--shape"), start_scale=start_scale, inject=injected, tile=tile,
-        )
+        options = dict(seed=seed, source_dtype=source_dtype, batch_size=batch_size, progress=count_progress(console),
+                       scale_factors=_numbers(scale, float, "--scale"), shape=_numbers(shape, int, "--shape"),
+                       start_scale=start_scale, inject=injected, tile=tile)
+        if output_format == "nnunet":
+            write_nnunet_dataset(pyramid, out, num, **names, **options)
+            console.print(f"wrote an nnU-Net dataset of {num} cases (imagesTr, labelsTr, dataset.json) to "
+                          f"[bold]{escape(str(out))}[/]")
+            return
+        write_samples(pyramid, out, num, **options)
         labels = " with their label maps" if pyramid.labels else ""
         console.print(f"wrote {num} samples{labels} and contact_sheet.png to [bold]{out}[/]")
     except ConsinganError as error:
@@ -276,7 +296,8 @@ def evaluate_command(
         "--out", help="Folder for evaluation.json and report.png (default: RUN_DIR/evaluation_NNN).")] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     inception_weights: Annotated[Optional[Path], typer.Option(
-        "--inception-weights", help="Local Inception-v3 weights (pytorch-fid state dict) for the standard 2D SIFID.")
+        "--inception-weights", help="Local Inception-v3 weights (torchvision's, as SinGAN's SIFID used, or pytorch-fid's) for SinGAN's 2D "
+                                      "SIFID.")
     ] = None,
     samples: Annotated[Optional[Path], typer.Option(
         "--samples", help="Instead of a run: a folder of samples from any program, judged against --image.")] = None,

@@ -1,7 +1,8 @@
-"""Options of the single-image engine: one dataclass, the seed's table plus what users need around it.
+"""Options of the single-image engine: one dataclass, ConSinGAN's configuration table plus what users need around it.
 
-The names and defaults of the seed's configuration table are kept exactly (``Dsteps`` and ``Gsteps`` included). A
-config file (YAML or TOML) and CLI flags fill the same dataclass; flags win over the file.
+The names and defaults of the configuration table of the 2D/3D ConSinGAN implementation this engine re-creates are
+kept exactly (``Dsteps`` and ``Gsteps`` included). A config file (YAML or TOML) and CLI flags fill the same
+dataclass; flags win over the file.
 """
 
 from __future__ import annotations
@@ -54,13 +55,14 @@ def _check_choices(config: Any, choices: dict[str, tuple[str, ...]]) -> None:
 
 
 POSITIVE, NOT_NEGATIVE, FRACTION = (lambda v: v > 0), (lambda v: v >= 0), (lambda v: 0 <= v < 1)
+PRECISIONS = ("fp32", "bf16", "fp16")  # TrainConfig.precision; fp16 is refused off CUDA when training starts
 
 
 @dataclass
 class TrainConfig:
-    """Every option of ``consingan train`` with its default (the seed's table first)."""
+    """Every option of ``consingan train`` with its default (ConSinGAN's configuration table first)."""
 
-    # --- the seed's table -------------------------------------------------------------------------------------------
+    # --- ConSinGAN's configuration table (names and defaults kept) ---------------------------------------------------
     data_dir: str = _opt("data", "Folder searched for --image when the path given does not exist as is.")
     out_dir: str = _opt("out", "Root folder under which a new run folder is created.")
     dimension: int = _opt(3, "Spatial dimensions of the input image: 2 or 3.", flag="--dim")
@@ -94,7 +96,7 @@ class TrainConfig:
     checkpoint_every: int = _opt(100, "Save a resumable training state every N epochs within a scale (0: end of scale only).")
     lr_decay_at: float = _opt(0.8, "Fraction of each scale's epochs after which the learning rate is decayed.")
     run_name: str = _opt("", "Name of the run folder under out_dir (default: numbered from the image name).")
-    # --- what the seed's table leaves open, chosen by the quality study (benchmarks/QUALITY.md) -----------------------
+    # --- what ConSinGAN's table leaves open, chosen by the quality study (benchmarks/QUALITY.md) ----------------------
     gradient_penalty: str = _opt("pixel", "Gradient-penalty norm: 'pixel' (per voxel over channels, averaged: "
                                  "ConSinGAN's) or 'image' (one norm over the whole image).")
     intensity_mapping: str = _opt("window", "Intensities onto [-1, 1]: 'window' (percentile window onto [-0.8, 0.8], "
@@ -113,6 +115,11 @@ class TrainConfig:
                            "of it, with memory bounded by the patch: 'auto' (the largest that fits the device's free "
                            "memory, the whole volume when it fits; recorded in config.json as the value chosen), an "
                            "integer, or 'off' (whole volumes always).", integer_text=True)
+    precision: str = _opt("fp32", "Arithmetic of the training forwards: 'fp32', 'bf16' (autocast; any CPU or a recent "
+                          "GPU) or 'fp16' (autocast with gradient scaling; CUDA only). Losses, the gradient penalty's "
+                          "norm, the weights and every output stay float32.")
+    checkpoint_stages: bool = _opt(False, "Recompute each trained stage's activations in the backward pass instead "
+                                   "of storing them: less memory, about a third more time.")
 
     # ------------------------------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -154,7 +161,8 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConsinganError(f"{name} must be zero or a positive integer, got {value!r}")
         _check_choices(self, {"gradient_penalty": ("pixel", "image"), "intensity_mapping": ("window", "minmax"),
-                              "upsampling": ("linear", "cubic"), "generator_update": ("fresh", "repeat")})
+                              "upsampling": ("linear", "cubic"), "generator_update": ("fresh", "repeat"),
+                              "precision": PRECISIONS})
         if self.upsampling == "cubic" and self.dimension != 2:
             raise ConsinganError("upsampling 'cubic' exists only in 2D (PyTorch has no tricubic); use 'linear' in 3D")
         patch = self.patch_size
@@ -192,7 +200,7 @@ GAN_MODES = ("lsgan", "bce", "hinge", "wgan")
 
 @dataclass
 class PairedConfig:
-    """Every option of ``consingan paired train`` with its default (from the pix2pix report in the seeds)."""
+    """Every option of ``consingan paired train`` with its default (pix2pix's: U-Net, L1 weight 100, Adam 2e-4)."""
 
     source_dir: str = _opt("", "Folder of inputs (masks, phase contrast); files matched to targets by name.",
                            flag="--source")
@@ -210,7 +218,7 @@ class PairedConfig:
     lambda_feature_matching: float = _opt(10.0, "Weight of the feature-matching loss (multiscale discriminator).")
     perceptual_weights: str = _opt("", "Local VGG-19 state dict for a perceptual loss (off when empty).")
     lambda_perceptual: float = _opt(10.0, "Weight of the perceptual loss.")
-    tile: int = _opt(256, "Tile size (the report: 512 with stride 256).")
+    tile: int = _opt(256, "Tile size (pix2pix on masks -> microscopy images has used 512 with stride 256).")
     stride: int = _opt(-1, "Tile stride (-1: tile / 2).")
     base_channels: int = _opt(64, "Channels of the first generator and discriminator layer.")
     depth: int = _opt(0, "U-Net depth (0: as deep as the tile allows, at most 8).")
@@ -311,7 +319,8 @@ CONDITIONINGS = ("projection", "acgan")
 
 @dataclass
 class ConditionalConfig:
-    """Every option of ``consingan conditional train`` with its default (seed 001, with its recommended fixes)."""
+    """Every option of ``consingan conditional train`` with its default (a class-conditional DCGAN with the usual
+    fixes: projection discriminator, spectral norm, TTUR, EMA)."""
 
     data: str = _opt("", "A folder with one sub-folder of images per class, or a CSV file of path,class rows.")
     dimension: int = _opt(2, "Spatial dimensions: 2 or 3.", flag="--dim")

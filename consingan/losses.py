@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,14 +34,15 @@ GRADIENT_PENALTY_FORMS = ("pixel", "image")
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, form: str = "pixel",
-                     reference: torch.Tensor | None = None) -> torch.Tensor:
+                     reference: torch.Tensor | None = None, precision: torch.dtype | None = None,
+                     scale: float = 1.0) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): mean of (||grad D(x_hat)||_2 - 1)^2 at random points between real and fake.
 
     ``form`` says over what the norm is taken:
 
     - ``"pixel"`` (default, SinGAN's and ConSinGAN's form): the norm over channels at each pixel or voxel, and the
       penalty averaged over pixels. A patch critic's score map has one score per position, so this holds each local
-      score to slope 1 whatever the image size; ``lambda_grad_penalty = 0.1`` of the seed belongs to this form.
+      score to slope 1 whatever the image size; ConSinGAN's ``lambda_grad_penalty = 0.1`` belongs to this form.
     - ``"image"`` (Gulrajani's original form for one score per image): one norm over the whole image. For a patch
       critic it grows with the square root of the number of positions, so at fine scales and in 3D it holds the
       critic nearly flat.
@@ -47,17 +50,37 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
     ``reference`` (for a critic with batch norm): a batch scored beside the mixed points, so the penalty holds the
     function the critic is trained as (its statistics taken over the real and the generated image together).
 
-    Returned unweighted; the caller multiplies by its lambda. One mixing weight per batch element.
+    ``precision`` (bf16 or fp16): the critic's forward runs under autocast in that type; the mixing, the gradient and
+    its norm stay in float32 whatever it is. ``scale`` (fp16's gradient scaler, ``GradScaler.get_scale()``): the
+    gradient is taken of the scores times ``scale`` and divided by it, so that small gradients do not vanish in
+    float16 on the way back through the critic; the caller scales the total loss, penalty included, as usual.
+
+    Returned unweighted, in float32 (or float64 for float64 inputs); the caller multiplies by its lambda. One mixing
+    weight per batch element.
     """
     if form not in GRADIENT_PENALTY_FORMS:
         raise ValueError(f"unknown gradient penalty form {form!r}; choose one of {GRADIENT_PENALTY_FORMS}")
+    real, fake = _at_least_float32(real.detach()), _at_least_float32(fake.detach())
     weight = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
     # A non-leaf input (the clone) keeps autograd.grad compatible with torch.utils.flop_counter (benchmarks/).
-    mixed = (weight * real.detach() + (1.0 - weight) * fake.detach()).requires_grad_(True).clone()
-    score = critic(mixed) if reference is None else critic(torch.cat([reference.detach(), mixed]))[len(reference):]
-    (gradient,) = torch.autograd.grad(score.sum(), mixed, create_graph=True)
+    mixed = (weight * real + (1.0 - weight) * fake).requires_grad_(True).clone()
+    autocast = (torch.autocast(mixed.device.type, dtype=precision) if precision is not None
+                else contextlib.nullcontext())
+    with autocast:
+        score = critic(mixed) if reference is None else \
+            critic(torch.cat([_at_least_float32(reference.detach()), mixed]))[len(reference):]
+    total = score.to(mixed.dtype).sum()
+    # Outside autocast (backward passes under it are not recommended); the gradient comes back in mixed's dtype.
+    (gradient,) = torch.autograd.grad(total if scale == 1.0 else total * scale, mixed, create_graph=True)
+    if scale != 1.0:
+        gradient = gradient / scale
     norm = gradient.norm(2, dim=1) if form == "pixel" else gradient.flatten(1).norm(2, dim=1)
     return ((norm - 1.0) ** 2).mean()
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is of a lower precision (bf16, fp16), else as it is."""
+    return x.float() if x.is_floating_point() and torch.finfo(x.dtype).bits < 32 else x
 
 
 def reconstruction_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,24 @@ def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"
 
 
+def assert_clean_failure(result, phrase: str | None = None, exit_code: int = 2, one_line: bool = True) -> None:
+    """A CLI failure as the user sees it: exit ``exit_code`` (non-zero) through the CLI's own error path, the error in
+    one line (the last line when ``one_line`` is False: a command that had started printing), with ``phrase`` in it.
+
+    CliRunner stores an exception that escapes the CLI in ``result.exception`` (exit code 1) instead of printing its
+    traceback, so "no traceback in the output" proves nothing: a clean failure is a ``SystemExit``."""
+    assert exit_code != 0
+    assert isinstance(result.exception, SystemExit), \
+        f"{type(result.exception).__name__}: {result.exception!r} escaped the CLI\n{result.output}"
+    assert result.exit_code == exit_code, result.output
+    lines = result.output.strip().splitlines()
+    assert lines, "the failure printed nothing"
+    if one_line:
+        assert len(lines) == 1, result.output
+    if phrase is not None:
+        assert phrase in lines[-1], result.output
+
+
 class StopAt(SilentReporter):
     """Raises KeyboardInterrupt after a given epoch of a given scale, like a user pressing Ctrl-C."""
 

@@ -61,7 +61,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         def __reduce__(self):
             raise RuntimeError("cannot pickle")
 
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="cannot pickle"):  # a programming error passes through unchanged
         save_state(path, {"version": Unsaveable()})
     assert load_state(path)["version"].item() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]

@@ -1,3 +1,5 @@
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -143,7 +145,19 @@ def test_nifti_image_with_an_mha_label_trains(tmp_path, nifti_3d, runner):
     image = sitk.ReadImage(str(nifti_3d))
     label = sitk.Cast(sitk.BinaryThreshold(image, 300, 10000, 1, 0), sitk.sitkUInt8)
     sitk.WriteImage(label, str(tmp_path / "label.mha"))
+    # Read through the two conventions, the label lies on the image voxel for voxel (an axis order or flip apart, an
+    # asymmetric texture would not match its threshold) and on the same grid.
+    volume, mask = read_volume(nifti_3d, 3), read_volume(tmp_path / "label.mha", 3, check_values=False)
+    assert np.array_equal(mask.array, ((volume.array >= 300) & (volume.array <= 10000)).astype(mask.array.dtype))
+    assert 0 < mask.array.mean() < 1 and np.allclose(mask.affine, volume.affine, atol=1e-5)
     result = runner.invoke(app, ["train", "--image", str(nifti_3d), "--label", str(tmp_path / "label.mha"), "--dim",
                                  "3", "--out-dir", str(tmp_path / "out"), *TINY, "--num-scales", "1"],
                            terminal_width=200)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0 and result.exception is None, result.output
+    run_dir = tmp_path / "out" / "tiny_001"
+    assert json.loads((run_dir / "run.json").read_text())["labels"]["classes"] == [0, 1]
+    # The label samples are written as NIfTI on the image's own grid, with the two classes only.
+    source = nib.load(str(nifti_3d))
+    written = nib.load(str(run_dir / "scale_00" / "samples" / "epoch00003_reconstruction_label.nii.gz"))
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1}

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from consingan.cli import app
+from consingan.errors import ConsinganError
 from consingan.io import LabelEncoding
 from tests.conftest import TINY
 
@@ -18,9 +19,9 @@ def test_encoding_round_trip_and_checks():
     assert np.array_equal(encoding.decode(one_hot * 2 - 1), label)  # decoding works in the [-1, 1] range too
     image, decoded = encoding.split(np.concatenate([np.zeros((2, 2, 3)), one_hot]))
     assert image.shape == (2, 2, 3) and np.array_equal(decoded, label)
-    with pytest.raises(Exception, match="non-integer"):
+    with pytest.raises(ConsinganError, match="non-integer"):
         LabelEncoding.of(label + 0.5, 1)
-    with pytest.raises(Exception, match="single class"):
+    with pytest.raises(ConsinganError, match="single class"):
         LabelEncoding.of(np.zeros((1, 4, 4)), 1)
 
 

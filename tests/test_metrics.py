@@ -71,10 +71,28 @@ def test_memorisation_flags_a_model_that_returns_its_training_image(dims):
 
 
 @pytest.mark.parametrize("dims", DIMS)
-def test_diversity_matches_definition(dims):
-    real = image(dims)
-    fake = torch.cat([image(dims, s) for s in range(1, 4)])
-    assert measures.diversity(real, fake) == pytest.approx((fake.std(0).mean() / real.std()).item())
+def test_diversity_has_known_values(dims):
+    """Per-voxel spread across samples over the image's spread, on samples whose spread is known by construction."""
+    size = 32 if dims == 2 else 16
+    grid = torch.stack(torch.meshgrid(*[torch.arange(size)] * dims, indexing="ij")).sum(0)
+    real = (grid % 2 * 2 - 1).float()[None, None] * 0.5  # a +-0.5 checkerboard: std 0.5 * sqrt(n / (n - 1))
+    n = real.numel()
+    real_std = 0.5 * (n / (n - 1)) ** 0.5
+    base = image(dims)
+    assert measures.diversity(real, torch.cat([base, base])) == 0  # two identical samples
+    # Three samples base, base + d, base + 2d: every voxel's (sample) standard deviation is exactly d.
+    d = 0.3
+    steps = torch.cat([base, base + d, base + 2 * d])
+    assert measures.diversity(real, steps) == pytest.approx(d / real_std, rel=1e-5)
+    # Two samples a distance d apart: each voxel's standard deviation is d / sqrt(2).
+    assert measures.diversity(real, torch.cat([base, base - d])) == pytest.approx(d / 2**0.5 / real_std, rel=1e-5)
+    # Samples that differ in half of the voxels only: half the diversity.
+    half = torch.zeros_like(real)
+    half[:, :, : size // 2] = 1
+    assert measures.diversity(real, torch.cat([base, base + d * half, base + 2 * d * half])) == \
+        pytest.approx(d / 2 / real_std, rel=1e-5)
+    # A brighter, higher-contrast training image halves the value whatever its mean.
+    assert measures.diversity(2 * real + 5, steps) == pytest.approx(d / (2 * real_std), rel=1e-5)
 
 
 def test_compute_measures_is_json_ready():
@@ -118,12 +136,49 @@ def test_inception_stem_from_a_local_file(tmp_path):
     loaded = measures.InceptionStem.from_file(str(tmp_path / "inception.pth"))
     rgb = torch.rand(2, 3, 48, 48) * 2 - 1
     assert torch.equal(loaded(rgb), stem.eval()(rgb))
-    assert loaded(rgb[:1]).shape[1] == 64 and loaded(rgb[:1, :1]).shape[1] == 64  # grey works too
+    # 192 channels at the image's own size: 48 -> 23 -> 21 -> 21 -> pooled 10 -> 10 -> 8, so 8 x 8 positions.
+    assert loaded(rgb[:1]).shape == (64, 192) and loaded(rgb[:1, :1]).shape == (64, 192)  # grey works too
+    assert loaded(torch.zeros(1, 3, 19, 40)).shape == (1 * 6, 192)  # the smallest height: one row of 6
+    with pytest.raises(ConsinganError, match="at least 19 pixels"):
+        loaded(torch.zeros(1, 3, 18, 40))
     real = image(2).repeat(1, 3, 1, 1)
     assert measures.single_image_frechet(real, real.repeat(2, 1, 1, 1), loaded) == pytest.approx(0, abs=1e-6)
     save_state(tmp_path / "other.pth", {"weight": torch.ones(1)})
     with pytest.raises(ConsinganError, match="not an Inception"):
         measures.InceptionStem.from_file(str(tmp_path / "other.pth"))
+
+
+def test_inception_stem_is_singans_sifid_layer(tmp_path):
+    """The features are those SinGAN's SIFID reads from Inception-v3: the output of Conv2d_4a_3x3 (80 -> 192 channels,
+    before the second max pooling), the image not resized. Checked against the layers applied one by one, with
+    Inception-v3's names and shapes, from a file that holds the rest of the network too."""
+    from consingan.checkpoint import save_state
+
+    generator = torch.Generator().manual_seed(0)
+    # Inception-v3's first five convs (name: out, in, kernel, stride, padding), each conv, batch norm (eps 1e-3), ReLU.
+    layers = {"Conv2d_1a_3x3": (32, 3, 3, 2, 0), "Conv2d_2a_3x3": (32, 32, 3, 1, 0), "Conv2d_2b_3x3": (64, 32, 3, 1, 1),
+              "Conv2d_3b_1x1": (80, 64, 1, 1, 0), "Conv2d_4a_3x3": (192, 80, 3, 1, 0)}
+    state = {"Mixed_5b.branch1x1.conv.weight": torch.ones(64, 192, 1, 1), "fc.weight": torch.ones(1000, 2048)}
+    for name, (cout, cin, kernel, _, _) in layers.items():
+        weight = torch.randn(cout, cin, kernel, kernel, generator=generator)
+        state[f"{name}.conv.weight"] = weight / (cin * kernel**2) ** 0.5
+        state[f"{name}.bn.weight"] = torch.rand(cout, generator=generator) + 0.5
+        state[f"{name}.bn.bias"] = torch.randn(cout, generator=generator) * 0.1
+        state[f"{name}.bn.running_mean"] = torch.randn(cout, generator=generator) * 0.1
+        state[f"{name}.bn.running_var"] = torch.rand(cout, generator=generator) + 0.5
+    save_state(tmp_path / "inception_v3.pth", state)
+    stem = measures.InceptionStem.from_file(str(tmp_path / "inception_v3.pth"))
+    x = torch.rand(1, 3, 64, 80, generator=generator) * 2 - 1
+    reference = x
+    for name, (_, _, _, stride, padding) in layers.items():
+        reference = torch.nn.functional.conv2d(reference, state[f"{name}.conv.weight"], stride=stride, padding=padding)
+        reference = torch.relu(torch.nn.functional.batch_norm(
+            reference, state[f"{name}.bn.running_mean"], state[f"{name}.bn.running_var"], state[f"{name}.bn.weight"],
+            state[f"{name}.bn.bias"], eps=1e-3))
+        if name == "Conv2d_2b_3x3":
+            reference = torch.nn.functional.max_pool2d(reference, 3, stride=2)  # the first pooling; not the second
+    assert reference.shape == (1, 192, 12, 16)  # 64 x 80 -> 31 x 39 -> 29 x 37 -> pooled 14 x 18 -> 12 x 16
+    torch.testing.assert_close(stem(x), reference.movedim(1, -1).reshape(-1, 192), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(16, 20, 18), (17, 16, 16), (32, 24)])

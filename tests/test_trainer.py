@@ -8,7 +8,7 @@ import torch
 from consingan.checkpoint import load_state
 from consingan.config import TrainConfig
 from consingan.io import Volume
-from consingan.losses import gradient_penalty
+from consingan.losses import gradient_penalty, wasserstein_critic_loss
 from consingan.singan.trainer import SinGANTrainer, scale_dir
 from tests.conftest import blobs
 
@@ -88,6 +88,58 @@ def test_lazy_gradient_penalty_runs_every_kth_critic_update_weighted_by_k(tmp_pa
         losses = trainer.train_epoch(0, optimizer_g, optimizer_d, epoch)
         assert np.isfinite(losses["gradient_penalty"])
     assert len(calls) == -(-4 * 3 // every)  # critic updates 0, k, 2k, ... over 4 epochs of 3
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_lazy_gradient_penalty_gradient_is_weighted_by_lambda_times_k(tmp_path, monkeypatch, every):
+    """On a penalty step the critic's gradient is that of the critic loss plus lambda * k times the penalty's; on the
+    other steps that of the critic loss alone. Both parts are recomputed here from the tensors the step used."""
+    import consingan.singan.trainer as trainer_module
+
+    lam = 0.5
+    trainer = make_trainer(tmp_path, Dsteps=3, gradient_penalty_every=every, batch_norm=False, lambda_grad_penalty=lam)
+    trainer.grow(0)
+    optimizer_g, optimizer_d, _ = trainer.make_optimizers()
+    critic = trainer.critic
+    params = list(critic.parameters())
+    scored, penalty_grads, checked = [], [], []
+    joint, penalty = trainer_module.joint_scores, trainer_module.gradient_penalty
+
+    def recording_joint_scores(model, real, fake):
+        if model is critic and torch.is_grad_enabled() and params[0].requires_grad:
+            scored.append((real.detach().clone(), fake.detach().clone()))
+        return joint(model, real, fake)
+
+    def gradients(value, retain_graph=False):  # zeros for parameters the value does not depend on
+        grads = torch.autograd.grad(value, params, retain_graph=retain_graph, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    def recording_penalty(*args, **kwargs):
+        value = penalty(*args, **kwargs)
+        penalty_grads.append(gradients(value, retain_graph=True))
+        return value
+
+    def check_step(*_):
+        step = len(checked)
+        real, fake = scored[-1]
+        loss_grads = gradients(wasserstein_critic_loss(*joint(critic, real, fake)))
+        expected = list(loss_grads)
+        if step % every == 0:
+            expected = [g + lam * every * p for g, p in zip(loss_grads, penalty_grads[-1])]
+            wrongly_weighted = [g + lam * p for g, p in zip(loss_grads, penalty_grads[-1])]
+            assert every == 1 or any(not torch.allclose(w, e, rtol=1e-4, atol=1e-7)
+                                     for w, e in zip(wrongly_weighted, expected))  # the check can tell k from 1
+        for param, want in zip(params, expected):
+            got = torch.zeros_like(param) if param.grad is None else param.grad
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        checked.append(step)
+
+    monkeypatch.setattr(trainer_module, "joint_scores", recording_joint_scores)
+    monkeypatch.setattr(trainer_module, "gradient_penalty", recording_penalty)
+    optimizer_d.register_step_pre_hook(check_step)
+    trainer.train_epoch(0, optimizer_g, optimizer_d, 1)
+    assert len(checked) == 3 and len(penalty_grads) == -(-3 // every)
+    assert all(any(g.abs().max() > 0 for g in grads) for grads in penalty_grads)
 
 
 def test_a_critic_without_batch_norm_scores_real_and_fake_alike_in_one_batch(tmp_path):

@@ -1,1 +1,2 @@
-"""The class-conditional GAN family (seed 001): projection discriminator, spectral norm, self-attention, TTUR, EMA."""
+"""The class-conditional GAN family (a DCGAN with the usual fixes): projection discriminator, spectral norm,
+self-attention, TTUR, EMA."""

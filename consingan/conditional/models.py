@@ -1,6 +1,6 @@
-"""Class-conditional generator and discriminators on the shared N-D factory (seed 001, with its fixes).
+"""Class-conditional generator and discriminators on the shared N-D factory (a DCGAN design, with its fixes).
 
-What the seed's DCGAN did and what is built here instead:
+What a common class-conditional DCGAN for medical images does and what is built here instead:
 
 - its label went through a 65,536-wide dense map reshaped to an image; here a small learned embedding (``embedding_dim``)
   joins the noise and, through conditional batch norm, sets every generator stage's scale and shift;

@@ -1,20 +1,48 @@
-"""Reading and writing images with their geometry, and intensity normalisation."""
+"""Reading and writing images with their geometry, and intensity normalisation.
 
-from consingan.io.intensity import IntensityRange
-from consingan.io.labels import LabelEncoding
-from consingan.io.volume import (
-    SUPPORTED_SUFFIXES,
-    Volume,
-    decode_header,
-    encode_header,
-    file_suffix,
-    list_images,
-    output_suffix,
-    read_volume,
-    resized_affine,
-    write_outputs,
-    write_volume,
-)
+The public names are imported on first use (PEP 562): a module that needs the intensity mapping does not load the
+image readers and their libraries.
+"""
 
-__all__ = ["IntensityRange", "LabelEncoding", "write_outputs", "SUPPORTED_SUFFIXES", "Volume", "decode_header", "encode_header", "file_suffix", "list_images", "output_suffix", "read_volume", "resized_affine",
-           "write_volume"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from consingan.io.intensity import IntensityRange
+    from consingan.io.labels import LabelEncoding
+    from consingan.io.volume import (
+        SUPPORTED_SUFFIXES,
+        Volume,
+        decode_header,
+        encode_header,
+        file_suffix,
+        list_images,
+        output_suffix,
+        read_volume,
+        resized_affine,
+        write_outputs,
+        write_volume,
+    )
+
+_HOMES = {
+    "IntensityRange": "intensity",
+    "LabelEncoding": "labels",
+    **{name: "volume" for name in ("write_outputs", "SUPPORTED_SUFFIXES", "Volume", "decode_header", "encode_header",
+                                   "file_suffix", "list_images", "output_suffix", "read_volume", "resized_affine",
+                                   "write_volume")},
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

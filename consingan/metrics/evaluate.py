@@ -32,7 +32,10 @@ class EvaluateConfig:
     swd_levels: int = 4  # Laplacian levels
     memorisation_threshold: float = 0.5  # flag copying below this ratio of sample-to-real over real-to-real distance
     collapse_diversity: float = 0.05  # samples less diverse than this are a collapse (or a copy, see verdict)
-    inception_weights: str = ""  # local Inception-v3 state dict (pytorch-fid's) for the standard 2D SIFID
+    # A local Inception-v3 state dict for SinGAN's 2D SIFID (its layer before the second pooling, image at its own
+    # size): torchvision's ImageNet weights give numbers comparable with published SIFID for 8-bit RGB images spanning
+    # 0..255 (the measurement space then maps values as SinGAN does); pytorch-fid's file loads too, with other values.
+    inception_weights: str = ""
     device: str = "auto"
     tile: int | str = "auto"  # samples and reconstruction in tiles: 'auto', 'off' or a side (TrainedPyramid.sample)
 
@@ -341,7 +344,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
                  ("reconstruction SSIM", f"{result['reconstruction']['ssim']:.4f}"),
                  ("reconstruction Pearson r", f"{result['reconstruction']['pearson_r']:.3f}")]
     if "sifid_inception" in result:
-        rows.append(("SIFID (Inception)", f"{result['sifid_inception']:.4f}"))
+        rows.append(("SIFID (SinGAN's Inception layer)", f"{result['sifid_inception']:.4f}"))
     return rows
 
 

@@ -1,6 +1,7 @@
 """Offline measures of sample quality, diversity and memorisation, for 2D and 3D images [N, C, *spatial].
 
-Nothing here downloads anything: the feature network for the Frechet distance is built from a fixed seed.
+Nothing here downloads anything: the feature network for the Frechet distance is built from a fixed seed, and the
+Inception layers of SinGAN's SIFID take their weights from a file the user gives.
 """
 
 from __future__ import annotations
@@ -436,17 +437,23 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, sigma: float
 
 
 class InceptionStem(torch.nn.Module):
-    """The first block of Inception-v3 (three 3x3 convs with batch norm, then max pooling: 64 channels), the features
-    of SinGAN's SIFID. Weights come only from a local file the user gives (pytorch-fid's ``pt_inception-...pth`` state
-    dict, whose keys ``Conv2d_1a_3x3.conv.weight`` ... this module matches); nothing is downloaded."""
+    """The layers of Inception-v3 that SinGAN's SIFID reads: three 3x3 convs, max pooling, a 1x1 and a 3x3 conv (each
+    conv with batch norm and ReLU), giving the 192-channel map just before the second pooling, on the image at its own
+    size (no resizing to 299). Weights come only from a local file the user gives: an Inception-v3 state dict whose keys
+    ``Conv2d_1a_3x3.conv.weight`` ... this module matches (torchvision's ImageNet weights, the ones SinGAN's published
+    SIFID used, or pytorch-fid's ``pt_inception-...pth``, whose values differ); nothing is downloaded."""
 
-    _LAYERS = (("Conv2d_1a_3x3", 3, 32, 2, 0), ("Conv2d_2a_3x3", 32, 32, 1, 0), ("Conv2d_2b_3x3", 32, 64, 1, 1))
+    # name, input channels, output channels, kernel, stride, padding; max pooling after Conv2d_2b_3x3
+    _LAYERS = (("Conv2d_1a_3x3", 3, 32, 3, 2, 0), ("Conv2d_2a_3x3", 32, 32, 3, 1, 0), ("Conv2d_2b_3x3", 32, 64, 3, 1, 1),
+               ("Conv2d_3b_1x1", 64, 80, 1, 1, 0), ("Conv2d_4a_3x3", 80, 192, 3, 1, 0))
+    _POOL_AFTER = "Conv2d_2b_3x3"
+    MIN_SIZE = 19  # the smallest side that still leaves a 1 x 1 map after the last conv
 
     def __init__(self) -> None:
         super().__init__()
-        for name, cin, cout, stride, padding in self._LAYERS:
+        for name, cin, cout, kernel, stride, padding in self._LAYERS:
             block = torch.nn.Module()
-            block.conv = torch.nn.Conv2d(cin, cout, 3, stride=stride, padding=padding, bias=False)
+            block.conv = torch.nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
             block.bn = torch.nn.BatchNorm2d(cout, eps=0.001)
             self.add_module(name, block)
 
@@ -467,14 +474,18 @@ class InceptionStem(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W] in [-1, 1] (grey is repeated to RGB) -> feature vectors [P, 64].
+        """Images [N, 3, H, W] in [-1, 1] (grey is repeated to RGB) -> feature vectors [P, 192], one per position of
+        the map before the second pooling (SinGAN's SIFID feeds its images in [-1, 1] at their own size too)."""
+        from consingan.errors import ConsinganError
 
-        Inputs are resized to 299 x 299 first, as pytorch-fid's network (used by SinGAN's SIFID) does by default."""
+        if min(x.shape[2:]) < self.MIN_SIZE:
+            raise ConsinganError(f"SIFID's Inception features need images of at least {self.MIN_SIZE} pixels a side, "
+                                 f"got {tuple(x.shape[2:])}")
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         for name, *_ in self._LAYERS:
             block = getattr(self, name)
             x = F.relu(block.bn(block.conv(x)))
-        x = F.max_pool2d(x, 3, stride=2)
+            if name == self._POOL_AFTER:
+                x = F.max_pool2d(x, 3, stride=2)
         return x.movedim(1, -1).reshape(-1, x.shape[1])

@@ -1,7 +1,8 @@
 """CBAM: Convolutional Block Attention Module (Woo et al., ECCV 2018), for 2D and 3D feature maps.
 
-Channel attention first, spatial attention second, as in the paper. (The thesis implementation described in the seed
-pooled with an average where the max belonged in 3D, swapped the order and crashed with ``cbam=false``.)
+Channel attention first, spatial attention second, as in the paper. (The 2D/3D ConSinGAN thesis implementation
+this engine re-creates pooled with an average where the max belonged in 3D, swapped the order and crashed with
+``cbam=false``.)
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ bicubic kernel applied to the identity, so the result is ``F.interpolate(mode='b
 (same taps, same border clamping): equal to 1e-12 in float64; in float32 up to about 1e-4 apart at 250 px, because
 PyTorch's kernel computes the source positions in float32 and these matrices are built in float64. Forward and
 backward of 2 x 32 channels on one CPU thread run 3.6 to 5.3 x faster at the sizes of a 64 px pyramid, 1.45 x at
-the seed's largest step (115 x 171 -> 167 x 250), and break even beyond it (``benchmarks/bench_resize.py``). For
-linear interpolation PyTorch's kernels are already fast (dense matrices lose there), so it stays with them.
+the largest step of the default 2D pyramid (115 x 171 -> 167 x 250), and break even beyond it
+(``benchmarks/bench_resize.py``). For linear interpolation PyTorch's kernels are already fast (dense matrices lose
+there), so it stays with them.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ class ResNetRefiner(nn.Module):
     """Head (7-wide conv, instance norm, ReLU), ``num_blocks`` residual blocks each followed by Coordinate Attention
     (optional), tail (3-wide conv, tanh); no resampling, so fine detail stays at full resolution.
 
-    Seed table at 256 px: 4 x 256 (3-channel GAN output + 1-channel mask) -> 64 x 256 -> 3 x 256.
+    At 256 px with the defaults: 4 x 256 (3-channel GAN output + 1-channel mask) -> 64 x 256 -> 3 x 256.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int = 4, out_channels: int = 3, channels: int = 64,

@@ -30,8 +30,8 @@ class ResidualBlock(nn.Module):
 
 class ResNetGenerator(nn.Module):
     """7-wide reflection-padded head, ``num_downsampling`` strided convs (channels doubling), ``num_blocks`` residual
-    blocks, as many transposed convs back, a 7-wide tail with tanh. Defaults give the seed's table at 256 px:
-    64 x 256 -> 512 x 32 -> 64 x 256 -> ``out_channels`` x 256."""
+    blocks, as many transposed convs back, a 7-wide tail with tanh. Defaults give a pix2pixHD-style generator at
+    256 px: 64 x 256 -> 512 x 32 -> 64 x 256 -> ``out_channels`` x 256."""
 
     def __init__(self, spatial_dims: int, in_channels: int = 1, out_channels: int = 3, base_channels: int = 64,
                  num_downsampling: int = 3, num_blocks: int = 9) -> None:

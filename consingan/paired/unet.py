@@ -32,7 +32,7 @@ class UNetGenerator(nn.Module):
     """Encoder of ``depth`` strided 4-wide convolutions, decoder of ``depth - 1`` transposed ones with skip
     concatenations, and a final transposed convolution with tanh.
 
-    With depth 8 at 256 px this is the seed's table: 64, 128, 256, 512, 512, 512, 512, 512 channels down to 1 x 1
+    With depth 8 at 256 px this is pix2pix's U-Net-256: 64, 128, 256, 512, 512, 512, 512, 512 channels down to 1 x 1
     (first and last encoder blocks without normalisation), back up to 64 x 128 x 128, then ``out_channels`` x 256.
     Each spatial side must be divisible by 2**depth.
 
@@ -43,7 +43,7 @@ class UNetGenerator(nn.Module):
         base_channels: channels of the first block; doubled per level up to ``max_channels``.
         dropout: in the three innermost decoder blocks (pix2pix uses 0.5).
         skip_attention: pass each of the ``depth - 1`` decoder concatenations (2F channels) through CBAM before the
-            next upsampling (the seed's CBAM U-Net).
+            next upsampling (a CBAM U-Net).
         spade_channels: if > 0, the decoder's instance norms become SPADE conditioned on the input (a segmentation
             map with this many channels, normally ``in_channels``), so the layout reaches every decoder level.
     """

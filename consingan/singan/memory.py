@@ -2,14 +2,17 @@
 
 Measured on the CPU as the resident high-water mark of training epochs (3 concurrent stages, 3 conv blocks per stage,
 64 channels, the whole pyramid grown; benchmarks/RESULTS.md), the training step holds, in feature maps of the finest
-scale: 45 per block of a stage at 167x250 (2D, seed layers), 39 at 115x171, 35 at 42^3, 29 at 56^3, 20 at 64^3. The
+scale: 45 per block of a stage at 167x250 (2D, default layers), 39 at 115x171, 35 at 42^3, 29 at 56^3, 20 at 64^3. The
 estimate takes 50 maps per block (num_layers + 2, head and tail included), above every measurement, plus 300 MiB for
 the process. It errs on the safe side in 3D, where large maps are freed sooner relative to their size.
 
 Patch training (``TrainConfig.patch_size``) holds, at a scale larger than the patch, the maps of the boxes that
 ``regions.region_plan`` materialises for one patch at the concurrently trained stages (the patch grown by every stage's
-receptive-field margin, clipped to the grids) instead of whole maps: the estimate is the whole one scaled by the
-ratio of those voxels to the voxels the whole forward materialises at the same stages.
+receptive-field margin, clipped to the grids) instead of whole maps: the estimate counts
+``PATCH_MAPS_PER_BLOCK`` maps per block over those voxels. Measured (``benchmarks/bench_scale3d.py``, the epochs' resident
+high-water mark, 64 channels, the default table): 11 maps per block with patches of 32 at 128^3 (2.9 GiB, where 50 maps
+had estimated 11.9 GiB) and 7 with patches of 45 at 250^3 (3.0 GiB against 19.4): the boxes of a patch hold far fewer
+maps per voxel than a whole volume, whose every stage's maps are alive at once. 20 maps stay above both.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from consingan.errors import ConsinganError
 
 BASE_BYTES = 300 * 2**20
 MAPS_PER_BLOCK = 50
+PATCH_MAPS_PER_BLOCK = 20
 
 
 def estimate_peak_bytes(config: TrainConfig, top_shape: Sequence[int], channels: int | None = None) -> int:
@@ -93,7 +97,7 @@ def estimate_training_bytes(config: TrainConfig, shapes: Sequence[Sequence[int]]
         active = range(max(0, stage + 1 - config.active_scales), stage + 1)
         voxels = [sum(math.prod(hi - lo for lo, hi in plan[k].input) for k in active)
                   for plan in (region_plan(generator, shapes, box, stage + 1) for box in (centre, whole_box(shape)))]
-        maps = estimate_peak_bytes(config, shape) - BASE_BYTES
+        maps = (estimate_peak_bytes(config, shape) - BASE_BYTES) * PATCH_MAPS_PER_BLOCK / MAPS_PER_BLOCK
         peak = max(peak, int(maps * voxels[0] / voxels[1]) + BASE_BYTES)
     return peak
 

@@ -6,10 +6,11 @@ import copy
 import functools
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from consingan.nn import CBAM, ConvBlock, factory
 from consingan.nn.interpolation import Resampler
@@ -52,6 +53,31 @@ def init_weights(module: nn.Module) -> None:
     elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)) and module.affine:
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def same_output_channels_(conv: nn.Module) -> None:
+    """Give every output channel of ``conv`` the weights and bias of its first: the generator's last convolution
+    then starts colour-neutral, all image channels equal (grey for RGB).
+
+    Why (issue 26): with independently drawn rows the three channels of an RGB output start as three unrelated
+    images. Where the image is grey the critic's real data has no colour at all, a point mass that WGAN-GP training
+    never settles on (it circles it), so the random colour of the start was never trained away and stayed as
+    magenta / green rims at edges. Started equal, and with a critic that starts colour-blind
+    (``same_input_channels_``), channels that are equal in the image get equal gradients at every step (the whole
+    computation is symmetric in them) and stay equal for good; channels that differ in the image (a colour stain,
+    label channels) get different gradients at once and learn their colour from the image, not from the draw."""
+    conv.weight.copy_(conv.weight[:1].expand_as(conv.weight))
+    if conv.bias is not None:
+        conv.bias.fill_(float(conv.bias[0]))
+
+
+@torch.no_grad()
+def same_input_channels_(conv: nn.Module) -> None:
+    """Give every input channel of ``conv`` the weights of its first, divided by the square root of their number
+    (which keeps the spread of its responses to an image whose channels are equal): the critic's first convolution
+    then starts blind to colour, seeing only the channels' sum (see ``same_output_channels_``)."""
+    conv.weight.copy_(conv.weight[:, :1].expand_as(conv.weight) / conv.weight.shape[1] ** 0.5)
 
 
 class GrowingGenerator(nn.Module):
@@ -109,7 +135,10 @@ class GrowingGenerator(nn.Module):
             factory.activation("tanh"),
         )
         self.apply(init_weights)
+        same_output_channels_(self.tail[1])  # the image channels start equal (issue 26: no colour from the draw)
         self.register_buffer("noise_amps", torch.ones(1))
+        # Activation checkpointing of the trained stages (``run_stage``): set by the trainer, not saved with the state.
+        self.checkpoint_stages = False
 
     def _new_stage(self) -> nn.Sequential:
         stage = nn.Sequential()
@@ -202,15 +231,35 @@ class GrowingGenerator(nn.Module):
         num_stages = self.num_stages if num_stages is None else num_stages
         if len(noise) < num_stages:
             raise ValueError(f"need noise for {num_stages} stages, got {len(noise)}")
-        x = self.head(noise[0] * self.noise_amps[0])
-        x = self._resize(x, [s + self.body_shrink for s in self.output_shape(0, noise[0])])
-        features = self.body[0](x)
+        body_input = [s + self.body_shrink for s in self.output_shape(0, noise[0])]
+
+        def first_stage(z: torch.Tensor) -> torch.Tensor:  # the head belongs to stage 0: it trains with it
+            return self.body[0](self._resize(self.head(z), body_input))
+
+        features = self.run_stage(0, first_stage, noise[0] * self.noise_amps[0])
         for k in range(1, num_stages):
             shape = self.output_shape(k, noise[k])
             upsampled = self._resize(features, shape)
             stage_input = self._resize(features, noise[k].shape[2:]) + noise[k] * self.noise_amps[k]
-            features = self.body[k](stage_input) + upsampled
+            features = self.run_stage(k, self.body[k], stage_input) + upsampled
         return self.tail(features)
+
+    def run_stage(self, stage: int, function: Callable[..., torch.Tensor], *inputs: torch.Tensor | None
+                  ) -> torch.Tensor:
+        """``function(*inputs)``, the computation of stage ``stage`` (whole or on a region, ``regions.region_forward``).
+
+        With ``checkpoint_stages`` on, while gradients are recorded and the stage trains (its parameters require
+        gradients), only its inputs and output are kept and its activations are recomputed in the backward pass: the
+        same gradients for one more forward of the stage. Frozen stages record no graph anyway, and ``function`` must
+        draw no random numbers (noise is drawn outside it), so that the recomputation is the same computation.
+        """
+        if self.checkpoint_stages and torch.is_grad_enabled() and self.stage_trains(stage):
+            return checkpoint(function, *inputs, use_reentrant=False)
+        return function(*inputs)
+
+    def stage_trains(self, stage: int) -> bool:
+        """Whether any parameter of stage ``stage`` requires gradients (see ``param_groups``)."""
+        return any(parameter.requires_grad for parameter in self.body[stage].parameters())
 
     def load_grown_state(self, state: dict[str, torch.Tensor]) -> None:
         """Grow to the number of stages in ``state`` and load it (noise amplitudes and reconstruction noise included)."""
@@ -322,6 +371,7 @@ class Critic(nn.Module):
             self.body.add_module("cbam", CBAM(spatial_dims, num_feature_channels))
         self.tail = factory.conv(spatial_dims, num_feature_channels, 1, kernel_size, padding=padding)
         self.apply(init_weights)
+        same_input_channels_(self.head.conv)  # colour-blind at the start (issue 26)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.body(self.head(x)))

@@ -431,23 +431,31 @@ def _run(generator: nn.Module, layout: _Layout, plans: list[_StagePlan], tail_bo
     ``start - 1`` (computed before, kept whole), from which stage ``start`` reads its box."""
     amps = generator.noise_amps
     features = None if start == 0 else base[box_slices(plans[start].boxes.source)]
+    # The generator's stage runner (activation checkpointing of trained stages, GrowingGenerator.run_stage).
+    run_stage = getattr(generator, "run_stage", lambda k, function, *inputs: function(*inputs))
     for k, plan in enumerate(plans[start:], start):
         frozen = torch.no_grad() if k < frozen_below else contextlib.nullcontext()
         with frozen:
-            z = _draw(noise, k, plan.boxes.noise, layout.channels[k])
-            if k == 0:
-                x = layout.head.run(z * amps[0], plan.head, None)
-                x = layout.resample(x, plan.head[-1], layout.head.out_shape, layout.bodies[0].in_shape, plan.body[0])
-            else:
-                source = plan.boxes.source
-                x = layout.resample(features, source, layout.out[k - 1], layout.noise[k], plan.body[0]) + z * amps[k]
+            z = _draw(noise, k, plan.boxes.noise, layout.channels[k])  # drawn outside what a checkpoint recomputes
             descriptor = None if descriptors is None else descriptors[k]
-            y = plan.chain.run(x, plan.body, descriptor)
-            if plan.skip:
-                y = y + layout.resample(features, plan.boxes.source, layout.out[k - 1], layout.out[k],
-                                        plan.boxes.features)
-        features = y
+            stage = functools.partial(_stage_region, layout, plan, k, amps[k], descriptor)
+            features = run_stage(k, stage, features, z)
     return features if tail_boxes is None else layout.tail.run(features, tail_boxes, None)
+
+
+def _stage_region(layout: _Layout, plan: _StagePlan, k: int, amp: torch.Tensor, descriptor,
+                  features: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+    """Stage ``k``'s boxes from the box ``features`` of the stage below (None at stage 0) and its noise ``z``."""
+    if k == 0:
+        x = layout.head.run(z * amp, plan.head, None)
+        x = layout.resample(x, plan.head[-1], layout.head.out_shape, layout.bodies[0].in_shape, plan.body[0])
+    else:
+        source = plan.boxes.source
+        x = layout.resample(features, source, layout.out[k - 1], layout.noise[k], plan.body[0]) + z * amp
+    y = plan.chain.run(x, plan.body, descriptor)
+    if plan.skip:
+        y = y + layout.resample(features, plan.boxes.source, layout.out[k - 1], layout.out[k], plan.boxes.features)
+    return y
 
 
 def _shapes_of(noise, shapes):
@@ -534,6 +542,17 @@ def receptive_margins(generator: nn.Module, num_stages: int | None = None) -> li
             margin += taps
         margins.append(margin)
     return margins
+
+
+def largest_tile(generator: nn.Module, num_stages: int, budget_bytes: float, batch_size: int = 1,
+                 smallest: int = 8) -> int:
+    """The side of the largest cube tile whose forward without gradient (its ``WHOLE_STAGE_MAPS`` feature maps at the
+    finest stage, grown by that stage's receptive margins) fits ``budget_bytes``; at least ``smallest``."""
+    item = torch.finfo(next(generator.parameters()).dtype).bits // 8
+    per_voxel = WHOLE_STAGE_MAPS * batch_size * generator.num_feature_channels * item
+    margin = receptive_margins(generator, num_stages)[-1]
+    side = int((budget_bytes / per_voxel) ** (1 / generator.spatial_dims)) - 2 * margin
+    return max(side, smallest)
 
 
 def cbam_statistics(

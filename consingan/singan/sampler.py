@@ -214,11 +214,8 @@ class TrainedPyramid:
 
     def auto_tile(self, shapes: Sequence[Shape]) -> tuple[int, ...]:
         """The largest cube tile whose forward, with the finest stage's receptive margins, fits ``TILE_BYTES``."""
-        generator = self.generator
-        per_voxel = self.whole_forward_bytes([(1,) * self.spatial_dims] * len(shapes))
-        margin = regions.receptive_margins(generator, len(shapes))[-1]
-        side = int((TILE_BYTES / per_voxel) ** (1 / self.spatial_dims)) - 2 * margin
-        return tuple(min(max(side, MIN_TILE), n) for n in shapes[-1])
+        side = regions.largest_tile(self.generator, len(shapes), TILE_BYTES, smallest=MIN_TILE)
+        return tuple(min(side, n) for n in shapes[-1])
 
     def _budget(self, memory_bytes: int | None) -> int:
         return int(SAMPLING_SHARE * available_bytes(self.device)) if memory_bytes is None else int(memory_bytes)
@@ -352,20 +349,26 @@ class AugmentationDataset(torch.utils.data.Dataset):
     its int64 label map [1, *spatial]). With a ``seed``, item i is the same on every epoch
     and in every worker; with ``seed=None``, every access draws a new sample. The generator is loaded lazily in each
     worker process, so the dataset pickles cheaply.
+
+    ``as_dict``: items are MONAI-style dictionaries instead, ``{"image": ..., "label": ...}`` (no label without
+    one), laid out as MONAI's ``LoadImaged`` reads the sample file ``consingan sample`` writes (on the source's
+    grid, spatial axes x first, a RAS affine): ``MetaTensor``s carrying the affine when MONAI is installed, else
+    plain tensors and an ``"affine"`` entry (see ``consingan.io.export.monai_item``).
     """
 
     def __init__(self, run_dir: Path | str, length: int, seed: int | None = None, start_scale: int = 0,
-                 scale_factors: Sequence[float] | None = None, device: str = "cpu") -> None:
+                 scale_factors: Sequence[float] | None = None, device: str = "cpu", as_dict: bool = False) -> None:
         RunFolder.open(run_dir, "singan")  # fail now, not in a worker
         self.run_dir, self.length, self.seed = Path(run_dir), length, seed
         self.options = dict(start_scale=start_scale, scale_factors=scale_factors)
         self.device = device
+        self.as_dict = as_dict
         self._pyramid: TrainedPyramid | None = None
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | dict:
         if not 0 <= index < self.length:
             raise IndexError(index)
         if self._pyramid is None:
@@ -375,11 +378,22 @@ class AugmentationDataset(torch.utils.data.Dataset):
             image = self._pyramid.sample(1, seed=self.seed, first_index=index, **self.options)
         else:
             image = self._pyramid.sample(1, seed=int(torch.randint(0, 2**62, (1,)).item()), **self.options)
+        if self.as_dict:
+            return self._dict_item(image, index)
         array = self._pyramid.to_source_units(image)[0]
         if self._pyramid.labels is None:
             return torch.from_numpy(array)
         image_part, label = self._pyramid.labels.split(array)
         return torch.from_numpy(image_part), torch.from_numpy(label)
+
+    def _dict_item(self, image: torch.Tensor, index: int) -> dict:
+        """The MONAI-style item of one generated image [1, C, *spatial], on the grid of the sample files."""
+        from consingan.io.export import monai_item
+
+        volume = self._pyramid.to_volumes(image)[0]
+        image_part, label = (volume.array, None) if volume.labels is None else volume.labels.split(volume.array)
+        name = f"{self.run_dir}#sample_{index:04d}" if self.seed is not None else f"{self.run_dir}#unseeded"
+        return monai_item(image_part.astype(np.float32), label, volume.affine, name)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

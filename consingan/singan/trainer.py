@@ -27,7 +27,7 @@ from consingan.losses import (
 )
 from consingan.outputs import check_encodable
 from consingan.singan.health import ScaleHealth, check_scale
-from consingan.singan.memory import MemoryPlan, check_memory, patch_shape, patched
+from consingan.singan.memory import MemoryPlan, available_bytes, check_memory, patch_shape, patched
 from consingan.runs import RunFolder, RunInfo, TrainingState, first_reason, load_weights, resolve_device
 from consingan.singan.models import Critic, GrowingGenerator, architecture, check_network_fits
 from consingan.singan.pyramid import Shape, build_pyramid, pyramid_shapes
@@ -38,10 +38,15 @@ from consingan.singan.regions import (
     box_shape,
     box_slices,
     generate_tiled,
+    largest_tile,
     region_forward,
 )
 
 LOSS_NAMES = ("critic", "gradient_penalty", "adversarial", "reconstruction")
+# Memory for the whole outputs of a scale trained on patches: each tile's forward, and the coarse stages kept whole
+# between tiles, within this much each (or a fifth of the free memory, if less), so that the outputs stay within the
+# bound that the training itself keeps.
+OUTPUT_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -141,6 +146,7 @@ class SinGANTrainer:
         self.run_dir = self.run.path
         self.reporter = reporter or SilentReporter()
         self.device = resolve_device(config.device)
+        self.autocast_dtype = check_precision(config.precision, self.device)  # a resumed run may change the device
         self.intensity = intensity_map(volume, config)
         self.shapes = volume_pyramid_shapes(volume, config)
         image = torch.from_numpy(self.intensity.normalise(volume.array))[None].to(self.device)
@@ -149,12 +155,22 @@ class SinGANTrainer:
         self.generator = GrowingGenerator(config.dimension, volume.channels, upsampling=config.upsampling,
                                           **block).to(self.device)
         self.critic = Critic(config.dimension, volume.channels, batch_norm=config.batch_norm, **block).to(self.device)
+        self.generator.checkpoint_stages = config.checkpoint_stages
+        # fp16's gradient scalers, one per optimiser (their losses differ in size); disabled, they pass all through.
+        self.scalers = {name: torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+                        for name in ("generator", "critic")}
         self.last_penalty = float("nan")  # the latest gradient penalty (lazy: not computed on every update)
         # ``prepare`` records the patch 'auto' chose in config.json; a trainer made directly chooses it here.
         self.patch = (check_memory(config, self.shapes, self.device).patch if config.patch_size == "auto"
                       else config.patch_side())
         if self.patch is not None:
             check_network_fits(config, (self.patch,) * config.dimension, "the patch")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The training forwards' arithmetic (``TrainConfig.precision``): autocast to bf16 or fp16, or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def patched(self, stage: int) -> bool:
         """Whether scale ``stage`` trains on patches: it is larger than the patch on some side."""
@@ -173,7 +189,8 @@ class SinGANTrainer:
         generator = self.generator
         if not self.patched(stage):
             return generator(generator.reconstruction_inputs())
-        return generate_tiled(generator, generator.reconstruction_source(), self.patch, stage + 1)
+        return generate_tiled(generator, generator.reconstruction_source(), self.output_tile(stage), stage + 1,
+                              cache_bytes=self.output_bytes())
 
     @torch.no_grad()
     def sample_tiled(self, stage: int, seed: int, batch_size: int = 1, coarsest_fixed: bool = False) -> torch.Tensor:
@@ -189,7 +206,19 @@ class SinGANTrainer:
                 return fixed(k, box).expand(batch_size, -1, *box_shape(box))
             return field(k, box)
 
-        return generate_tiled(generator, noise, self.patch, stage + 1, shapes=shapes)
+        return generate_tiled(generator, noise, self.output_tile(stage, batch_size), stage + 1, shapes=shapes,
+                              cache_bytes=self.output_bytes())
+
+    def output_tile(self, stage: int, batch_size: int = 1) -> int:
+        """The tile side of whole outputs (samples, reconstructions) at a scale trained on patches: the largest whose
+        forward fits ``OUTPUT_BYTES``, and never below the patch. Without gradients a tile costs a small fraction of a
+        training patch of its size, and a larger tile recomputes less of its receptive margins (at the patch's side,
+        46 voxels at 250^3, the margins would about triple the work of every output)."""
+        return max(self.patch, largest_tile(self.generator, stage + 1, self.output_bytes(), batch_size))
+
+    def output_bytes(self) -> int:
+        """The memory a whole output's tile (and, apart, its kept coarse stages) may take: see ``OUTPUT_BYTES``."""
+        return int(min(OUTPUT_BYTES, 0.2 * available_bytes(self.device)))
 
     # --- one scale -----------------------------------------------------------------------------------------------
 
@@ -236,8 +265,11 @@ class SinGANTrainer:
         config, critic = self.config, self.critic
         steps = self.patch_steps(stage) if self.patched(stage) else self.whole_steps(stage)
 
+        # Forwards under ``autocast`` (bf16/fp16), losses and the penalty's gradient norm in float32 (the steps give
+        # float32 images, scores are cast before the loss), backward passes outside it.
+        scaler_d, scaler_g = self.scalers["critic"], self.scalers["generator"]
         # The fake does not change while only the critic learns: generate it once for all critic steps.
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             fake = steps.fake()
         critic.requires_grad_(True)
         every = config.gradient_penalty_every
@@ -246,15 +278,23 @@ class SinGANTrainer:
             real = steps.real()
             # Real and fake in one batch (see joint_scores): with batch norm, the only way the critic sees the
             # fake's intensity at all; without it the same scores, and a batch of two takes the faster CPU path.
-            critic_loss = wasserstein_critic_loss(*joint_scores(critic, real, fake))
+            with self.autocast():
+                scores = joint_scores(critic, real, fake)
+            critic_loss = wasserstein_critic_loss(*(score.float() for score in scores))
             loss = critic_loss
             if step % every == 0:  # lazy regularisation: every k-th update, weighted by k
+                # fp16: the penalty's inner gradient is taken of scaled scores and unscaled (see gradient_penalty).
                 penalty = gradient_penalty(critic, real, fake, config.gradient_penalty,
-                                           reference=real if config.batch_norm else None)
-                self.last_penalty = penalty.item()
+                                           reference=real if config.batch_norm else None,
+                                           precision=self.autocast_dtype,
+                                           scale=scaler_d.get_scale() if scaler_d.is_enabled() else 1.0)
+                # An fp16 overflow at the scaler's current scale is not a divergence: the scaler skips that step and
+                # lowers its scale, and the latest finite penalty stays the one reported.
+                if not scaler_d.is_enabled() or torch.isfinite(penalty):
+                    self.last_penalty = penalty.item()
                 loss = loss + config.lambda_grad_penalty * every * penalty
-            loss.backward()
-            optimizer_d.step()
+            scaler_d.scale(loss).backward()
+            apply_gradient(scaler_d, optimizer_d)
 
         critic.requires_grad_(False)  # no critic gradients are needed for generator updates
         use_rec = config.alpha_rec_loss > 0
@@ -263,13 +303,13 @@ class SinGANTrainer:
         optimizer_steps = 1 if config.generator_update == "fresh" else config.Gsteps
         for _ in range(backward_passes):
             optimizer_g.zero_grad(set_to_none=True)
-            fake, rec = steps.generate(use_rec)
-            # With batch norm the fake is scored beside the real, with the statistics the critic learnt on.
-            scores = joint_scores(critic, steps.real(), fake)[1] if config.batch_norm else critic(fake)
-            adversarial = wasserstein_generator_loss(scores)
-            (adversarial + config.alpha_rec_loss * rec).backward()
-            for _ in range(optimizer_steps):
-                optimizer_g.step()
+            with self.autocast():
+                fake, rec = steps.generate(use_rec)
+                # With batch norm the fake is scored beside the real, with the statistics the critic learnt on.
+                scores = joint_scores(critic, steps.real(), fake)[1] if config.batch_norm else critic(fake)
+            adversarial = wasserstein_generator_loss(scores.float())
+            scaler_g.scale(adversarial + config.alpha_rec_loss * rec).backward()
+            apply_gradient(scaler_g, optimizer_g, optimizer_steps)
         critic.requires_grad_(True)
         return {
             "critic": critic_loss.item(), "gradient_penalty": self.last_penalty,
@@ -285,13 +325,14 @@ class SinGANTrainer:
         def generate(with_rec: bool) -> tuple[torch.Tensor, torch.Tensor]:
             noise = generator.sample_noise(shapes)
             if not with_rec:
-                return generator(noise), torch.zeros((), device=real.device)
+                return generator(noise).float(), torch.zeros((), device=real.device)
             # One batch of two (random, fixed) instead of two passes: the generator has no batch statistics, so
             # this is the same computation, and a batch of 2 takes PyTorch's fast CPU convolution path.
-            output = generator([torch.cat([n, r]) for n, r in zip(noise, rec_inputs)])
+            output = generator([torch.cat([n, r]) for n, r in zip(noise, rec_inputs)]).float()  # under autocast too
             return output[:1], reconstruction_loss(output[1:], real)
 
-        return _Steps(fake=lambda: generator(generator.sample_noise(shapes)), real=lambda: real, generate=generate)
+        return _Steps(fake=lambda: generator(generator.sample_noise(shapes)).float(), real=lambda: real,
+                      generate=generate)
 
     def patch_steps(self, stage: int) -> "_Steps":
         """What an epoch of a scale larger than the patch trains on: random boxes of the patch's shape.
@@ -307,9 +348,9 @@ class SinGANTrainer:
         fresh, fixed = FreshNoise(generator, shapes), generator.reconstruction_source()
         frozen_below = max(0, stage + 1 - self.config.active_scales)
 
-        def region(noise, box: Box) -> torch.Tensor:
+        def region(noise, box: Box) -> torch.Tensor:  # float32, under autocast too
             return region_forward(generator, noise, box, shapes=shapes, descriptors="region",
-                                  frozen_below=frozen_below)
+                                  frozen_below=frozen_below).float()
 
         def generate(with_rec: bool) -> tuple[torch.Tensor, torch.Tensor]:
             box = self.random_box(stage)
@@ -359,9 +400,13 @@ class SinGANTrainer:
                     self.save_training_state(stage, epoch, history, time.perf_counter() - started, optimizers)
         seconds = time.perf_counter() - started
         finished_before = start_epoch >= config.epochs  # killed between the final state and scale.json
+        # One reconstruction for the outputs and the health check: at a scale trained on patches each whole output
+        # is a tiled pass over the full volume, minutes at 250^3.
+        with self.evaluating():
+            reconstruction = self.reconstruct(stage)
         if not finished_before:
-            self.write_outputs(stage, config.epochs)
-        health = self.check_health(stage, history)
+            self.write_outputs(stage, config.epochs, reconstruction)
+        health = self.check_health(stage, history, reconstruction=reconstruction)
         for message in health.warnings:
             self.reporter.warn(stage, message)
         summary = ScaleSummary(
@@ -391,18 +436,24 @@ class SinGANTrainer:
         self.run.save_training_state(self.run.scale_dir(stage), state)
 
     @torch.no_grad()
-    def check_health(self, stage: int, history: Sequence[dict[str, float]], num_samples: int = 4) -> ScaleHealth:
+    def check_health(self, stage: int, history: Sequence[dict[str, float]], num_samples: int | None = None,
+                     reconstruction: torch.Tensor | None = None) -> ScaleHealth:
         """Frozen losses, saturated outputs and samples that do not vary (see ``consingan.singan.health``).
 
         The samples are drawn from a generator of their own, so the check leaves the training's random state alone.
+        ``num_samples`` default: 4, or 2 at a scale trained on patches (each a tiled pass over the whole volume; two
+        are the least that show whether samples vary). ``reconstruction``: the scale's, when already computed.
         """
+        if num_samples is None:
+            num_samples = 2 if self.patched(stage) else 4
         with self.evaluating() as generator:
             if self.patched(stage):  # in tiles, from a noise field of the same seed
                 samples = self.sample_tiled(stage, stage, num_samples)
             else:
                 rng = torch.Generator(device=self.device).manual_seed(stage)
                 samples = generator(generator.sample_noise(self.shapes[: stage + 1], num_samples, generator=rng))
-            reconstruction = self.reconstruct(stage)
+            if reconstruction is None:
+                reconstruction = self.reconstruct(stage)
         shown = self.image_channels
         trained = self.intensity.channels(shown)
         space = IntensityRange(trained.minimum, trained.maximum)  # evaluate's measurement space: source min-max
@@ -433,7 +484,7 @@ class SinGANTrainer:
     # --- outputs -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def write_outputs(self, stage: int, epoch: int) -> None:
+    def write_outputs(self, stage: int, epoch: int, reconstruction: torch.Tensor | None = None) -> None:
         """One random sample and one reconstruction in the input's file type and geometry, plus a PNG preview.
 
         The preview shows real | sample | variation | reconstruction. The variation keeps the coarsest stage on its
@@ -454,7 +505,7 @@ class SinGANTrainer:
                 varied = generator.sample_noise(self.shapes[: stage + 1], generator=rng)
                 varied[0] = generator.reconstruction_noise(0)
                 variation = generator(varied)[0].cpu().numpy()
-            reconstruction = self.reconstruct(stage)[0].cpu().numpy()
+            reconstruction = (self.reconstruct(stage) if reconstruction is None else reconstruction)[0].cpu().numpy()
         folder = self.run.scale_dir(stage) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in (("sample", sample), ("reconstruction", reconstruction)):
@@ -528,6 +579,7 @@ def attach_labels(volume: Volume, label: Volume, name: str) -> Volume:
 def prepare(config: TrainConfig) -> tuple[TrainConfig, Volume]:
     """Validate the configuration and read the image, before anything is written."""
     config = config.validate()
+    check_precision(config.precision, resolve_device(config.device))
     check_encodable(Path(config.out_dir) / config.run_name, "output folder")  # before any table is printed
     if config.seed is None:
         config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
@@ -561,7 +613,7 @@ def check_pyramid(config: TrainConfig, volume: Volume) -> None:
     shapes = volume_pyramid_shapes(volume, config)
     check_network_fits(config, shapes[0])
     distinct = len(set(shapes))
-    # Every scale the same size (the image's shortest side is min_size, as with the seed's defaults on the shipped
+    # Every scale the same size (the image's shortest side is min_size, as with the default settings on the shipped
     # volume) is what the options say and gets a note; a pyramid with some repeated sizes is a mistake.
     if 1 < distinct < len(shapes):
         raise ConsinganError(
@@ -593,6 +645,36 @@ def train_prepared(config: TrainConfig, volume: Volume, reporter: Reporter | Non
         seed_everything(config.seed)
         trainer = SinGANTrainer(config, volume, run, reporter)
         return TrainResult(run.path, config, trainer.train())
+
+
+AUTOCAST_TYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast type of ``TrainConfig.precision`` on ``device`` (None: float32 throughout); fp16 off CUDA is
+    refused (CPU autocast has no gradient scaling, without which float16 gradients underflow)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConsinganError("fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    # CUDA autocast refuses bf16 on such a GPU itself, but only once training has started.
+    if precision == "bf16" and device.type == "cuda":
+        with torch.cuda.device(device):
+            if not torch.cuda.is_bf16_supported():
+                raise ConsinganError("bf16 is not supported by this GPU; use fp16 or fp32")
+    return AUTOCAST_TYPES[precision]
+
+
+def apply_gradient(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, times: int = 1) -> None:
+    """``times`` optimiser steps with the gradient just computed (``generator_update`` 'repeat': Gsteps of one).
+
+    With fp16 the scaler unscales the gradient in place at its first step and skips the update when it overflowed;
+    the repeats use the unscaled gradient, and are skipped with it. A disabled scaler steps as plain Adam does."""
+    scaler.step(optimizer)
+    if times > 1 and (not scaler.is_enabled() or all(
+            bool(torch.isfinite(p.grad).all()) for group in optimizer.param_groups for p in group["params"]
+            if p.grad is not None)):
+        for _ in range(times - 1):
+            optimizer.step()
+    scaler.update()
 
 
 def seed_everything(seed: int) -> None:
