@@ -256,8 +256,10 @@ class WarningReporter:
         self.warnings.append(f"scale {stage}: {message}")
 
 
-def train_gan(data: Data, options: dict[str, Any], dim: int, seed: int, work: Path, reuse: bool) -> tuple[Path, list]:
-    """consingan trained on the training pair with its label map; an existing finished run is reused on request."""
+def train_gan(data: Data, options: dict[str, Any], dim: int, seed: int, work: Path, reuse: bool
+              ) -> tuple[Path, list[str], bool]:
+    """consingan trained on the training pair with its label map: (run folder, its health warnings, whether it was
+    reused); an existing finished run is reused on request."""
     from consingan.runs import RunFolder
     from consingan.singan.trainer import train
 
@@ -266,7 +268,9 @@ def train_gan(data: Data, options: dict[str, Any], dim: int, seed: int, work: Pa
         if reuse:
             run = RunFolder.open(run_dir, "singan")
             if len(run.completed_scales()) == run.config.num_scales:
-                return run_dir, ["reused a finished run"]
+                warnings = [f"scale {k}: {message}" for k in run.completed_scales()
+                            for message in run.scale_meta(k).get("health", {}).get("warnings", [])]
+                return run_dir, warnings, True
         raise ConsinganError(f"{run_dir} exists; pass --reuse-gan to use a finished run, or another --out")
     config = apply_overrides(TrainConfig(), {
         **options, "image": str(data.train_files[0]), "label": str(data.train_files[1]), "dimension": dim,
@@ -274,7 +278,7 @@ def train_gan(data: Data, options: dict[str, Any], dim: int, seed: int, work: Pa
         "checkpoint_every": 0}, "benchmark")
     reporter = WarningReporter()
     train(config, reporter)
-    return run_dir, reporter.warnings
+    return run_dir, reporter.warnings, False
 
 
 def decoding_checks(channels: np.ndarray, raw: np.ndarray, decoded: np.ndarray) -> tuple[float, float]:
@@ -421,12 +425,13 @@ def run_seed(data: Data, budget: Budget, dim: int, seed: int, work: Path, reuse_
     num_classes = len(data.classes)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    run_dir, warnings = train_gan(data, budget.gan, dim, seed, work, reuse_gan)
+    run_dir, warnings, reused = train_gan(data, budget.gan, dim, seed, work, reuse_gan)
     seconds["consingan_train"] = time.perf_counter() - started
     started = time.perf_counter()
     samples, reconstruction, decoding = draw_samples(run_dir, budget.samples, seed, data.classes)
     seconds["consingan_sample"] = time.perf_counter() - started
-    result: dict[str, Any] = {"seed": seed, "run_dir": str(run_dir), "consingan_warnings": warnings,
+    result: dict[str, Any] = {"seed": seed, "run_dir": str(run_dir), "consingan_reused": reused,
+                              "consingan_warnings": warnings,
                               "decoding": decoding, "arms": {}}
     for arm in ARMS:
         print(f"  seed {seed}: training arm {arm} ({budget.steps} steps)", flush=True)

@@ -103,6 +103,7 @@ def test_quick_2d_run_writes_dice_of_every_arm(tmp_path, capsys):
                 "288:320,0:32", "--out", str(out)])
     result = check_result(out, [0, 1], ["nucleus"])
     assert result["data"]["train_shape"] == [32, 32] and len(result["data"]["test"]) == 2
+    assert result["data"]["test"][0] == "nuclei2d.png[256:288,96:128]"
     table = capsys.readouterr().out
     assert "classical+consingan" in table and "label consistency" in table
     # A second run into the same folder reuses the finished consingan runs only when asked to.
@@ -110,9 +111,11 @@ def test_quick_2d_run_writes_dice_of_every_arm(tmp_path, capsys):
              "--out", str(out)]
     with pytest.raises(ConsinganError, match="reuse-gan"):
         bench.main(again)
-    reused = bench.main(again + ["--reuse-gan"])
-    assert all(seed["consingan_warnings"] == ["reused a finished run"] for seed in reused["per_seed"])
-    assert len(reused["data"]["test"]) == 1
+    first = result["per_seed"][1]
+    reused = bench.main(again + ["--reuse-gan", "--seeds", "1"])["per_seed"][0]
+    assert reused["consingan_reused"] and not first["consingan_reused"]
+    assert reused["consingan_warnings"] == first["consingan_warnings"]  # read back from the run's scale.json files
+    assert reused["seconds"]["consingan_train"] < first["seconds"]["consingan_train"]
 
 
 @pytest.mark.slow
