@@ -63,3 +63,21 @@ def test_dataset_yields_image_and_label(runner, nifti_3d, tmp_path, out_dir):
     image, label = AugmentationDataset(out_dir / "tiny_001", length=1, seed=0)[0]
     assert image.shape == (1, 16, 16, 16) and label.shape == (1, 16, 16, 16)
     assert set(label.unique().tolist()) <= {0, 1}
+
+
+def test_label_channels_above_the_window_edge_keep_their_order_when_decoded():
+    # Two one-hot channels mapped by the percentile window (0 -> -0.8, 1 -> +0.8): network outputs of 0.9 and 0.95
+    # both lie beyond the edge. Held at the extreme they would both read 1 and argmax would take the first class.
+    from consingan.io import IntensityRange
+    from consingan.io.labels import LabelEncoding
+
+    one_hot = np.zeros((2, 4, 4), dtype=np.float32)
+    one_hot[0, :2], one_hot[1, 2:] = 1, 1
+    mapping = IntensityRange.of(one_hot, "window", (0.5, 99.5))
+    outputs = np.full((2, 1, 1), -0.9)
+    outputs[:, 0, 0] = [0.9, 0.95]
+    clipped = mapping.denormalise(outputs)
+    assert clipped[0, 0, 0] == clipped[1, 0, 0] == 1.0  # the tie the label channels must not have
+    kept = mapping.denormalise(outputs, extrapolate_from=0)
+    assert kept[1, 0, 0] > kept[0, 0, 0] > 1.0
+    assert LabelEncoding((3, 7), 0).decode(kept)[0, 0, 0] == 7

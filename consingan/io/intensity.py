@@ -75,14 +75,28 @@ class IntensityRange:
             out[channel] = _piecewise(np.asarray(array[channel], dtype=np.float64), source, target)
         return out
 
-    def denormalise(self, array: np.ndarray) -> np.ndarray:
-        """[-1, 1] -> source units; an output in an unused margin, or beyond [-1, 1], maps to the channel's extreme."""
+    def denormalise(self, array: np.ndarray, extrapolate_from: int | None = None) -> np.ndarray:
+        """[-1, 1] -> source units; an output in an unused margin, or beyond [-1, 1], maps to the channel's extreme.
+
+        Channels from ``extrapolate_from`` on (a run's one-hot label channels) extend their end segments linearly
+        instead: they are decoded by their argmax, and two label channels both above the window's edge would
+        otherwise both become 1 and tie, handing the voxel to the lower class."""
         array = np.asarray(array, dtype=np.float64)
         out = np.empty(array.shape, dtype=np.float32)
         for channel in range(array.shape[0]):
             source, target = self._knots(channel)
+            values = array[channel]
+            if len(target) < 2:
+                out[channel] = source[0]
+                continue
             # np.interp holds values beyond the end knots at the extremes: samples stay in the source range.
-            out[channel] = np.interp(array[channel], target, source) if len(target) > 1 else source[0]
+            mapped = np.interp(values, target, source)
+            if extrapolate_from is not None and channel >= extrapolate_from:
+                for end, inner in ((0, 1), (-1, -2)):
+                    slope = (source[end] - source[inner]) / (target[end] - target[inner])
+                    beyond = values < target[0] if end == 0 else values > target[-1]
+                    mapped = np.where(beyond, source[end] + (values - target[end]) * slope, mapped)
+            out[channel] = mapped
         return out
 
     def channels(self, count: int) -> "IntensityRange":

@@ -282,7 +282,8 @@ class TrainedPyramid:
         return torch.cat(outputs)
 
     def to_source_units(self, images: torch.Tensor) -> list[np.ndarray]:
-        return [self.intensity.denormalise(image.numpy()) for image in images]
+        label_channels = self.image_channels if self.labels else None  # decoded by argmax: not clipped
+        return [self.intensity.denormalise(image.numpy(), label_channels) for image in images]
 
     def to_volumes(self, images: torch.Tensor, source_grid: bool = True) -> list[Volume]:
         """Images as Volumes in the source's units, file type and geometry.
