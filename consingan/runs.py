@@ -5,7 +5,11 @@ A run folder, whatever the model family::
     out/<run_name>/
         .lock                while a process trains the run: its PID and host (one writer per run folder)
         config.json          every option, resolved (seed included); written first
-        run.json             RunInfo: family, shapes, channels, intensity mapping, geometry, the output file type
+        run.json             RunInfo: family, shapes, channels, intensity mapping, geometry, the output file type, its
+                             format version and the library versions; single-image: written with the folder
+        source/              single-image only: its training files, so a moved run resumes and is evaluated
+            image/<name>         the image as given (a byte copy; a DICOM series folder whole; .mhd/.nhdr as .mha)
+            label/<name>         the label map, when trained with --label
         losses.csv           paired: one row per epoch (single-image: one per scale, in scale_NN/)
         training_state.pt    paired: the resumable state of the last epoch
         generator.pt         paired: the final weights
@@ -25,20 +29,27 @@ import csv
 import dataclasses
 import json
 import math
+import os
+import platform
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from consingan import __version__
-from consingan.checkpoint import RunLock, load_state, make_run_dir, save_json, save_state, save_text
+from consingan.checkpoint import RunLock, current_umask, load_state, make_run_dir, save_json, save_state, save_text
 from consingan.config import ConditionalConfig, PairedConfig, TrainConfig, check_device_name, is_single_folder_name
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding
 from consingan.outputs import check_encodable
+
+if TYPE_CHECKING:
+    from consingan.io import Volume
 
 FAMILIES = {"singan": TrainConfig, "paired": PairedConfig, "conditional": ConditionalConfig}
 # Options added after the first runs were written, with the behaviour those runs were trained with: a run folder
@@ -50,6 +61,19 @@ MAX_SIDE = 2**16  # no axis of a real image is longer; a larger number in run.js
 MAX_VOXELS = 2**32
 TRAINING_STATE_FORMAT = "consingan-training-state"
 TRAINING_STATE_VERSION = 1
+# run.json's format: 1, every run.json without a format_version (written when training began; a single-image run read
+# its image where config.json says); 2 adds format_version and the library versions, and a single-image run writes it
+# with the folder and keeps its training files in source/ (a run stopped while copying them has none).
+RUN_FORMAT_VERSION = 2
+# Headers whose voxels lie in other files they name (relative, listed or as patterns): kept as one .mha instead.
+DETACHED_SUFFIXES = (".mhd", ".nhdr")
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a run was made with, for run.json: what to install to reproduce it, and what to suspect when a
+    later install reads it differently."""
+    return {"consingan": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
+            "python": platform.python_version()}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,6 +134,8 @@ class RunInfo:
     # recorded were trained with one.
     world_size: int = 1
     consingan_version: str = __version__
+    format_version: int = RUN_FORMAT_VERSION  # a run.json without one is format 1
+    versions: dict[str, str] = field(default_factory=library_versions)  # {} in format 1
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -125,6 +151,12 @@ class RunInfo:
                 raise ValueError("not a mapping")
             values = dict(values)
             values.setdefault("family", "singan")
+            values.setdefault("format_version", 1)
+            values.setdefault("versions", {})
+            version = values["format_version"]
+            if isinstance(version, int) and not isinstance(version, bool) and version > RUN_FORMAT_VERSION:
+                raise ConsinganError(f"{where} is format {version}, newer than consingan {__version__} reads (up to "
+                                     f"{RUN_FORMAT_VERSION}); upgrade consingan")
             # Older single-image runs named the output type after the source image.
             if "source_suffix" in values:
                 values["output_suffix"] = values.pop("source_suffix")
@@ -157,6 +189,11 @@ class RunInfo:
         np.dtype(self.output_dtype)
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
             raise ValueError(f"world_size {self.world_size!r} is not a number of processes")
+        if isinstance(self.format_version, bool) or not isinstance(self.format_version, int) or self.format_version < 1:
+            raise ValueError(f"format_version {self.format_version!r} is not a format number")
+        if not isinstance(self.versions, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in self.versions.items()):
+            raise ValueError("versions is not a mapping of library names to versions")
         if self.family == "singan":
             _check_shape(self.source_shape, self.spatial_dims, "source_shape")
             if not self.shapes:
@@ -270,6 +307,7 @@ class RunFolder:
 
     CONFIG, INFO, LOSSES = "config.json", "run.json", "losses.csv"
     WEIGHTS, STATE, SCALE_META = "generator.pt", "training_state.pt", "scale.json"
+    SOURCE = "source"
 
     def __init__(self, path: Path, family: str, config: Any, info: RunInfo | None = None) -> None:
         self.path, self.family, self.config, self._info = Path(path), family, config, info
@@ -278,15 +316,24 @@ class RunFolder:
     # --- creating and opening --------------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, config: Any, stem: str) -> "RunFolder":
+    def create(cls, config: Any, stem: str, info: RunInfo | None = None,
+               sources: dict[str, Path | str] | None = None) -> "RunFolder":
         """A new folder ``out_dir/run_name`` (or ``out_dir/<stem>_NNN``), atomically, locked by this process (see
-        ``acquire``), with config.json written."""
+        ``acquire``), with config.json written, then run.json when ``info`` is given, then a copy of each training
+        file of ``sources`` ({role: path}, see ``keep_source``).
+
+        run.json comes before the copies, which may take a while: a run stopped at any moment after it resumes (from
+        the original files while it has no copy)."""
         family = next(name for name, config_class in FAMILIES.items() if isinstance(config, config_class))
         path = make_run_dir(Path(config.out_dir), config.run_name, stem)
         run = cls(path, family, config)
         run.acquire()
         try:
             save_json(path / cls.CONFIG, config.to_dict())
+            if info is not None:
+                run.write_info(info)
+            for role, source in (sources or {}).items():
+                run.keep_source(role, source)
         except BaseException:  # a folder that could not be set up must not stay locked by a living process
             run.release()
             raise
@@ -336,6 +383,10 @@ class RunFolder:
             self.release()
 
     @property
+    def has_info(self) -> bool:
+        return self._info is not None
+
+    @property
     def info(self) -> RunInfo:
         if self._info is None:
             raise ConsinganError(f"{self.path} has no run.json yet")
@@ -349,6 +400,80 @@ class RunFolder:
     def device(self, override: str | None = None) -> torch.device:
         """The device to run on: ``override`` when given, else the run's configured one."""
         return resolve_device(override or self.config.device)
+
+    # --- training files (single-image family) ----------------------------------------------------------------------
+
+    def keep_source(self, role: str, source: Path | str) -> None:
+        """Copy a training file (``role``: 'image' or 'label') into source/<role>/, so that the run resumes and is
+        evaluated wherever its folder is moved, whatever becomes of the original.
+
+        A byte copy keeps the file's geometry, data type and header exactly, and is read by the same reader; a DICOM
+        series folder is copied whole (its files: GDCM reads the folder flat). Copying costs the disk space of one
+        more copy of the image, no more than a scale's checkpoints of a large volume take; a mapped copy (an array
+        and its affine) would drop the header and the data type outputs are written in. A header whose voxels lie
+        in files it names (.mhd, .nhdr) is written as one .mha (same voxels, geometry and type). The copy is made in
+        a temporary folder renamed into place, so source/<role>/ exists only whole.
+        """
+        from consingan.io import file_suffix
+
+        source, folder = Path(source), self.path / self.SOURCE
+        target = folder / role
+        try:
+            folder.mkdir(exist_ok=True)
+            for leftover in folder.glob(f".{role}.*.tmp"):  # of a copy stopped midway
+                shutil.rmtree(leftover, ignore_errors=True)
+            temporary = Path(tempfile.mkdtemp(prefix=f".{role}.", suffix=".tmp", dir=folder))
+            os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp makes it 0700 whatever the umask
+            try:
+                if source.is_dir():
+                    (temporary / source.name).mkdir()
+                    for entry in sorted(source.iterdir()):
+                        if entry.is_file():
+                            _copy_file(entry, temporary / source.name / entry.name)
+                elif file_suffix(source) in DETACHED_SUFFIXES:
+                    _write_single_file(source, temporary / (source.name[: -len(file_suffix(source))] + ".mha"))
+                else:
+                    _copy_file(source, temporary / source.name)
+                os.rename(temporary, target)
+            except BaseException:
+                shutil.rmtree(temporary, ignore_errors=True)
+                raise
+        except OSError as error:
+            raise ConsinganError(f"cannot copy {source} into {target}: {error.strerror or error}") from None
+
+    def kept_source(self, role: str) -> Path | None:
+        """The run's own copy of its training ``role`` ('image', 'label'), or None when it has none."""
+        folder = self.path / self.SOURCE / role
+        if not folder.is_dir():
+            return None
+        entries = list(folder.iterdir())
+        if len(entries) != 1:
+            raise ConsinganError(f"damaged {folder}: it should hold one file or series folder, not {len(entries)}")
+        return entries[0]
+
+    def source_path(self, role: str) -> Path:
+        """Where the training ``role`` is read from: the run's copy, or in a run without one (format 1, or stopped
+        while copying) the absolute path in config.json; neither found raises ``ConsinganError`` naming both."""
+        kept = self.kept_source(role)
+        if kept is not None:
+            return kept
+        recorded = getattr(self.config, role, "") or ""
+        if recorded and Path(recorded).exists():
+            return Path(recorded)
+        why = "stopped before it was copied" if self.info.format_version >= 2 else "a run from before runs kept one"
+        raise ConsinganError(f"the training {role} of {self.path} is gone: no copy in {self.path / self.SOURCE / role} "
+                             f"({why}) and nothing at {recorded or '(no path)'} (config.json)")
+
+    def read_source(self, role: str, check_values: bool = True) -> Volume:
+        """The training ``role`` read as it was at training (``source_path``), its file type included."""
+        from consingan.io import file_suffix, read_volume
+
+        path = self.source_path(role)
+        volume = read_volume(path, self.config.dimension, check_values)
+        recorded = file_suffix(getattr(self.config, role))
+        if recorded in DETACHED_SUFFIXES and file_suffix(path) != recorded:  # kept as .mha
+            volume = dataclasses.replace(volume, suffix=recorded)
+        return volume
 
     # --- scales (single-image family) ------------------------------------------------------------------------------
 
@@ -416,6 +541,26 @@ class RunFolder:
                 except (ValueError, TypeError, csv.Error):
                     raise ConsinganError(f"damaged loss log {path}") from None
         return logs
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    """Copy the bytes, flushed to disk; the new file gets the umask's mode, as every other file of a run."""
+    with open(source, "rb") as reader, open(target, "xb") as writer:
+        shutil.copyfileobj(reader, writer, 2**22)
+        writer.flush()
+        os.fsync(writer.fileno())
+
+
+def _write_single_file(source: Path, target: Path) -> None:
+    """A header with detached data (.mhd, .nhdr) as one .mha: the same voxels, pixel type and geometry."""
+    import SimpleITK as sitk
+
+    from consingan.io.volume import reader_reason
+
+    try:
+        sitk.WriteImage(sitk.ReadImage(str(source)), str(target))
+    except RuntimeError as error:
+        raise ConsinganError(f"cannot copy {source} into the run: {reader_reason(error)}") from None
 
 
 def _read_json(path: Path) -> Any:

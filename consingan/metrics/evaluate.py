@@ -49,8 +49,7 @@ def measurement_space(source: np.ndarray) -> IntensityRange:
 def training_image(pyramid: TrainedPyramid) -> tuple[torch.Tensor, IntensityRange]:
     """The training image at the finest trained scale in the measurement space, image channels only:
     [1, C, *spatial], and that space's map."""
-    config = pyramid.run.config
-    volume = read_volume(config.image, config.dimension)
+    volume = pyramid.run.read_source("image")  # the run's copy (an older run: the file config.json names)
     space = measurement_space(volume.array)
     return resize(torch.from_numpy(space.normalise(volume.array))[None], pyramid.shapes[-1]), space
 

@@ -509,7 +509,9 @@ class SinGANTrainer:
         folder = self.run.scale_dir(stage) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in (("sample", sample), ("reconstruction", reconstruction)):
-            write_outputs(folder / f"epoch{epoch:05d}_{name}", self.volume.with_array(self.intensity.denormalise(array)))
+            label_channels = self.image_channels if self.volume.labels else None  # decoded by argmax: not clipped
+            write_outputs(folder / f"epoch{epoch:05d}_{name}",
+                          self.volume.with_array(self.intensity.denormalise(array, label_channels)))
         shown = self.image_channels
         real = self.reals[stage][0].cpu().numpy()
         images, titles = [], []
@@ -532,18 +534,12 @@ class SinGANTrainer:
         run.write_scale_meta(stage, meta)  # written last: its presence marks the scale as complete
 
     def run_info(self) -> RunInfo:
-        """What sampling needs besides the weights: shapes, channels, intensity range, geometry and source type."""
-        volume = self.volume
-        return RunInfo(
-            family="singan", spatial_dims=self.config.dimension, channels=volume.channels,
-            output_suffix=volume.suffix, output_dtype=str(volume.source_dtype), intensity=self.intensity,
-            image=str(Path(self.config.image).resolve()), source_shape=list(volume.spatial_shape),
-            source_affine=volume.affine.tolist(), shapes=[list(s) for s in self.shapes],
-            nifti_header=encode_header(volume.header), labels=volume.labels,
-        )
+        """This run's run.json (``describe_run``)."""
+        return describe_run(self.config, self.volume)
 
     def train(self) -> list[ScaleSummary]:
-        self.run.write_info(self.run_info())
+        if not self.run.has_info:  # a trainer made on a bare folder; train_prepared writes it with the folder
+            self.run.write_info(self.run_info())
         self.generator.train()
         self.critic.train()
         return [self.train_scale(stage) for stage in range(self.config.num_scales)]
@@ -638,9 +634,26 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     return train_prepared(*prepare(config), reporter)
 
 
+def describe_run(config: TrainConfig, volume: Volume) -> RunInfo:
+    """What sampling needs besides the weights: shapes, channels, intensity range, geometry and source type; all of
+    it known before training, so that run.json is written with the run folder."""
+    return RunInfo(
+        family="singan", spatial_dims=config.dimension, channels=volume.channels, output_suffix=volume.suffix,
+        output_dtype=str(volume.source_dtype), intensity=intensity_map(volume, config),
+        image=str(Path(config.image).resolve()), source_shape=list(volume.spatial_shape),
+        source_affine=volume.affine.tolist(), shapes=[list(s) for s in volume_pyramid_shapes(volume, config)],
+        nifti_header=encode_header(volume.header), labels=volume.labels,
+    )
+
+
 def train_prepared(config: TrainConfig, volume: Volume, reporter: Reporter | None = None) -> TrainResult:
-    """``train`` for a configuration and volume that ``prepare`` returned."""
-    run = RunFolder.create(config, Path(config.image).name.split(".")[0] or "run")
+    """``train`` for a configuration and volume that ``prepare`` returned.
+
+    run.json and a copy of the training files are written with the folder, before anything else can stop the run:
+    a run stopped at any later moment resumes, wherever its folder has been moved."""
+    sources = {role: path for role, path in (("image", config.image), ("label", config.label)) if path}
+    run = RunFolder.create(config, Path(config.image).name.split(".")[0] or "run", describe_run(config, volume),
+                           sources)
     with run.writing():  # created locked; released however training ends
         seed_everything(config.seed)
         trainer = SinGANTrainer(config, volume, run, reporter)
@@ -702,11 +715,16 @@ def resume(run_dir: Path | str, reporter: Reporter | None = None, device: str | 
 
 def _resume_locked(run: RunFolder, reporter: Reporter | None, device: str | None) -> TrainResult:
     config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
-    volume = read_volume(config.image, config.dimension)
+    # The run's own copy of its training files (an older run, or one stopped while copying: the originals).
+    volume = run.read_source("image")
     if config.label:
-        volume = attach_labels(volume, read_volume(config.label, config.dimension, check_values=False), config.label)
+        volume = attach_labels(volume, run.read_source("label", check_values=False), Path(config.label).name)
     if intensity_map(volume, config).to_dict() != run.info.intensity.to_dict() or list(volume.spatial_shape) != run.info.source_shape:
-        raise ConsinganError(f"{config.image} differs from the image this run was trained on; cannot resume")
+        raise ConsinganError(f"{run.source_path('image')} differs from the image this run was trained on; cannot "
+                             f"resume")
+    for role in ("image", "label") if config.label else ("image",):
+        if run.kept_source(role) is None:  # read from the original: the run keeps a copy from now on
+            run.keep_source(role, run.source_path(role))
     state_path = run.latest_training_state()
     if state_path is None:  # stopped before its first checkpoint: start over in the same folder, as a new run would
         seed_everything(config.seed)
