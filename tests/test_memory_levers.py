@@ -282,3 +282,16 @@ def test_checkpointed_stages_give_the_same_gradients_on_cuda(dims, checkpoint_ca
     assert len(checkpoint_calls) == 2
     for key in plain:
         assert torch.allclose(plain[key], checkpointed[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_3d_convolutions_compute_in_bf16_under_cpu_autocast():
+    # The engine's 3D convolution (consingan.nn.fast_conv) calls oneDNN in float32 itself; under bf16 autocast it must
+    # hand over to PyTorch's convolution, which autocast casts, or --precision bf16 changes nothing in 3D.
+    from consingan.nn import factory
+
+    conv = factory.conv(3, 4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.bfloat16
+    assert conv(x).dtype == torch.float32  # and float32 outside it

@@ -105,6 +105,7 @@ def _usable(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and conv.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")  # under bf16 autocast PyTorch's own convolution casts; this would not
         and torch.backends.mkldnn.is_available()
         and all(s == 1 for s in conv.stride)
         and all(d == 1 for d in conv.dilation)
