@@ -192,7 +192,8 @@ def test_the_preflight_names_the_patch_that_would_fit():
     assert plan.patch == 48 and "patches of 48 voxels a side at scales" in plan.describe()
     with pytest.raises(ConsinganError, match=r"training on patches of 48 voxels a side .* --patch-size \d+ would fit"):
         memory.check_memory(config, SHAPES, torch.device("cpu"), available=int(needed / 0.9 / 2))
-    with pytest.raises(ConsinganError, match=r"--patch-size \d+ or --num-feature-channels"):
+    # Whole volumes refused: the patch that would fit is named first, before the other settings.
+    with pytest.raises(ConsinganError, match=r"needs about .* are free on cpu; --patch-size 4[0-9] or "):
         memory.check_memory(dataclasses.replace(config, patch_size="off"), SHAPES, torch.device("cpu"),
                             available=int(needed / 0.9))
 
