@@ -648,7 +648,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         import monai
     except ImportError:
         raise SystemExit('bench_downstream needs MONAI: pip install "monai>=1.3"') from None
-    monai.data.set_track_meta(False)  # plain tensors out of the transforms
+    tracking = monai.data.get_track_meta()
+    monai.data.set_track_meta(False)  # plain tensors out of the transforms (a process-wide switch: restored below)
+    try:
+        return run_benchmark(args, argv, budget, data, work, out, monai)
+    finally:
+        monai.data.set_track_meta(tracking)
+
+
+def run_benchmark(args: argparse.Namespace, argv: Sequence[str] | None, budget: "Budget", data, work: Path,
+                  out: Path, monai) -> dict:
+    """Every seed's stages, the summary, downstream.json and the plot (``main`` after its checks)."""
     case = CASES.get(args.case) if args.case else None
     names = [(case.class_names if case else {}).get(v, f"class {v}") for v in data.classes[1:]]
     print(f"training pair {data.train.image.shape[1:]} with classes {list(data.classes)}; {len(data.test)} held-out "
