@@ -89,3 +89,13 @@ class StopAt(SilentReporter):
     def update(self, stage, epoch, losses):
         if (stage, epoch) == self.stop:
             raise KeyboardInterrupt
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: on the shared 2-core machine a second thread spends longer synchronising than computing. A module
+    uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,13 +26,7 @@ SHAPES = {2: [(10, 12), (14, 17), (20, 24)], 3: [(7, 8, 6), (10, 11, 8), (13, 15
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on the shared 2-core machine a second thread costs more than it computes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

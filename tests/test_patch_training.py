@@ -20,13 +20,7 @@ from consingan.singan.trainer import SinGANTrainer, resume, train
 from tests.conftest import StopAt, blobs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on the shared 2-core machine a second thread costs more than it computes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -14,13 +14,7 @@ CASES = [(2, padding, up, cbam) for padding in (0, 1) for up in ("linear", "cubi
 CASES += [(3, padding, "linear", cbam) for padding in (0, 1) for cbam in (False, True)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a shared 2-core machine two threads spend ~20x longer synchronising than computing."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(dims, padding=1, upsampling="linear", cbam=True, stages=3, dtype=torch.float64, channels=6):
