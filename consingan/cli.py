@@ -147,7 +147,7 @@ def _train(config_file: Path | None = None, resume: Path | None = None, dry_run:
         Distributed.from_environment().refuse("consingan train (the single-image engine)",
                                               "; for many images, use consingan train-many")
         if resume is not None:
-            _resume(resume, config_file, flags)
+            _resume(resume, config_file, flags, dry_run)
             return
         config = resolve_config(config_file, flags)
         from consingan.singan.trainer import memory_plan, prepare, train_prepared, volume_pyramid_shapes
@@ -178,11 +178,18 @@ def _train(config_file: Path | None = None, resume: Path | None = None, dry_run:
         raise typer.Exit(code=130)
 
 
-def _resume(run_dir: Path, config_file: Path | None, flags: dict[str, Any]) -> None:
-    from consingan.singan.trainer import resume
+def _resume(run_dir: Path, config_file: Path | None, flags: dict[str, Any], dry_run: bool = False) -> None:
+    from consingan.singan.trainer import memory_plan, resume, resume_plan, volume_pyramid_shapes
     from consingan.ui import RichReporter, summary_table
 
     _refuse_ignored_flags(TrainConfig, run_dir, config_file, flags)
+    if dry_run:  # what resuming would do, read from the run folder; no lock taken, nothing copied or written
+        config, volume, where = resume_plan(run_dir, device=flags.get("device"))
+        _print_config(config)
+        console.print(memory_plan(config, volume).describe(), highlight=False)
+        console.print("pyramid: " + "  ".join("x".join(map(str, s)) for s in volume_pyramid_shapes(volume, config)))
+        console.print(f"resume: {where}", highlight=False)
+        return
     with RichReporter(console) as reporter:
         result = resume(run_dir, reporter, device=flags.get("device"))
     console.print(summary_table(result.scales))

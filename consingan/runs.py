@@ -231,6 +231,8 @@ class TrainingState:
     rng_torch: torch.Tensor
     rng_cuda: torch.Tensor | None = None
     stage: int = 0
+    # fp16 gradient scalers' states by optimiser name (their current scale and growth count); empty otherwise.
+    scalers: dict[str, dict] = field(default_factory=dict)
 
     def to_state(self) -> dict[str, Any]:
         names = list(self.history[0]) if self.history else []
@@ -238,11 +240,14 @@ class TrainingState:
             "format": TRAINING_STATE_FORMAT, "version": TRAINING_STATE_VERSION, "stage": self.stage,
             "epoch": self.epoch, "seconds": self.seconds, "models": self.models, "optimizers": self.optimizers,
             "schedulers": self.schedulers, "loss_names": names,
-            "history": torch.tensor([[row[n] for n in names] for row in self.history], dtype=torch.float64),
+            "history": torch.tensor([[row[n] for n in names] for row in self.history],
+                                    dtype=torch.float64).reshape(len(self.history), len(names)),
             "rng_torch": self.rng_torch,
         }
         if self.rng_cuda is not None:
             state["rng_cuda"] = self.rng_cuda
+        if self.scalers:
+            state["scalers"] = self.scalers
         return state
 
     @classmethod
@@ -260,6 +265,7 @@ class TrainingState:
                 optimizers=dict(state["optimizers"]), schedulers=dict(state["schedulers"]),
                 history=[dict(zip(names, row)) for row in history.tolist()], rng_torch=state["rng_torch"],
                 rng_cuda=state.get("rng_cuda"), stage=int(state.get("stage", 0)),
+                scalers=dict(state.get("scalers", {})),
             )
             missing = [name for name in models if name not in result.models or name not in result.optimizers]
             if missing:

@@ -251,6 +251,27 @@ def test_a_run_folder_from_before_the_options_reads_as_fp32_without_checkpointin
     assert (config.precision, config.checkpoint_stages) == ("fp32", False)
 
 
+def test_fp16_loss_scales_are_saved_in_the_training_state_and_restored(tmp_path):
+    # fp16 needs CUDA, so the scalers of a CPU trainer are swapped for enabled ones that stand where a run's would.
+    from consingan.runs import RunFolder
+
+    def with_scalers(name, scale):
+        trainer = make_trainer(tmp_path, name)
+        trainer.scalers = {n: torch.amp.GradScaler("cpu", init_scale=scale, enabled=True) for n in trainer.scalers}
+        return trainer
+
+    saved = with_scalers("a", 512.0)
+    saved.save_training_state(0, 1, [], 1.0, saved.make_optimizers())
+    state = saved.run.load_training_state(saved.run.scale_dir(0) / RunFolder.STATE, ("generator", "critic"))
+    assert {n: s["scale"] for n, s in state.scalers.items()} == {"generator": 512.0, "critic": 512.0}
+    fresh = with_scalers("b", 65536.0)
+    fresh.load_scalers(state, tmp_path / "a")
+    assert all(scaler.get_scale() == 512.0 for scaler in fresh.scalers.values())
+    state.scalers["critic"] = {"scale": "not a number"}
+    with pytest.raises(ConsinganError, match="damaged gradient-scaler state"):
+        fresh.load_scalers(state, tmp_path / "a")
+
+
 # --- CUDA only ----------------------------------------------------------------------------------------------------
 
 @CUDA

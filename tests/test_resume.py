@@ -103,3 +103,20 @@ def test_how_often_outputs_are_written_does_not_change_training(nifti_3d, out_di
     a, b = final_states(often.run_dir, 2), final_states(never.run_dir, 2)
     for key in a["generator"]:
         assert torch.equal(a["generator"][key], b["generator"][key]), key
+
+
+def snapshot(folder):
+    """Every path under ``folder`` with its size and modification time: a dry run must leave it all as it was."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("stop,expected", [((1, 3), "scales done: 1; it would go on with scale 1 from epoch 2 of 4"),
+                                           ((1, 1), "scales 0-0 done; it would go on with scale 1 of 3")])
+def test_resume_dry_run_says_where_it_would_go_on_and_writes_nothing(nifti_3d, out_dir, runner, stop, expected):
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(nifti_3d, out_dir, "run"), reporter=StopAt(*stop))
+    before = snapshot(out_dir / "run")
+    result = runner.invoke(app, ["train", "--resume", str(out_dir / "run"), "--dry-run"], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert f"resume: {expected}" in result.output and "pyramid: " in result.output
+    assert snapshot(out_dir / "run") == before  # no lock, no copy, no training

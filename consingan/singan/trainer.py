@@ -420,6 +420,16 @@ class SinGANTrainer:
         self.reporter.end_scale(summary)
         return summary
 
+    def load_scalers(self, state: TrainingState, where: Path) -> None:
+        """Continue fp16's loss scales where they stood: a fresh scaler would start at 65536 and skip steps while
+        it backs off again, so the resumed run would differ from one that never stopped."""
+        for name, scaler in self.scalers.items():
+            if scaler.is_enabled() and name in state.scalers:
+                try:
+                    scaler.load_state_dict(state.scalers[name])
+                except (KeyError, TypeError, RuntimeError) as error:
+                    raise ConsinganError(f"{where}: damaged gradient-scaler state: {error}") from None
+
     def save_training_state(
         self, stage: int, epoch: int, history: Sequence[dict[str, float]], seconds: float, optimizers: tuple
     ) -> None:
@@ -432,6 +442,7 @@ class SinGANTrainer:
             schedulers={"generator": scheduler_g.state_dict(), "critic": scheduler_d.state_dict()},
             history=list(history), rng_torch=torch.get_rng_state(),
             rng_cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            scalers={name: scaler.state_dict() for name, scaler in self.scalers.items() if scaler.is_enabled()},
         )
         self.run.save_training_state(self.run.scale_dir(stage), state)
 
@@ -713,7 +724,9 @@ def resume(run_dir: Path | str, reporter: Reporter | None = None, device: str | 
         return _resume_locked(run, reporter, device)
 
 
-def _resume_locked(run: RunFolder, reporter: Reporter | None, device: str | None) -> TrainResult:
+def _resumable(run: RunFolder, device: str | None) -> tuple[TrainConfig, Volume]:
+    """The run's configuration (``device`` overriding its own) and its training volume, checked against run.json;
+    reads only."""
     config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
     # The run's own copy of its training files (an older run, or one stopped while copying: the originals).
     volume = run.read_source("image")
@@ -722,6 +735,31 @@ def _resume_locked(run: RunFolder, reporter: Reporter | None, device: str | None
     if intensity_map(volume, config).to_dict() != run.info.intensity.to_dict() or list(volume.spatial_shape) != run.info.source_shape:
         raise ConsinganError(f"{run.source_path('image')} differs from the image this run was trained on; cannot "
                              f"resume")
+    return config, volume
+
+
+def resume_plan(run_dir: Path | str, device: str | None = None) -> tuple[TrainConfig, Volume, str]:
+    """What ``resume`` would do, found without writing anything (no lock, no copy): the configuration, the volume
+    and one line naming the scales done and where training would go on."""
+    run = RunFolder.open(run_dir, "singan")
+    config, volume = _resumable(run, device)
+    done = run.completed_scales()
+    state_path = run.latest_training_state()
+    if state_path is None:
+        where = "no checkpoint yet: it would start over from scale 0"
+    else:
+        state = run.load_training_state(state_path, ("generator", "critic"), "cpu")
+        if state.stage in done:
+            where = (f"scales 0-{state.stage} done; it would go on with scale {state.stage + 1} of {config.num_scales}"
+                     if state.stage + 1 < config.num_scales else "every scale is done: nothing left to train")
+        else:
+            where = (f"scales done: {len(done)}; it would go on with scale {state.stage} from epoch "
+                     f"{state.epoch} of {config.epochs}")
+    return config, volume, where
+
+
+def _resume_locked(run: RunFolder, reporter: Reporter | None, device: str | None) -> TrainResult:
+    config, volume = _resumable(run, device)
     for role in ("image", "label") if config.label else ("image",):
         if run.kept_source(role) is None:  # read from the original: the run keeps a copy from now on
             run.keep_source(role, run.source_path(role))
@@ -738,6 +776,7 @@ def _resume_locked(run: RunFolder, reporter: Reporter | None, device: str | None
         raise ConsinganError(f"{state_path} does not fit the model of {run.path / run.CONFIG}: "
                              f"{first_reason(error)}") from None
     load_weights(trainer.critic, state.models["critic"], state_path)
+    trainer.load_scalers(state, state_path)
     done = [k for k in run.completed_scales() if k <= stage]
     summaries = [ScaleSummary.from_meta(run.scale_meta(k)) for k in done]
     if stage in done:
