@@ -36,6 +36,9 @@ SETTINGS: dict[str, list[str]] = {
     "quick": ["--num-scales", "4", "--min-size", "14", "--epochs", "40", "--num-feature-channels", "16",
               "--save-every", "20"],
     "mri-3d-cpu": ["--config", str(PRESETS / "mri-3d-cpu.yaml")],
+    # Candidates for a five-minute first command (issue 22): the reference's generator step, lazy penalty.
+    "fast5": ["--num-scales", "5", "--min-size", "12", "--epochs", "120", "--num-feature-channels", "16",
+              "--generator-update", "repeat", "--gradient-penalty-every", "3", "--save-every", "0"],
 }
 TARGETS = {"seconds": 300.0, "swd": 0.15, "diversity": 0.39, "coverage": 0.56, "pearson_r": 0.9}
 

@@ -110,6 +110,9 @@ class TrainConfig:
     generator_update: str = _opt("fresh", "Generator updates per epoch: 'fresh' (Gsteps updates, each from new noise "
                                  "and its own gradient) or 'repeat' (one gradient applied Gsteps times, as the "
                                  "official ConSinGAN does).")
+    ema_decay: float = _opt(0.0, "Decay of an exponential moving average of the generator's weights within each "
+                            "scale, which replaces the weights at the scale's end (samples, outputs and the next "
+                            "scale start from the average); 0: off, as in ConSinGAN.")
     # --- large volumes (issue 23) -------------------------------------------------------------------------------------
     patch_size: str = _opt("auto", "Train every scale larger than this many voxels a side on random regions (patches) "
                            "of it, with memory bounded by the patch: 'auto' (the largest that fits the device's free "
@@ -148,8 +151,10 @@ class TrainConfig:
             raise ConsinganError(f"kernel_size must be odd, got {self.kernel_size}")
         if not isinstance(self.padding, int) or not 0 <= self.padding <= (self.kernel_size - 1) // 2:
             raise ConsinganError(f"padding must be between 0 and {(self.kernel_size - 1) // 2}, got {self.padding!r}")
-        if not 0 <= self.beta1_adam < 1:
-            raise ConsinganError(f"beta1_adam must be in [0, 1), got {self.beta1_adam}")
+        for name in ("beta1_adam", "ema_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConsinganError(f"{name} must be in [0, 1), got {value!r}")
         if self.gamma_scheduler > 1:
             raise ConsinganError(f"gamma_scheduler must be at most 1, got {self.gamma_scheduler}")
         if not 0 < self.lr_decay_at <= 1:

@@ -14,7 +14,8 @@ import torch
 from consingan.conditional.data import augment, class_balanced_sampler, list_labelled
 from consingan.conditional.models import (ConditionalDiscriminator, ConditionalGenerator, SelfAttention,
                                           attention_bytes)
-from consingan.conditional.trainer import ConditionalTrainer, check_attention_fits, ema_update, prepare_conditional
+from consingan.conditional.trainer import ConditionalTrainer, check_attention_fits, prepare_conditional
+from consingan.nn.ema import ema_update
 from consingan.config import ConditionalConfig
 from consingan.errors import ConsinganError
 from consingan.runs import RunFolder
@@ -110,7 +111,7 @@ def test_ema_update_moves_each_parameter_by_one_minus_decay_and_copies_buffers()
 
 
 def test_ema_decay_warms_up_then_holds():
-    from consingan.conditional.trainer import ema_decay_at
+    from consingan.nn.ema import ema_decay_at
 
     assert ema_decay_at(0.999, 1) == pytest.approx(2 / 11)
     assert ema_decay_at(0.999, 100) == pytest.approx(101 / 110)

@@ -110,7 +110,7 @@ def snapshot(folder):
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
 
-@pytest.mark.parametrize("stop,expected", [((1, 3), "scales done: 1; it would go on with scale 1 from epoch 2 of 4"),
+@pytest.mark.parametrize("stop,expected", [((1, 3), "scales done: 1; it would go on with scale 1 after epoch 2 of 4"),
                                            ((1, 1), "scales 0-0 done; it would go on with scale 1 of 3")])
 def test_resume_dry_run_says_where_it_would_go_on_and_writes_nothing(nifti_3d, out_dir, runner, stop, expected):
     with pytest.raises(KeyboardInterrupt):

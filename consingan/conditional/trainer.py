@@ -25,6 +25,7 @@ from consingan.config import ConditionalConfig
 from consingan.distributed import Distributed, shared_run, train_to_end, unwrap
 from consingan.errors import ConsinganError
 from consingan.losses import adversarial_loss, gradient_penalty, texture_loss
+from consingan.nn.ema import ema_decay_at, ema_update
 from consingan.outputs import check_encodable
 from consingan.runs import RunFolder, RunInfo, TrainingState, load_weights, resolve_device
 from consingan.singan.memory import available_bytes
@@ -38,22 +39,6 @@ class ConditionalResult:
     config: ConditionalConfig
     losses: list[dict] = field(default_factory=list)
     already_finished: bool = False  # a --resume of a run that had finished: nothing was trained or written
-
-
-def ema_decay_at(decay: float, step: int) -> float:
-    """The EMA decay after ``step`` generator updates: ``decay``, but at most (1 + step) / (10 + step) early on, so
-    the average does not hold on to the random initial weights for thousands of steps (with 0.999 and no warm-up,
-    64 % of the average would still be the initial weights after 450 steps)."""
-    return min(decay, (1.0 + step) / (10.0 + step))
-
-
-def ema_update(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """average <- decay x average + (1 - decay) x model for parameters; buffers (batch-norm statistics) copied."""
-    with torch.no_grad():
-        for mean, current in zip(average.parameters(), model.parameters()):
-            mean.lerp_(current, 1.0 - decay)
-        for mean, current in zip(average.buffers(), model.buffers()):
-            mean.copy_(current)
 
 
 def check_attention_fits(config: ConditionalConfig, free_bytes: int) -> None:

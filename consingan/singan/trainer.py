@@ -18,6 +18,7 @@ from consingan.config import TrainConfig
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding, Volume, encode_header, read_volume, write_outputs
 from consingan.io.preview import label_image, preview_grid, write_png
+from consingan.nn.ema import ParameterAverage
 from consingan.losses import (
     gradient_penalty,
     joint_scores,
@@ -47,6 +48,8 @@ LOSS_NAMES = ("critic", "gradient_penalty", "adversarial", "reconstruction")
 # between tiles, within this much each (or a fifth of the free memory, if less), so that the outputs stay within the
 # bound that the training itself keeps.
 OUTPUT_BYTES = 4 * 2**30
+# The generator's moving average (``TrainConfig.ema_decay``) in a training state, beside 'generator' and 'critic'.
+EMA_STATE = "generator_average"
 
 
 @dataclass
@@ -160,6 +163,7 @@ class SinGANTrainer:
         self.scalers = {name: torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
                         for name in ("generator", "critic")}
         self.last_penalty = float("nan")  # the latest gradient penalty (lazy: not computed on every update)
+        self.average: ParameterAverage | None = None  # the generator's moving average within the scale (ema_decay)
         # ``prepare`` records the patch 'auto' chose in config.json; a trainer made directly chooses it here.
         self.patch = (check_memory(config, self.shapes, self.device).patch if config.patch_size == "auto"
                       else config.patch_side())
@@ -310,6 +314,8 @@ class SinGANTrainer:
             adversarial = wasserstein_generator_loss(scores.float())
             scaler_g.scale(adversarial + config.alpha_rec_loss * rec).backward()
             apply_gradient(scaler_g, optimizer_g, optimizer_steps)
+            if self.average is not None:
+                self.average.update(self.generator)
         critic.requires_grad_(True)
         return {
             "critic": critic_loss.item(), "gradient_penalty": self.last_penalty,
@@ -368,6 +374,7 @@ class SinGANTrainer:
         if resume_state is None:
             self.grow(stage)
         optimizer_g, optimizer_d, schedulers = self.make_optimizers()
+        self.average = ParameterAverage(self.generator, config.ema_decay) if config.ema_decay else None
         history: list[dict[str, float]] = []
         start_epoch, seconds_before = 0, 0.0
         if resume_state is not None:
@@ -378,6 +385,12 @@ class SinGANTrainer:
                     scheduler.load_state_dict(resume_state.schedulers[name])
                 except (KeyError, ValueError, RuntimeError) as error:
                     raise ConsinganError(f"{where} does not fit this run's optimizers: {error}") from None
+            if self.average is not None:
+                try:
+                    self.average.load_state_dict(resume_state.models[EMA_STATE])
+                except (KeyError, ValueError, TypeError) as error:
+                    raise ConsinganError(f"{where} has no usable moving average of the generator: "
+                                         f"{first_reason(error)}") from None
             start_epoch, seconds_before = resume_state.epoch, resume_state.seconds
             history = resume_state.history
             restore_rng(resume_state, self.device)
@@ -400,6 +413,8 @@ class SinGANTrainer:
                     self.save_training_state(stage, epoch, history, time.perf_counter() - started, optimizers)
         seconds = time.perf_counter() - started
         finished_before = start_epoch >= config.epochs  # killed between the final state and scale.json
+        if self.average is not None:  # the average takes over (again, when resumed after its final state)
+            self.average.copy_to(self.generator)
         # One reconstruction for the outputs and the health check: at a scale trained on patches each whole output
         # is a tiled pass over the full volume, minutes at 250^3.
         with self.evaluating():
@@ -437,7 +452,8 @@ class SinGANTrainer:
         optimizer_g, optimizer_d, (scheduler_g, scheduler_d) = optimizers
         state = TrainingState(
             stage=stage, epoch=epoch, seconds=seconds,
-            models={"generator": self.generator.state_dict(), "critic": self.critic.state_dict()},
+            models={"generator": self.generator.state_dict(), "critic": self.critic.state_dict(),
+                    **({EMA_STATE: self.average.state_dict()} if self.average is not None else {})},
             optimizers={"generator": optimizer_g.state_dict(), "critic": optimizer_d.state_dict()},
             schedulers={"generator": scheduler_g.state_dict(), "critic": scheduler_d.state_dict()},
             history=list(history), rng_torch=torch.get_rng_state(),
@@ -753,7 +769,7 @@ def resume_plan(run_dir: Path | str, device: str | None = None) -> tuple[TrainCo
             where = (f"scales 0-{state.stage} done; it would go on with scale {state.stage + 1} of {config.num_scales}"
                      if state.stage + 1 < config.num_scales else "every scale is done: nothing left to train")
         else:
-            where = (f"scales done: {len(done)}; it would go on with scale {state.stage} from epoch "
+            where = (f"scales done: {len(done)}; it would go on with scale {state.stage} after epoch "
                      f"{state.epoch} of {config.epochs}")
     return config, volume, where
 
