@@ -1,5 +1,6 @@
 """Region forwards equal the same region of the whole forward; tiles, CBAM statistics, noise fields and gradients."""
 
+import copy
 import math
 
 import pytest
@@ -17,12 +18,13 @@ CASES += [(3, padding, "linear", cbam) for padding in (0, 1) for cbam in (False,
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make(dims, padding=1, upsampling="linear", cbam=True, stages=3, dtype=torch.float64, channels=6):
+def make(dims, padding=1, upsampling="linear", cbam=True, stages=3, dtype=torch.float64, channels=6,
+         coordinates=False):
     """A small generator whose signals are O(1) at every stage (the DCGAN init would make them vanish, and with them
     any difference a wrong region could make)."""
     torch.manual_seed(0)
     generator = GrowingGenerator(dims, 2, num_feature_channels=channels, num_layers=2, padding=padding, cbam=cbam,
-                                 upsampling=upsampling)
+                                 upsampling=upsampling, coordinates=coordinates)
     for _ in range(stages - 1):
         generator.add_stage()
     generator = generator.to(dtype)
@@ -76,6 +78,36 @@ def test_region_equals_the_whole_forward_in_that_region(dims, padding, upsamplin
         box = ((3, 9),) + tuple((2, 7) for _ in shapes[1][1:])
         region = R.region_forward(generator, source, box, num_stages=2, descriptors=descriptors)
         assert torch.allclose(region, two[R.box_slices(box)], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dims,padding", [(2, 0), (2, 1), (3, 0), (3, 1)])
+def test_with_coordinates_a_region_and_tiles_equal_the_whole_forward(dims, padding):
+    """Stage 0's coordinate channels are those of the box's place in the whole grid: region forwards (their
+    gradients into stage 0 too) and tiled generation give the whole forward, and the channels change the output."""
+    generator = make(dims, padding, cbam=False, coordinates=True)
+    shapes = SHAPES[dims]
+    noise = whole_noise(generator, shapes)
+    source = R.TensorNoise(generator, noise)
+    with torch.no_grad():
+        whole = generator(noise)
+        for box in boxes_of(shapes[-1]):
+            region = R.region_forward(generator, source, box)
+            assert torch.allclose(region, whole[R.box_slices(box)], rtol=0, atol=1e-10), box
+        field = R.NoiseField.for_generator(generator, shapes, seed=7, chunk=5)
+        tiled = R.generate_tiled(generator, field, tile=(6, 7, 5)[:dims])
+        assert torch.allclose(tiled, generator(field.whole_noise()), rtol=0, atol=1e-10)
+        blind = copy.deepcopy(generator)
+        blind.coordinates = False
+        head = blind.head[1].conv
+        head.weight = torch.nn.Parameter(head.weight[:, :2].clone())  # the same weights without the coordinates
+        assert not torch.allclose(blind(noise), whole, atol=1e-3)
+    box = boxes_of(shapes[-1])[1]
+    weights = torch.randn(whole[R.box_slices(box)].shape, dtype=torch.float64)
+    reference = grads(generator, (generator(noise)[R.box_slices(box)] * weights).sum())
+    result = grads(generator, (R.region_forward(generator, source, box) * weights).sum())
+    assert reference["head.1.conv.weight"].abs().max() > 0
+    for name in reference:
+        assert torch.allclose(result[name], reference[name], rtol=0, atol=1e-10), name
 
 
 @pytest.mark.parametrize("dims,padding", [(2, 0), (2, 1), (3, 0), (3, 1)])

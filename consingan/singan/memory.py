@@ -57,11 +57,10 @@ def available_bytes(device: torch.device) -> int:
 def _skeleton(config: TrainConfig, num_stages: int):
     """A generator with the layers (not the channels) of ``config``: the boxes of region forwards depend on kernels,
     padding, CBAM and resampling only."""
-    from consingan.singan.models import GrowingGenerator, architecture
+    from consingan.singan.models import GrowingGenerator, generator_arguments
 
     with torch.random.fork_rng(devices=[]):  # its initial weights must not move the training's random state
-        generator = GrowingGenerator(config.dimension, 1, upsampling=config.upsampling,
-                                     **{**architecture(config), "num_feature_channels": 1})
+        generator = GrowingGenerator(config.dimension, 1, **{**generator_arguments(config), "num_feature_channels": 1})
     for _ in range(num_stages - 1):
         generator.add_stage()
     return generator

@@ -25,6 +25,11 @@ def architecture(config) -> dict:
     )
 
 
+def generator_arguments(config) -> dict:
+    """The generator's keyword arguments from a ``TrainConfig``: ``architecture`` and what only the generator has."""
+    return dict(architecture(config), upsampling=config.upsampling, coordinates=config.coordinates)
+
+
 def smallest_side(config) -> int:
     """The shortest side (voxels) a scale needs for the critic: ``num_layers + 2`` convolutions each shrink a side by
     ``kernel_size - 1 - 2 * padding``, the last must leave at least one voxel, and batch norm needs two per side
@@ -97,6 +102,7 @@ class GrowingGenerator(nn.Module):
         negative_slope: of the leaky ReLUs.
         cbam: put a CBAM module at the end of each stage.
         upsampling: resampling between stages, 'linear' (bi/trilinear) or 'cubic' (2D only, the reference's).
+        coordinates: stage 0's head also takes one coordinate channel per axis (``with_coordinates``).
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class GrowingGenerator(nn.Module):
         negative_slope: float = 0.05,
         cbam: bool = True,
         upsampling: str = "linear",
+        coordinates: bool = False,
     ) -> None:
         super().__init__()
         shrink = kernel_size - 1 - 2 * padding
@@ -124,9 +131,11 @@ class GrowingGenerator(nn.Module):
         self._num_layers = num_layers
         self._cbam = cbam
         self._resize = Resampler(spatial_dims, upsampling)
+        self.coordinates = coordinates
         self.head = nn.Sequential(
             factory.pad(spatial_dims, "zeros", shrink // 2),
-            ConvBlock(spatial_dims, in_channels, num_feature_channels, **self._block_args),
+            ConvBlock(spatial_dims, in_channels + spatial_dims * coordinates, num_feature_channels,
+                      **self._block_args),
         )
         self.body = nn.ModuleList([self._new_stage()])
         self.tail = nn.Sequential(
@@ -234,7 +243,7 @@ class GrowingGenerator(nn.Module):
         body_input = [s + self.body_shrink for s in self.output_shape(0, noise[0])]
 
         def first_stage(z: torch.Tensor) -> torch.Tensor:  # the head belongs to stage 0: it trains with it
-            return self.body[0](self._resize(self.head(z), body_input))
+            return self.body[0](self._resize(self.head(self.with_coordinates(z)), body_input))
 
         features = self.run_stage(0, first_stage, noise[0] * self.noise_amps[0])
         for k in range(1, num_stages):
@@ -243,6 +252,21 @@ class GrowingGenerator(nn.Module):
             stage_input = self._resize(features, noise[k].shape[2:]) + noise[k] * self.noise_amps[k]
             features = self.run_stage(k, self.body[k], stage_input) + upsampled
         return self.tail(features)
+
+    def with_coordinates(self, z: torch.Tensor, box: Box | None = None, grid: Sequence[int] | None = None
+                         ) -> torch.Tensor:
+        """The head's input from stage 0's noise ``z``: the noise itself, or with ``coordinates`` the noise and one
+        channel per axis running from -1 to 1 across stage 0's grid ``grid`` (``z``'s own when None), cropped to
+        ``box`` (a region forward's; the whole grid when None), so that a region sees the position it has in the
+        whole. The coordinates span the grid whatever its size, so a retargeted sample keeps the layout's
+        proportions."""
+        if not self.coordinates:
+            return z
+        grid = tuple(z.shape[2:]) if grid is None else tuple(grid)
+        box = whole_box(grid) if box is None else box
+        axes = [torch.linspace(-1.0, 1.0, n, device=z.device, dtype=z.dtype)[a:b] for n, (a, b) in zip(grid, box)]
+        position = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+        return torch.cat([z, position.expand(z.shape[0], *position.shape)], 1)
 
     def run_stage(self, stage: int, function: Callable[..., torch.Tensor], *inputs: torch.Tensor | None
                   ) -> torch.Tensor:

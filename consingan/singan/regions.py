@@ -317,6 +317,8 @@ class _Layout:
         reference = generator.noise_amps
         self.device, self.dtype = reference.device, next(generator.parameters()).dtype
         self.head = _Chain(_ops(generator.head, dims), self.noise[0])
+        # Stage 0's noise with the coordinate channels of its box, where the generator has them.
+        self.head_input = getattr(generator, "with_coordinates", lambda z, box, grid: z)
         self.tail = _Chain(_ops(generator.tail, dims), self.out[-1])
         self.bodies, self.pre_cbam = [], []
         for k in range(num_stages):
@@ -447,7 +449,7 @@ def _stage_region(layout: _Layout, plan: _StagePlan, k: int, amp: torch.Tensor, 
                   features: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
     """Stage ``k``'s boxes from the box ``features`` of the stage below (None at stage 0) and its noise ``z``."""
     if k == 0:
-        x = layout.head.run(z * amp, plan.head, None)
+        x = layout.head.run(layout.head_input(z * amp, plan.boxes.noise, layout.noise[0]), plan.head, None)
         x = layout.resample(x, plan.head[-1], layout.head.out_shape, layout.bodies[0].in_shape, plan.body[0])
     else:
         source = plan.boxes.source

@@ -21,7 +21,7 @@ from consingan.outputs import OutputFolder, Progress
 from consingan.runs import RunFolder, first_reason
 from consingan.singan import regions
 from consingan.singan.memory import available_bytes
-from consingan.singan.models import GrowingGenerator, architecture
+from consingan.singan.models import GrowingGenerator, generator_arguments
 from consingan.singan.pyramid import Shape, resize
 
 
@@ -100,8 +100,8 @@ class TrainedPyramid:
             raise ConsinganError(f"scale {scale} of {run.path} is not trained; completed: {completed}")
         config = run.config
         torch_device = run.device(device)
-        generator = GrowingGenerator(config.dimension, run.info.channels, upsampling=config.upsampling,
-                                     **architecture(config)).to(torch_device)
+        generator = GrowingGenerator(config.dimension, run.info.channels,
+                                     **generator_arguments(config)).to(torch_device)
         weights = run.scale_dir(scale) / "generator.pt"
         try:
             generator.load_grown_state(run.load_weights(weights, torch_device))

@@ -30,7 +30,7 @@ from consingan.outputs import check_encodable
 from consingan.singan.health import ScaleHealth, check_scale
 from consingan.singan.memory import MemoryPlan, available_bytes, check_memory, patch_shape, patched
 from consingan.runs import RunFolder, RunInfo, TrainingState, first_reason, load_weights, resolve_device
-from consingan.singan.models import Critic, GrowingGenerator, architecture, check_network_fits
+from consingan.singan.models import Critic, GrowingGenerator, architecture, check_network_fits, generator_arguments
 from consingan.singan.pyramid import Shape, build_pyramid, pyramid_shapes
 from consingan.singan.regions import (
     Box,
@@ -155,8 +155,8 @@ class SinGANTrainer:
         image = torch.from_numpy(self.intensity.normalise(volume.array))[None].to(self.device)
         self.reals = build_pyramid(image, self.shapes)
         block = architecture(config)
-        self.generator = GrowingGenerator(config.dimension, volume.channels, upsampling=config.upsampling,
-                                          **block).to(self.device)
+        self.generator = GrowingGenerator(config.dimension, volume.channels,
+                                          **generator_arguments(config)).to(self.device)
         self.critic = Critic(config.dimension, volume.channels, batch_norm=config.batch_norm, **block).to(self.device)
         self.generator.checkpoint_stages = config.checkpoint_stages
         # fp16's gradient scalers, one per optimiser (their losses differ in size); disabled, they pass all through.
