@@ -39,6 +39,13 @@ SETTINGS: dict[str, list[str]] = {
     # Candidates for a five-minute first command (issue 22): the reference's generator step, lazy penalty.
     "fast5": ["--num-scales", "5", "--min-size", "12", "--epochs", "120", "--num-feature-channels", "16",
               "--generator-update", "repeat", "--gradient-penalty-every", "3", "--save-every", "0"],
+    # The same with stage 0's coordinate channels, and with the generator's moving average besides.
+    "fast5-coordinates": ["--num-scales", "5", "--min-size", "12", "--epochs", "120", "--num-feature-channels", "16",
+                          "--generator-update", "repeat", "--gradient-penalty-every", "3", "--save-every", "0",
+                          "--coordinates"],
+    "fast5-coordinates-ema": ["--num-scales", "5", "--min-size", "12", "--epochs", "120", "--num-feature-channels",
+                              "16", "--generator-update", "repeat", "--gradient-penalty-every", "3", "--save-every",
+                              "0", "--coordinates", "--ema-decay", "0.95"],
 }
 TARGETS = {"seconds": 300.0, "swd": 0.15, "diversity": 0.39, "coverage": 0.56, "pearson_r": 0.9}
 

@@ -56,8 +56,25 @@ if not console.is_terminal:  # a log file or a pipe: rich would cut tables to 80
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N."
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from consingan import __version__
+
+        print(f"consingan {__version__} (torch {torch_version()})")
+        raise typer.Exit()
+
+
+def torch_version() -> str:
+    from importlib.metadata import version
+
+    return version("torch")
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version of consingan and of torch, and exit.")] = False,
+) -> None:
     """consingan: single-image GANs for 2D images and 3D medical volumes."""
 
 

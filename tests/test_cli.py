@@ -188,3 +188,13 @@ def test_usage_errors_are_one_line(runner, tmp_path, monkeypatch, case):
 def test_a_bare_command_still_shows_its_help(runner):
     result = runner.invoke(app, ["paired"], terminal_width=200)
     assert "train" in result.output and "predict" in result.output
+
+
+def test_version_prints_the_package_and_torch_versions(runner):
+    from importlib.metadata import version
+
+    import consingan
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.exception is None
+    assert result.stdout.strip() == f"consingan {consingan.__version__} (torch {version('torch')})"
