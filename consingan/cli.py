@@ -144,11 +144,11 @@ def _refuse_ignored_flags(config_class: type, run_dir: Path, config_file: Path |
         raise ConsinganError(f"--resume takes every option from {run_dir}/config.json; drop {names}")
 
 
-def _print_config(config: TrainConfig) -> None:
+def _print_config(config: Any) -> None:
     table = Table(title="configuration", show_header=True, header_style="bold")
     table.add_column("option")
     table.add_column("value")
-    defaults = TrainConfig()
+    defaults = type(config)()
     for key, value in config.to_dict().items():
         changed = value != getattr(defaults, key)
         table.add_row(key, f"[bold]{value}[/]" if changed else str(value))
@@ -396,12 +396,35 @@ def _train_dataset_model(train: Any) -> None:
         raise typer.Exit(code=130)
 
 
-def _paired_train(config_file: Path | None = None, resume: Path | None = None, **flags: Any) -> None:
+def _dataset_dry_run(run_dir: Path, family: str) -> None:
+    """``--resume RUN --dry-run`` of a dataset family: the run's options and how far it got; nothing is written."""
+    from consingan.runs import RunFolder
+
+    run = RunFolder.open(run_dir, family)
+    _print_config(run.config)
+    state_path = run.latest_training_state()
+    done = 0 if state_path is None else run.load_training_state(state_path, ()).epoch
+    console.print(f"resume: epochs done {done} of {run.config.epochs}"
+                  + ("; nothing left to train" if done >= run.config.epochs else ""), highlight=False)
+
+
+def _paired_train(config_file: Path | None = None, resume: Path | None = None, dry_run: bool = False,
+                  **flags: Any) -> None:
     """Train a paired generator on SOURCE/TARGET pairs matched by file name, tile by tile."""
 
     def train(main_process: bool) -> Any:
         from consingan.config import PairedConfig, resolve_config
-        from consingan.paired.trainer import resume_paired, train_paired
+        from consingan.paired.trainer import prepare_paired, resume_paired, train_paired
+
+        if dry_run:
+            if resume is not None:
+                _refuse_ignored_flags(PairedConfig, resume, config_file, flags)
+                return _dataset_dry_run(resume, "paired")
+            config, data = prepare_paired(resolve_config(config_file, flags, PairedConfig))
+            _print_config(config)
+            console.print(f"{len(data.names)} pairs: sources {data.sources[0].shape[0]} channel(s), targets "
+                          f"{data.targets[0].shape[0]} channel(s); nothing written", highlight=False)
+            return None
 
         def progress(epoch: int, losses: dict) -> None:
             console.print(f"epoch {epoch}: D {losses['d']:.4f} G {losses['g_gan']:.4f} L1 {losses['l1']:.4f} "
@@ -430,7 +453,7 @@ def _paired_train(config_file: Path | None = None, resume: Path | None = None, *
 def _paired_parameters() -> list[inspect.Parameter]:
     from consingan.config import PairedConfig
 
-    return _command_parameters(PairedConfig, dry_run=False)
+    return _command_parameters(PairedConfig, dry_run=True)
 
 
 paired_app.command("train", help="Train a paired generator on SOURCE/TARGET pairs matched by file name, tile by "
@@ -596,7 +619,8 @@ conditional_app = typer.Typer(help="Class-conditional GAN on a labelled set of i
 app.add_typer(conditional_app, name="conditional")
 
 
-def _conditional_train(config_file: Path | None = None, resume: Path | None = None, **flags: Any) -> None:
+def _conditional_train(config_file: Path | None = None, resume: Path | None = None, dry_run: bool = False,
+                       **flags: Any) -> None:
     """Train a class-conditional GAN on a folder of class folders (or a CSV of path,class)."""
 
     def train(main_process: bool) -> Any:
@@ -605,6 +629,9 @@ def _conditional_train(config_file: Path | None = None, resume: Path | None = No
         from consingan.runs import RunFolder
         from consingan.ui import epoch_progress
 
+        if dry_run and resume is not None:
+            _refuse_ignored_flags(ConditionalConfig, resume, config_file, flags)
+            return _dataset_dry_run(resume, "conditional")
         if resume is not None:
             _refuse_ignored_flags(ConditionalConfig, resume, config_file, flags)
             epochs = RunFolder.open(resume, "conditional").config.epochs
@@ -623,6 +650,10 @@ def _conditional_train(config_file: Path | None = None, resume: Path | None = No
                           + ("; drawn class-balanced" if config.balance else ""), highlight=False)
             for warning in data.warnings:
                 console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        if dry_run:
+            _print_config(config)
+            console.print("nothing written", highlight=False)
+            return None
         with epoch_progress(console, config.epochs) as progress:
             return train_conditional(config, progress, prepared=(config, data))
 
@@ -632,7 +663,7 @@ def _conditional_train(config_file: Path | None = None, resume: Path | None = No
 def _conditional_parameters() -> list[inspect.Parameter]:
     from consingan.config import ConditionalConfig
 
-    return _command_parameters(ConditionalConfig, dry_run=False)
+    return _command_parameters(ConditionalConfig, dry_run=True)
 
 
 conditional_app.command("train", help="Train a class-conditional GAN on --data (one sub-folder per class, or a CSV "

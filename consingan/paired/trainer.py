@@ -189,9 +189,8 @@ def paired_run_info(config: PairedConfig, data: PairedData) -> RunInfo:
     )
 
 
-def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | None = None) -> PairedResult:
-    """Check options, device, weights and data, then make a run folder and train: nothing is written before every
-    check has passed."""
+def prepare_paired(config: PairedConfig) -> tuple[PairedConfig, PairedData]:
+    """Check options, seed, folders, weights and data (``--dry-run`` stops here); nothing is written."""
     config = config.validate().refuse_ignored_options()
     if not config.source_dir or not config.target_dir:
         raise ConsinganError("--source and --target are required")
@@ -201,11 +200,20 @@ def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | N
         config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
     config = dataclasses.replace(config, source_dir=str(resolve_folder(config.source_dir, "--source")),
                                  target_dir=str(resolve_folder(config.target_dir, "--target")))
-    device = distributed.start(resolve_device(config.device))
+    resolve_device(config.device)
     if config.perceptual_weights:
         load_perceptual(config)
     data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot)
     check_model_fits(config, data)
+    return config, data
+
+
+def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | None = None) -> PairedResult:
+    """Check options, device, weights and data (``prepare_paired``), then make a run folder and train: nothing is
+    written before every check has passed."""
+    config, data = prepare_paired(config)
+    distributed = Distributed.from_environment()
+    device = distributed.start(resolve_device(config.device))
     run = shared_run(distributed, config, "paired", paired_run_info(config, data))
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     trainer = PairedTrainer(config, data, run, progress, device, distributed)

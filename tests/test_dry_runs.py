@@ -1,0 +1,49 @@
+"""``--dry-run`` on every train command: the checks and the configuration, nothing written; with ``--resume``, how far
+the run got."""
+
+import pytest
+
+from tests.conftest import assert_clean_failure
+from tests.test_conditional import TINY_FLAGS, write_set
+from tests.test_ill_cases import run_cli, snapshot
+from tests.test_paired_cli import make_pairs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_paired_dry_run_checks_the_pairs_and_writes_nothing(runner, tmp_path):
+    source, target = make_pairs(tmp_path, 2)
+    flags = ["paired", "train", "--source", source, "--target", target, "--dim", "2", "--epochs", "1",
+             "--out-dir", tmp_path / "out", "--tile", "16", "--base-channels", "4", "--seed", "0", "--run-name", "p"]
+    result = run_cli(runner, [*flags, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "2 pairs" in result.output and "base_channels" in result.output and not (tmp_path / "out").exists()
+    (target / "cell1.png").unlink()  # a source without its target is found by the dry run too
+    assert_clean_failure(run_cli(runner, [*flags, "--dry-run"]), "cell1")
+    (tmp_path / "again").mkdir()
+    make_pairs(tmp_path / "again", 2)
+    result = run_cli(runner, [*flags[:2], "--source", tmp_path / "again" / "masks", "--target",
+                              tmp_path / "again" / "images", *flags[6:]])
+    assert result.exit_code == 0, result.output
+    before = snapshot(tmp_path / "out" / "p")
+    result = run_cli(runner, ["paired", "train", "--resume", tmp_path / "out" / "p", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "resume: epochs done 1 of 1; nothing left to train" in result.output
+    assert snapshot(tmp_path / "out" / "p") == before
+
+
+def test_conditional_dry_run_lists_the_classes_and_writes_nothing(runner, tmp_path):
+    data = write_set(tmp_path / "data", 2)
+    flags = ["conditional", "train", "--data", data, "--size", "16", "--out-dir", tmp_path / "out", "--run-name", "c",
+             *TINY_FLAGS]
+    result = run_cli(runner, [*flags, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "6 images in 2 classes" in result.output and "nothing written" in result.output
+    assert not (tmp_path / "out").exists()
+    assert run_cli(runner, flags).exit_code == 0
+    before = snapshot(tmp_path / "out" / "c")
+    result = run_cli(runner, ["conditional", "train", "--resume", tmp_path / "out" / "c", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "resume: epochs done 2 of 2" in result.output and snapshot(tmp_path / "out" / "c") == before
+    assert_clean_failure(run_cli(runner, ["conditional", "train", "--resume", tmp_path / "out" / "c", "--dry-run",
+                                          "--epochs", "3"]), "drop --epochs")
