@@ -111,8 +111,8 @@ class TrainConfig:
                                  "and its own gradient) or 'repeat' (one gradient applied Gsteps times, as the "
                                  "official ConSinGAN does).")
     coordinates: bool = _opt(False, "Give the coarsest generator stage one coordinate channel per axis (-1 to 1 "
-                             "across the scale) beside its noise: an explicit position from which random samples "
-                             "keep the image's layout (ConSinGAN has only zero padding's implicit one).")
+                             "across the scale) beside its noise: an explicit position for the coarse layout "
+                             "(ConSinGAN has only zero padding's implicit one).")
     ema_decay: float = _opt(0.0, "Decay of an exponential moving average of the generator's weights within each "
                             "scale, which replaces the weights at the scale's end (samples, outputs and the next "
                             "scale start from the average); 0: off, as in ConSinGAN.")
@@ -361,8 +361,8 @@ class ConditionalConfig:
     beta1: float = _opt(0.0, "First Adam beta.")
     beta2: float = _opt(0.9, "Second Adam beta.")
     coordinates: bool = _opt(False, "Give the coarsest generator stage one coordinate channel per axis (-1 to 1 "
-                             "across the scale) beside its noise: an explicit position from which random samples "
-                             "keep the image's layout (ConSinGAN has only zero padding's implicit one).")
+                             "across the scale) beside its noise: an explicit position for the coarse layout "
+                             "(ConSinGAN has only zero padding's implicit one).")
     ema_decay: float = _opt(0.999, "Decay of the generator's exponential moving average (used for every sample).")
     flips: bool = _opt(True, "Random flips along every spatial axis.")
     rotations: bool = _opt(False, "Random 90-degree rotations (in 3D: in a random plane).")
