@@ -416,10 +416,7 @@ def _paired_train(config_file: Path | None = None, resume: Path | None = None, d
         from consingan.config import PairedConfig, resolve_config
         from consingan.paired.trainer import prepare_paired, resume_paired, train_paired
 
-        if dry_run:
-            if resume is not None:
-                _refuse_ignored_flags(PairedConfig, resume, config_file, flags)
-                return _dataset_dry_run(resume, "paired")
+        if dry_run and resume is None:
             config, data = prepare_paired(resolve_config(config_file, flags, PairedConfig))
             _print_config(config)
             console.print(f"{len(data.names)} pairs: sources {data.sources[0].shape[0]} channel(s), targets "
@@ -432,6 +429,8 @@ def _paired_train(config_file: Path | None = None, resume: Path | None = None, d
 
         if resume is not None:
             _refuse_ignored_flags(PairedConfig, resume, config_file, flags)
+            if dry_run:
+                return _dataset_dry_run(resume, "paired")
             from consingan.runs import RunFolder
 
             run = RunFolder.open(resume, "paired")
@@ -629,11 +628,10 @@ def _conditional_train(config_file: Path | None = None, resume: Path | None = No
         from consingan.runs import RunFolder
         from consingan.ui import epoch_progress
 
-        if dry_run and resume is not None:
-            _refuse_ignored_flags(ConditionalConfig, resume, config_file, flags)
-            return _dataset_dry_run(resume, "conditional")
         if resume is not None:
             _refuse_ignored_flags(ConditionalConfig, resume, config_file, flags)
+            if dry_run:
+                return _dataset_dry_run(resume, "conditional")
             epochs = RunFolder.open(resume, "conditional").config.epochs
             with epoch_progress(console, epochs) as progress:
                 result = resume_conditional(resume, progress, device=flags.get("device"))

@@ -360,9 +360,6 @@ class ConditionalConfig:
     lr_d: float = _opt(4e-4, "Discriminator learning rate (TTUR).")
     beta1: float = _opt(0.0, "First Adam beta.")
     beta2: float = _opt(0.9, "Second Adam beta.")
-    coordinates: bool = _opt(False, "Give the coarsest generator stage one coordinate channel per axis (-1 to 1 "
-                             "across the scale) beside its noise: an explicit position for the coarse layout "
-                             "(ConSinGAN has only zero padding's implicit one).")
     ema_decay: float = _opt(0.999, "Decay of the generator's exponential moving average (used for every sample).")
     flips: bool = _opt(True, "Random flips along every spatial axis.")
     rotations: bool = _opt(False, "Random 90-degree rotations (in 3D: in a random plane).")
