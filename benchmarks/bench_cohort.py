@@ -25,7 +25,7 @@ SOURCES = {"ihc": (ROOT / "data" / "ihc.png"), "cell": (ROOT / "benchmarks" / "d
 
 def write_images(folder: Path) -> None:
     from consingan.io import read_volume
-    from consingan.singan.pyramid import resize
+    from consingan.nn.resample import resize
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, path in SOURCES.items():

@@ -51,7 +51,7 @@ def make_set(folder: Path) -> dict[str, int]:
     """Write the tiles of every class; returns the tile count per class."""
     import SimpleITK as sitk
 
-    from consingan.singan.pyramid import resize
+    from consingan.nn.resample import resize
 
     counts = {}
     for name, (path, dims, shrink, stride) in SOURCES.items():

@@ -294,7 +294,7 @@ def draw_samples(run_dir: Path, count: int, seed: int, classes: Sequence[int]) -
     diagnostics of that decoding: the share of voxels whose largest label channel is tied with another (after the
     map back to source units, which clips each channel to [0, 1]), and the share on which it agrees with the argmax
     of the generator's raw label channels."""
-    from consingan.singan.pyramid import resize
+    from consingan.nn.resample import resize
     from consingan.singan.sampler import TrainedPyramid
 
     pyramid = TrainedPyramid.load(run_dir)

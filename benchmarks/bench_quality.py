@@ -117,7 +117,7 @@ def prepare_image(name: str, image: StudyImage, work: Path) -> Path:
     if image.dim == 3:
         return image.path
     from consingan.io import read_volume
-    from consingan.singan.pyramid import resize
+    from consingan.nn.resample import resize
 
     volume = read_volume(image.path, 2)
     scale = image.size / max(volume.spatial_shape)

@@ -233,6 +233,10 @@ class PairedConfig:
     deep_supervision: bool = _opt(False, "U-Net++ only: an output head on every nested decoder, each trained with "
                                   "the L1 loss (prediction uses the last).")
     one_hot: bool = _opt(False, "Masks as one-hot class channels (background, interior, boundary ...).")
+    preview_every: int = _opt(10, "Write a preview of (input, prediction, target) tiles every N epochs (0: at the "
+                              "end only).")
+    checkpoint_every: int = _opt(10, "Keep a snapshot of the sampling weights every N epochs in snapshots/ (0: none); "
+                                 "the resumable training state is written after every epoch.")
     out_dir: str = _opt("out", "Root folder under which a new run folder is created.")
     run_name: str = _opt("", "Name of the run folder under out_dir (default: paired_NNN).")
     seed: int | None = _opt(None, "Random seed; drawn at random and recorded in config.json when not given.")
@@ -247,8 +251,8 @@ class PairedConfig:
             raise ConsinganError(f"dimension must be 2 or 3, got {self.dimension}")
         check_common(self)
         _check_each(self, ("epochs", "batch_size", "tile", "base_channels", "lr"), POSITIVE, "positive")
-        _check_each(self, ("depth", "num_workers", "lambda_l1", "lambda_feature_matching", "lambda_perceptual"),
-                    NOT_NEGATIVE, "zero or positive")
+        _check_each(self, ("depth", "num_workers", "preview_every", "checkpoint_every", "lambda_l1",
+                           "lambda_feature_matching", "lambda_perceptual"), NOT_NEGATIVE, "zero or positive")
         _check_each(self, ("beta1",), FRACTION, "in [0, 1)")
         if self.gan_mode not in GAN_MODES:
             raise ConsinganError(f"unknown gan_mode {self.gan_mode!r}; choose one of {', '.join(GAN_MODES)}")
@@ -368,6 +372,8 @@ class ConditionalConfig:
     intensity_mapping: str = _opt("window", "Intensities onto [-1, 1], per channel over the whole set: 'window' or "
                                   "'minmax' (as consingan train).")
     preview_every: int = _opt(10, "Write the per-class preview grid every N epochs (0: at the end only).")
+    checkpoint_every: int = _opt(10, "Keep a snapshot of the sampling weights every N epochs in snapshots/ (0: none); "
+                                 "the resumable training state is written after every epoch.")
     out_dir: str = _opt("out", "Root folder under which a new run folder is created.")
     run_name: str = _opt("", "Name of the run folder under out_dir (default: conditional_NNN).")
     seed: int | None = _opt(None, "Random seed; drawn at random and recorded in config.json when not given.")
@@ -383,7 +389,7 @@ class ConditionalConfig:
                            "max_channels", "discriminator_scales"), POSITIVE, "a positive integer")
         if self.attention < -1:
             raise ConsinganError(f"attention must be -1 (automatic), 0 (none) or a side, got {self.attention}")
-        _check_each(self, ("preview_every", "num_workers"), NOT_NEGATIVE, "zero or positive")
+        _check_each(self, ("preview_every", "checkpoint_every", "num_workers"), NOT_NEGATIVE, "zero or positive")
         stages = self.num_stages()
         if stages < 1 or 4 * 2**stages != self.size:
             raise ConsinganError(f"size must be 4 x a power of two, at least 8 (8, 16, 32, 64 ...), got {self.size}")

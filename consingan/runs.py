@@ -43,7 +43,8 @@ import torch
 
 from consingan import __version__
 from consingan.checkpoint import RunLock, current_umask, load_state, make_run_dir, save_json, save_state, save_text
-from consingan.config import ConditionalConfig, PairedConfig, TrainConfig, check_device_name, is_single_folder_name
+from consingan.config import ConditionalConfig, PairedConfig, TrainConfig, is_single_folder_name
+from consingan.devices import resolve_device  # noqa: F401  (re-exported for the families)
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding
 from consingan.outputs import check_encodable
@@ -74,19 +75,6 @@ def library_versions() -> dict[str, str]:
     later install reads it differently."""
     return {"consingan": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
             "python": platform.python_version()}
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'; CUDA asked for where there is none is refused."""
-    check_device_name(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConsinganError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-        if ":" in name and int(name[5:]) >= torch.cuda.device_count():
-            raise ConsinganError(f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
-    return torch.device(name)
 
 
 def _check_shape(shape: Any, spatial_dims: int, what: str) -> list[int]:
@@ -313,7 +301,7 @@ class RunFolder:
 
     CONFIG, INFO, LOSSES = "config.json", "run.json", "losses.csv"
     WEIGHTS, STATE, SCALE_META = "generator.pt", "training_state.pt", "scale.json"
-    SOURCE = "source"
+    SOURCE, STATS, SNAPSHOTS, PREVIEWS, SAMPLES = "source", "stats.jsonl", "snapshots", "previews", "samples"
 
     def __init__(self, path: Path, family: str, config: Any, info: RunInfo | None = None) -> None:
         self.path, self.family, self.config, self._info = Path(path), family, config, info
@@ -532,6 +520,64 @@ class RunFolder:
         lines = [",".join(["epoch", *names])]
         lines += [",".join([str(epoch), *(f"{row[k]:.6g}" for k in names)]) for epoch, row in enumerate(history, 1)]
         save_text(folder / self.LOSSES, "\n".join(lines) + "\n")
+
+    def append_stats(self, folder: Path, record: dict[str, Any]) -> None:
+        """One line of stats.jsonl (an epoch's losses, seconds and learning rates), appended: a log a running job
+        can be followed by (``tail -f``), unlike losses.csv which is rewritten whole."""
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / self.STATS, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+    def truncate_stats(self, folder: Path, last_epoch: int) -> None:
+        """Drop the lines of stats.jsonl after ``last_epoch`` (a resume trains those epochs again); a line cut
+        short by a kill is dropped too."""
+        path = folder / self.STATS
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] <= last_epoch:
+                kept.append(line)
+        save_text(path, "".join(line + "\n" for line in kept))
+
+    def stats(self, folder: Path | None = None) -> list[dict[str, Any]]:
+        """The records of stats.jsonl in ``folder`` (the run's own by default)."""
+        path = (folder or self.path) / self.STATS
+        if not path.is_file():
+            return []
+        try:
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConsinganError(f"damaged stats log {path}") from None
+
+    def save_snapshot(self, epoch: int, weights: dict) -> Path:
+        """The sampling weights after ``epoch``, kept beside the latest state as snapshots/epoch_NNNNN.pt."""
+        folder = self.path / self.SNAPSHOTS
+        folder.mkdir(exist_ok=True)
+        path = folder / f"epoch_{epoch:05d}.pt"
+        save_state(path, weights)
+        return path
+
+    def snapshots(self) -> list[Path]:
+        folder = self.path / self.SNAPSHOTS
+        return sorted(folder.glob("epoch_*.pt")) if folder.is_dir() else []
+
+    def previews_dir(self) -> Path:
+        folder = self.path / self.PREVIEWS
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def new_evaluation_dir(self) -> Path:
+        """The first free evaluation_NNN of the run (where ``consingan evaluate`` writes by default)."""
+        for number in range(1, 1000):
+            folder = self.path / f"evaluation_{number:03d}"
+            if not folder.exists():
+                return folder
+        raise ConsinganError(f"{self.path} has 999 evaluation folders; give --out")
 
     def loss_logs(self) -> dict[str, list[dict[str, float]]]:
         """Every loss log of the run by label ('scale_00' ... or 'run'), as rows of floats."""

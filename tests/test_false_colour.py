@@ -20,7 +20,7 @@ from consingan.config import TrainConfig
 from consingan.io import IntensityRange
 from consingan.nn.interpolation import Resampler
 from consingan.singan.models import Critic, GrowingGenerator, same_input_channels_, same_output_channels_
-from consingan.singan.pyramid import resize
+from consingan.nn.resample import resize
 from consingan.singan.sampler import TrainedPyramid, write_samples
 from consingan.singan.trainer import train
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import consingan.singan.trainer as trainer_module
 from consingan.config import TrainConfig
 from consingan.errors import ConsinganError
 from consingan.io import Volume

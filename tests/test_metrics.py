@@ -7,7 +7,7 @@ import torch
 
 from consingan.metrics import measures
 from consingan.metrics.evaluate import EvaluateConfig, compute_measures
-from consingan.singan.pyramid import gaussian_blur
+from consingan.nn.resample import gaussian_blur
 from tests.conftest import blobs
 
 DIMS = [2, 3]

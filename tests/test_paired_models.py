@@ -161,7 +161,8 @@ def test_unetpp_3d_deep_supervision():
     assert len(outputs) == 2 and all(o.shape == (1, 2, 8, 8, 8) for o in outputs)
 
 
-from consingan.paired import LocalEnhancer, VGGPerceptualLoss  # noqa: E402
+from consingan.losses import VGGPerceptualLoss  # noqa: E402
+from consingan.paired import LocalEnhancer  # noqa: E402
 
 
 @pytest.mark.parametrize("dims, size", [(2, 32), (3, 16)])

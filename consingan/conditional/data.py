@@ -13,7 +13,7 @@ import torch
 from consingan.config import is_single_folder_name
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, Volume, list_images, read_volume
-from consingan.singan.pyramid import resize
+from consingan.nn.resample import resize
 
 MAX_MAPPING_VALUES = 2**22  # values per channel the intensity window's percentiles are computed from
 UPSCALE_WARNING = 4.0  # an image enlarged more than this to --size is mostly interpolation

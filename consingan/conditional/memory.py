@@ -17,7 +17,7 @@ import torch
 from consingan.conditional.models import attention_bytes, build_models, stage_channels
 from consingan.config import ConditionalConfig
 from consingan.errors import ConsinganError
-from consingan.singan.memory import BASE_BYTES, available_bytes
+from consingan.devices import BASE_BYTES, available_bytes
 
 FLOAT_BYTES = 4
 # float32 copies of every parameter during training: weights, gradients and Adam's two moments (the generator's

@@ -5,14 +5,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
-import secrets
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,22 +18,15 @@ from consingan.conditional.models import attention_bytes, build_models
 from consingan.conditional.sampler import EMA_NAME, MODEL_NAMES, preview_grid_png
 from consingan.config import ConditionalConfig
 from consingan.distributed import Distributed, shared_run, train_to_end, unwrap
+from consingan.epochs import DatasetResult, EpochTrainer, resumed_config, with_seed
 from consingan.errors import ConsinganError
-from consingan.losses import adversarial_loss, gradient_penalty, texture_loss
+from consingan.losses import VGGPerceptualLoss, adversarial_loss, gradient_penalty, texture_loss
 from consingan.nn.ema import ema_decay_at, ema_update
 from consingan.outputs import check_encodable
-from consingan.runs import RunFolder, RunInfo, TrainingState, load_weights, resolve_device
-from consingan.singan.memory import available_bytes
+from consingan.runs import RunFolder, RunInfo, resolve_device
+from consingan.devices import available_bytes
 
 ATTENTION_SHARE = 0.5  # self-attention maps may take at most this share of the free memory
-
-
-@dataclass
-class ConditionalResult:
-    run_dir: Path
-    config: ConditionalConfig
-    losses: list[dict] = field(default_factory=list)
-    already_finished: bool = False  # a --resume of a run that had finished: nothing was trained or written
 
 
 def check_attention_fits(config: ConditionalConfig, free_bytes: int) -> None:
@@ -78,19 +66,19 @@ def split_outputs(outputs: list[tuple], part: slice) -> list[tuple]:
             for logits, features, classes in outputs]
 
 
-class ConditionalTrainer:
+class ConditionalTrainer(EpochTrainer):
     """Hinge (or BCE / LSGAN / WGAN-GP) training with separate generator and discriminator learning rates, one
     discriminator step then one generator step per (accumulated) batch, the generator's EMA updated after each
-    generator step; a resumable training state, the loss log and (every ``preview_every`` epochs) a per-class
-    preview written every epoch."""
+    generator step; the shared epoch loop (``consingan.epochs``) writes the resumable state, the logs, snapshots of
+    the EMA generator and (every ``preview_every`` epochs) a per-class preview."""
+
+    diverged_hint = "try lower learning rates"
 
     def __init__(self, config: ConditionalConfig, data: LabelledSet, run: RunFolder,
                  progress: Callable[[int, dict], None] | None = None, device: torch.device | None = None,
                  distributed: Distributed | None = None) -> None:
-        self.config, self.data, self.run = config, data, run
-        self.progress = progress or (lambda epoch, losses: None)
-        self.distributed = distributed or Distributed()
-        self.device = device or resolve_device(config.device)
+        super().__init__(config, run, progress, device, distributed)
+        self.data = data
         channels = data.images.shape[1]
         generator, discriminator = (m.to(self.device) for m in build_models(config, channels, len(data.classes)))
         self.generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
@@ -99,38 +87,22 @@ class ConditionalTrainer:
         betas = (config.beta1, config.beta2)
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr_g, betas=betas)
         self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d, betas=betas)
-        self.start_epoch, self.seconds = 0, 0.0
-        self.history: list[dict] = []
+        self.dataset = torch.utils.data.TensorDataset(data.images, data.labels)
+        self.order = torch.Generator().manual_seed(int(config.seed))
+        self.sampler = (class_balanced_sampler(data.labels, len(data.classes), self.order) if config.balance else
+                        torch.utils.data.RandomSampler(self.dataset, generator=self.order))
         self.perceptual = None
         if config.perceptual_weights:
-            from consingan.paired.perceptual import VGGPerceptualLoss
-
             self.perceptual = VGGPerceptualLoss.from_file(config.perceptual_weights).to(self.device)
 
-    def state(self, epoch: int) -> TrainingState:
-        models = (self.generator, self.discriminator, self.generator_ema)
-        return TrainingState(
-            epoch=epoch, seconds=self.seconds,
-            models={n: unwrap(m).state_dict() for n, m in zip((*MODEL_NAMES, EMA_NAME), models)},
-            optimizers={"generator": self.optimizer_g.state_dict(), "discriminator": self.optimizer_d.state_dict()},
-            schedulers={}, history=self.history, rng_torch=torch.get_rng_state(),
-            rng_cuda=torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
-        )
+    def named_models(self) -> dict[str, torch.nn.Module]:
+        return dict(zip((*MODEL_NAMES, EMA_NAME), (self.generator, self.discriminator, self.generator_ema)))
 
-    def restore(self, state: TrainingState, where: Path) -> None:
-        if EMA_NAME not in state.models:
-            raise ConsinganError(f"damaged training state {where}: no {EMA_NAME}")
-        for name, model in zip((*MODEL_NAMES, EMA_NAME), (self.generator, self.discriminator, self.generator_ema)):
-            load_weights(unwrap(model), state.models[name], where)
-        try:
-            self.optimizer_g.load_state_dict(state.optimizers["generator"])
-            self.optimizer_d.load_state_dict(state.optimizers["discriminator"])
-        except (KeyError, ValueError, RuntimeError) as error:
-            raise ConsinganError(f"{where} does not fit this run's optimizers: {error}") from None
-        torch.set_rng_state(state.rng_torch.cpu())
-        if state.rng_cuda is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state.rng_cuda.cpu())
-        self.start_epoch, self.seconds, self.history = state.epoch, state.seconds, list(state.history)
+    def named_optimizers(self) -> dict[str, tuple]:
+        return {"generator": (self.optimizer_g, None), "discriminator": (self.optimizer_d, None)}
+
+    def sampling_weights(self) -> dict:
+        return self.generator_ema.state_dict()
 
     def noise(self, count: int) -> torch.Tensor:
         return torch.randn(count, self.config.noise_dim, device=self.device)
@@ -194,52 +166,24 @@ class ConditionalTrainer:
         ema_update(self.generator_ema, unwrap(self.generator), ema_decay_at(config.ema_decay, steps))
         return totals
 
-    def train(self) -> list[dict]:
-        config, data, distributed = self.config, self.data, self.distributed
-        dataset = torch.utils.data.TensorDataset(data.images, data.labels)
-        order = torch.Generator().manual_seed(int(config.seed))
-        sampler = class_balanced_sampler(data.labels, len(data.classes), order) if config.balance else \
-            torch.utils.data.RandomSampler(dataset, generator=order)
-        self.generator.train()
-        self.discriminator.train()
-        for epoch in range(self.start_epoch + 1, config.epochs + 1):
-            order.manual_seed(int(config.seed) + epoch)  # the epoch's draw, the same on every rank
-            if distributed.active:  # each rank its own noise and augmentations, reproducible per epoch
-                torch.manual_seed(int(config.seed) + 1_000_003 * epoch + distributed.rank)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size,
-                                                 sampler=distributed.shard(list(sampler)),
-                                                 num_workers=config.num_workers)
-            started, totals, pending = time.perf_counter(), [], []
-            batches = list(loader)
-            for index, (images, labels) in enumerate(batches):
-                images = augment(images, config.flips, config.rotations, config.intensity_jitter)
-                pending.append((images.to(self.device), labels.to(self.device)))
-                if len(pending) == config.accumulate or index == len(batches) - 1:
-                    totals.append({**self.discriminator_step(pending), **self.generator_step(pending)})
-                    pending = []
-            losses = distributed.mean({k: float(np.mean([t[k] for t in totals])) for k in totals[0]})
-            if not all(math.isfinite(v) for v in losses.values()):
-                raise ConsinganError(f"training diverged at epoch {epoch} (losses {losses}); try lower learning "
-                                     f"rates; the last finite state is kept in {self.run.path}")
-            seconds = time.perf_counter() - started
-            self.seconds += seconds
-            self.history.append(losses)
-            if distributed.is_main:  # one writer; the others wait at the barrier
-                self.run.save_training_state(self.run.path, self.state(epoch))
-                self.run.write_losses(self.run.path, self.history)
-                if epoch == config.epochs or (config.preview_every and epoch % config.preview_every == 0):
-                    self.write_preview(epoch)
-                self.progress(epoch, {**losses, "epoch": epoch, "seconds": seconds})
-            distributed.barrier()
-        if distributed.is_main:
-            self.run.save_weights(self.run.path, RunFolder.WEIGHTS, self.generator_ema.state_dict())
-        return self.history
+    def epoch_losses(self, epoch: int) -> Iterator[dict]:
+        config = self.config
+        self.order.manual_seed(int(config.seed) + epoch)  # the epoch's draw, the same on every rank
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=config.batch_size,
+                                             sampler=self.distributed.shard(list(self.sampler)),
+                                             num_workers=config.num_workers)
+        pending = []
+        batches = list(loader)
+        for index, (images, labels) in enumerate(batches):
+            images = augment(images, config.flips, config.rotations, config.intensity_jitter)
+            pending.append((images.to(self.device), labels.to(self.device)))
+            if len(pending) == config.accumulate or index == len(batches) - 1:
+                yield {**self.discriminator_step(pending), **self.generator_step(pending)}
+                pending = []
 
     def write_preview(self, epoch: int) -> None:
         """A per-class grid of EMA samples from fixed noise (rows: classes), without touching the training RNG."""
-        folder = self.run.path / "previews"
-        folder.mkdir(exist_ok=True)
-        preview_grid_png(folder / f"epoch{epoch:05d}.png", self.generator_ema, self.data.classes,
+        preview_grid_png(self.run.previews_dir() / f"epoch{epoch:05d}.png", self.generator_ema, self.data.classes,
                          self.config.noise_dim, self.device, real=(self.data.images, self.data.labels))
 
 
@@ -257,14 +201,10 @@ def prepare_conditional(config: ConditionalConfig) -> tuple[ConditionalConfig, L
         raise ConsinganError("--data is required (a folder of class folders, or a CSV of path,class)")
     check_encodable(Path(config.out_dir) / config.run_name, "output folder")
     Distributed.from_environment().check_seed(config.seed)
-    if config.seed is None:
-        config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
-    config = dataclasses.replace(config, data=str(resolve_data(config.data)))
+    config = dataclasses.replace(with_seed(config), data=str(resolve_data(config.data)))
     device = resolve_device(config.device)
     check_attention_fits(config, available_bytes(device))
     if config.perceptual_weights:
-        from consingan.paired.perceptual import VGGPerceptualLoss
-
         VGGPerceptualLoss.from_file(config.perceptual_weights)
     return config, load_fitting(config, device)
 
@@ -279,7 +219,7 @@ def load_fitting(config: ConditionalConfig, device: torch.device, channels: int 
 
 
 def train_conditional(config: ConditionalConfig, progress: Callable[[int, dict], None] | None = None,
-                      prepared: tuple[ConditionalConfig, LabelledSet] | None = None) -> ConditionalResult:
+                      prepared: tuple[ConditionalConfig, LabelledSet] | None = None) -> DatasetResult:
     """Train a class-conditional GAN in a new run folder, made only after every check has passed."""
     config, data = prepared or prepare_conditional(config)
     distributed = Distributed.from_environment()
@@ -287,17 +227,16 @@ def train_conditional(config: ConditionalConfig, progress: Callable[[int, dict],
     run = shared_run(distributed, config, "conditional", conditional_run_info(config, data))
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     trainer = ConditionalTrainer(config, data, run, progress, device, distributed)
-    return ConditionalResult(run.path, config, train_to_end(trainer, distributed))
+    return DatasetResult(run.path, config, train_to_end(trainer, distributed))
 
 
 def resume_conditional(run_dir: Path, progress: Callable[[int, dict], None] | None = None,
-                       device: str | None = None) -> ConditionalResult:
+                       device: str | None = None) -> DatasetResult:
     """Continue a conditional run from its last epoch's training state (options from the run; the device may
     change)."""
     run = RunFolder.open(run_dir, "conditional")
     Distributed.from_environment().check_resume(run)  # before the data is read or a process group joined
-    config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
-    run.config = config
+    config = resumed_config(run, device)
     data = load_fitting(config, resolve_device(config.device), run.info.channels)
     if data.classes != run.info.classes:
         raise ConsinganError(f"the classes in {config.data} ({', '.join(data.classes)}) are not the run's "
@@ -312,9 +251,9 @@ def resume_conditional(run_dir: Path, progress: Callable[[int, dict], None] | No
                              f"range differs from the run's in run.json); a resume needs the same images (start a "
                              f"new run)")
     if (run.path / RunFolder.WEIGHTS).is_file():  # written after the last epoch only: nothing left to train
-        return ConditionalResult(run.path, config, already_finished=True)
+        return DatasetResult(run.path, config, already_finished=True)
     distributed = Distributed.from_environment()
     device = distributed.start(resolve_device(config.device))
     torch.manual_seed(config.seed)
     trainer = ConditionalTrainer(config, data, run, progress, device, distributed)
-    return ConditionalResult(run.path, config, train_to_end(trainer, distributed, run, MODEL_NAMES))
+    return DatasetResult(run.path, config, train_to_end(trainer, distributed, run, MODEL_NAMES))

@@ -16,9 +16,9 @@ from consingan.io import SUPPORTED_SUFFIXES, IntensityRange, file_suffix, read_v
 from consingan.io.preview import contact_sheet, write_png
 from consingan.metrics import measures
 from consingan.outputs import OutputFolder, human_bytes
-from consingan.singan.pyramid import resize
+from consingan.nn.resample import resize
 from consingan.runs import RunFolder
-from consingan.singan.memory import available_bytes
+from consingan.devices import available_bytes
 from consingan.singan.sampler import TrainedPyramid
 
 

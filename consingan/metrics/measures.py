@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg, stats
 
-from consingan.singan.pyramid import gaussian_blur, resize
+from consingan.nn.resample import gaussian_blur, resize
 
 
 # Sample sets above this are measured one sample at a time (a Laplacian pyramid of a whole set takes several times
@@ -22,6 +22,11 @@ from consingan.singan.pyramid import gaussian_blur, resize
 LARGE_SET_BYTES = 2**25
 MAX_HISTOGRAM_VALUES = 2**22
 FEATURE_SLAB_BYTES = 2**26  # the random features' first layer is computed in slabs above this
+
+
+def stuck_share(saturated: float, real_saturated: float) -> float:
+    """Of the voxels the image keeps off the ends of its range, the share that the samples put at the ends."""
+    return max(0.0, saturated - real_saturated) / max(1e-6, 1.0 - real_saturated)
 
 
 def _spatial(x: torch.Tensor) -> int:
@@ -304,7 +309,6 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
 def extremes(real: torch.Tensor, fake: torch.Tensor, margin: float = 0.02) -> dict:
     """Share of voxels within ``margin`` (of the [-1, 1] range) of the image's minimum or maximum, in the image and in
     the samples, and ``stuck``: of the voxels the image keeps off those ends, the share the samples put there."""
-    from consingan.singan.health import stuck_share
 
     low, high = float(real.min()), float(real.max())
     band = margin * (high - low)
@@ -366,7 +370,7 @@ def blurred_baseline_swd(real: torch.Tensor, patch_size: int = 7, levels: int = 
     """The multi-scale SWD of the image against a copy of itself blurred by ``BLUR_BASELINE_SIGMA`` voxels: what a
     model that only learnt the image's blurred shape would score. Measured: 0.33 on the example MRI, 0.26 on the
     5 mm ICBM template, 0.28 on the anisotropic T1 (failed runs of them: 0.32 - 0.68; the 54-minute 3D preset 0.12)."""
-    from consingan.singan.pyramid import gaussian_blur  # the pyramid's own blur, as the images were made
+    from consingan.nn.resample import gaussian_blur  # the pyramid's own blur, as the images were made
 
     blurred = gaussian_blur(real, [BLUR_BASELINE_SIGMA] * (real.dim() - 2))
     return multiscale_swd(real, blurred, patch_size, levels, seed=seed)["mean"]

@@ -1,7 +1,7 @@
 """Paired image-to-image GANs (mask -> image, phase contrast -> fluorescence) on the shared N-D blocks.
 
 The public names are imported on first use (PEP 562), so that ``paired predict`` loads the generators it builds and
-not the training code or the perceptual loss's network.
+not the training code.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from consingan.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from consingan.paired.discriminators import MultiScaleDiscriminator, PatchDiscriminator
-    from consingan.paired.perceptual import VGGPerceptualLoss
     from consingan.paired.refiner import ResNetRefiner
     from consingan.paired.resnet import LocalEnhancer, ResidualBlock, ResNetGenerator
     from consingan.paired.unet import UNetGenerator
@@ -20,7 +19,6 @@ if TYPE_CHECKING:
 
 _HOMES = {
     "LocalEnhancer": "resnet", "ResidualBlock": "resnet", "ResNetGenerator": "resnet",
-    "VGGPerceptualLoss": "perceptual",
     "MultiScaleDiscriminator": "discriminators", "PatchDiscriminator": "discriminators",
     "ResNetRefiner": "refiner",
     "UNetGenerator": "unet",

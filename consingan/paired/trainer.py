@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import secrets
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -16,37 +12,35 @@ import torch.nn.functional as F
 
 from consingan.config import PairedConfig
 from consingan.distributed import Distributed, shared_run, train_to_end, unwrap
+from consingan.epochs import DatasetResult, EpochTrainer, resumed_config, with_seed
 from consingan.errors import ConsinganError
+from consingan.io.preview import contact_sheet, label_image, write_png
 from consingan.losses import adversarial_loss, feature_matching_loss
 from consingan.paired.build import MODEL_NAMES, build_discriminator, build_generator
 from consingan.paired.data import PairedData, TileDataset, load_pairs, resolve_folder
-from consingan.paired.perceptual import VGGPerceptualLoss
-from consingan.runs import InputInfo, RunFolder, RunInfo, TrainingState, load_weights, resolve_device
+from consingan.losses import VGGPerceptualLoss
+from consingan.runs import InputInfo, RunFolder, RunInfo, resolve_device
 
 def _scales(output: Any) -> list[list[torch.Tensor]]:
     """Discriminator output as a list of scales, each a list of features with the logits last."""
     return output if isinstance(output[0], list) else [output]
 
 
-@dataclass
-class PairedResult:
-    run_dir: Path
-    config: PairedConfig
-    losses: list[dict] = field(default_factory=list)
+PREVIEW_TILES = 3  # tiles of the preview, spread over the data set
 
 
-class PairedTrainer:
+class PairedTrainer(EpochTrainer):
     """pix2pix training: critic on (source, image) pairs, generator with GAN + lambda_l1 x L1 (+ feature matching with
-    the multi-scale discriminator); Adam, constant then linearly decaying learning rate; a resumable training state
-    and the loss log written every epoch."""
+    the multi-scale discriminator); Adam, constant then linearly decaying learning rate; the shared epoch loop
+    (``consingan.epochs``) writes the resumable state, the logs, snapshots and a preview of (source, prediction,
+    target) tiles."""
 
     def __init__(self, config: PairedConfig, data: PairedData, run: RunFolder,
                  progress: Callable[[int, dict], None] | None = None, device: torch.device | None = None,
                  distributed: Distributed | None = None) -> None:
-        self.config, self.data, self.run = config, data, run
-        self.progress = progress or (lambda epoch, losses: None)
-        self.distributed = distributed or Distributed()
-        self.device = device or resolve_device(config.device)
+        super().__init__(config, run, progress, device, distributed)
+        self.data = data
+        self.dataset = TileDataset(data, config.tile, config.resolved_stride())
         in_channels, out_channels = data.sources[0].shape[0], data.targets[0].shape[0]
         self.generator = self.distributed.wrap(build_generator(config, in_channels, out_channels).to(self.device),
                                                self.device)
@@ -62,36 +56,45 @@ class PairedTrainer:
             return 1.0 - max(0, epoch - decay_start) / span
 
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (self.optimizer_g, self.optimizer_d)]
-        self.start_epoch, self.seconds = 0, 0.0
-        self.history: list[dict] = []
         self.perceptual = None
         if config.perceptual_weights:
             self.perceptual = load_perceptual(config).to(self.device)
 
-    def _parts(self) -> tuple:
-        return (self.generator, self.discriminator), (self.optimizer_g, self.optimizer_d), self.schedulers
+    def named_models(self) -> dict[str, torch.nn.Module]:
+        return dict(zip(MODEL_NAMES, (self.generator, self.discriminator)))
 
-    def state(self, epoch: int) -> TrainingState:
-        models, optimizers, schedulers = self._parts()
-        return TrainingState(
-            epoch=epoch, seconds=self.seconds,
-            models={n: unwrap(m).state_dict() for n, m in zip(MODEL_NAMES, models)},
-            optimizers={n: o.state_dict() for n, o in zip(MODEL_NAMES, optimizers)},
-            schedulers={n: s.state_dict() for n, s in zip(MODEL_NAMES, schedulers)},
-            history=self.history, rng_torch=torch.get_rng_state(),
-        )
+    def named_optimizers(self) -> dict[str, tuple]:
+        return dict(zip(MODEL_NAMES, zip((self.optimizer_g, self.optimizer_d), self.schedulers)))
 
-    def restore(self, state: TrainingState, where: Path) -> None:
-        models, optimizers, schedulers = self._parts()
-        for name, model, optimizer, scheduler in zip(MODEL_NAMES, models, optimizers, schedulers):
-            load_weights(unwrap(model), state.models[name], where)
-            try:
-                optimizer.load_state_dict(state.optimizers[name])
-                scheduler.load_state_dict(state.schedulers[name])
-            except (KeyError, ValueError, RuntimeError) as error:
-                raise ConsinganError(f"{where} does not fit this run's optimizers: {error}") from None
-        torch.set_rng_state(state.rng_torch.cpu())
-        self.start_epoch, self.seconds, self.history = state.epoch, state.seconds, list(state.history)
+    def sampling_weights(self) -> dict:
+        return unwrap(self.generator).state_dict()
+
+    def epoch_losses(self, epoch: int) -> Iterator[dict]:
+        # The epoch's tile order, the same on every rank and independent of resuming; each rank takes its share.
+        order = torch.Generator().manual_seed(int(self.config.seed) + epoch)
+        indices = self.distributed.shard(torch.randperm(len(self.dataset), generator=order).tolist())
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=indices,
+                                             num_workers=self.config.num_workers)
+        for source, target in loader:
+            yield self.step(source.to(self.device), target.to(self.device))
+
+    @torch.no_grad()
+    def write_preview(self, epoch: int) -> None:
+        """Rows of (source, prediction, target) tiles, spread over the data set, with the generator in eval mode."""
+        generator = unwrap(self.generator)
+        picks = np.linspace(0, len(self.dataset) - 1, min(PREVIEW_TILES, len(self.dataset))).round().astype(int)
+        items = []
+        generator.eval()
+        try:
+            for index in dict.fromkeys(picks.tolist()):
+                source, target = self.dataset[index]
+                prediction = generator(source[None].to(self.device))
+                prediction = (prediction[-1] if isinstance(prediction, list) else prediction)[0].float().cpu()
+                shown = label_image(source.numpy()) if "labels" in self.data.source_encoding else source.numpy()
+                items.append((shown, prediction.clamp(-1, 1).numpy(), target.numpy()))
+        finally:
+            generator.train()
+        write_png(self.run.previews_dir() / f"epoch{epoch:05d}.png", contact_sheet(items, columns=1, min_panel=96))
 
     def step(self, source: torch.Tensor, target: torch.Tensor) -> dict:
         config, generator, discriminator = self.config, self.generator, self.discriminator
@@ -129,41 +132,6 @@ class PairedTrainer:
         self.optimizer_g.step()
         return {"d": loss_d.item(), "g_gan": loss_gan.item(), "l1": loss_l1.item(), "fm": loss_fm.item()}
 
-    def train(self) -> list[dict]:
-        config, distributed = self.config, self.distributed
-        dataset = TileDataset(self.data, config.tile, config.resolved_stride())
-        order = torch.Generator()
-        self.generator.train()
-        self.discriminator.train()
-        for epoch in range(self.start_epoch + 1, config.epochs + 1):
-            # The epoch's tile order, the same on every rank and independent of resuming; each rank takes its share.
-            order.manual_seed(int(config.seed) + epoch)
-            indices = distributed.shard(torch.randperm(len(dataset), generator=order).tolist())
-            if distributed.active:  # each rank its own dropout masks, reproducible per epoch
-                torch.manual_seed(int(config.seed) + 1_000_003 * epoch + distributed.rank)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=indices,
-                                                 num_workers=config.num_workers)
-            started, totals = time.perf_counter(), []
-            for source, target in loader:
-                totals.append(self.step(source.to(self.device), target.to(self.device)))
-            for scheduler in self.schedulers:
-                scheduler.step()
-            losses = distributed.mean({k: float(np.mean([t[k] for t in totals])) for k in totals[0]})
-            if not all(math.isfinite(v) for v in losses.values()):
-                raise ConsinganError(f"training diverged at epoch {epoch} (losses {losses}); try a lower --lr; "
-                                     f"the last finite state is kept in {self.run.path}")
-            seconds = time.perf_counter() - started
-            self.seconds += seconds
-            self.history.append(losses)
-            if distributed.is_main:  # one writer; the others wait so that no rank runs ahead of a checkpoint
-                self.run.save_training_state(self.run.path, self.state(epoch))
-                self.run.write_losses(self.run.path, self.history)
-                self.progress(epoch, {**losses, "epoch": epoch, "seconds": seconds})
-            distributed.barrier()
-        if distributed.is_main:
-            self.run.save_weights(self.run.path, RunFolder.WEIGHTS, unwrap(self.generator).state_dict())
-        return self.history
-
 
 def load_perceptual(config: PairedConfig) -> VGGPerceptualLoss:
     if config.dimension != 2:
@@ -196,9 +164,7 @@ def prepare_paired(config: PairedConfig) -> tuple[PairedConfig, PairedData]:
         raise ConsinganError("--source and --target are required")
     distributed = Distributed.from_environment()
     distributed.check_seed(config.seed)
-    if config.seed is None:
-        config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
-    config = dataclasses.replace(config, source_dir=str(resolve_folder(config.source_dir, "--source")),
+    config = dataclasses.replace(with_seed(config), source_dir=str(resolve_folder(config.source_dir, "--source")),
                                  target_dir=str(resolve_folder(config.target_dir, "--target")))
     resolve_device(config.device)
     if config.perceptual_weights:
@@ -208,7 +174,7 @@ def prepare_paired(config: PairedConfig) -> tuple[PairedConfig, PairedData]:
     return config, data
 
 
-def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | None = None) -> PairedResult:
+def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | None = None) -> DatasetResult:
     """Check options, device, weights and data (``prepare_paired``), then make a run folder and train: nothing is
     written before every check has passed."""
     config, data = prepare_paired(config)
@@ -217,20 +183,19 @@ def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | N
     run = shared_run(distributed, config, "paired", paired_run_info(config, data))
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     trainer = PairedTrainer(config, data, run, progress, device, distributed)
-    return PairedResult(run.path, config, train_to_end(trainer, distributed))
+    return DatasetResult(run.path, config, train_to_end(trainer, distributed))
 
 
 def resume_paired(run_dir: Path, progress: Callable[[int, dict], None] | None = None,
-                  device: str | None = None) -> PairedResult:
+                  device: str | None = None) -> DatasetResult:
     """Continue a paired run from its last epoch's training state; every option comes from the run (the device
     may change)."""
     run = RunFolder.open(run_dir, "paired")
     Distributed.from_environment().check_resume(run)  # before the data is read or a process group joined
-    config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
-    run.config = config
+    config = resumed_config(run, device)
     data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot)
     distributed = Distributed.from_environment()
     device = distributed.start(resolve_device(config.device))
     torch.manual_seed(config.seed)
     trainer = PairedTrainer(config, data, run, progress, device, distributed)
-    return PairedResult(run.path, config, train_to_end(trainer, distributed, run, MODEL_NAMES))
+    return DatasetResult(run.path, config, train_to_end(trainer, distributed, run, MODEL_NAMES))

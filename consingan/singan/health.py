@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from consingan.metrics.measures import stuck_share
+
 # An output within this distance of -1 or 1 is "at the end" of tanh's range, where its gradient is below 4 %.
 SATURATION_MARGIN = 0.02
 # Samples whose per-voxel spread is below this fraction of the image's spread do not vary.
@@ -24,11 +26,6 @@ MAX_STUCK = 0.4
 # ``consingan.metrics.measures.memorisation``) while its reconstruction covers it well (below NEAR_COVERAGE).
 FAR_COVERAGE = 0.7  # the coverage a verdict of OK stays below (consingan.metrics.measures.MAX_COVERAGE)
 NEAR_COVERAGE = 0.5
-
-
-def stuck_share(saturated: float, real_saturated: float) -> float:
-    """Of the voxels the image keeps off the ends of its range, the share that the samples put at the ends."""
-    return max(0.0, saturated - real_saturated) / max(1e-6, 1.0 - real_saturated)
 
 
 def frozen_threshold(epochs: int) -> int:

@@ -24,9 +24,9 @@ from typing import Sequence
 import torch
 
 from consingan.config import TrainConfig
+from consingan.devices import BASE_BYTES, available_bytes
 from consingan.errors import ConsinganError
 
-BASE_BYTES = 300 * 2**20
 MAPS_PER_BLOCK = 50
 PATCH_MAPS_PER_BLOCK = 20
 
@@ -36,22 +36,6 @@ def estimate_peak_bytes(config: TrainConfig, top_shape: Sequence[int], channels:
     channels = channels or config.num_feature_channels
     maps = MAPS_PER_BLOCK * (config.num_layers + 2)
     return int(maps * channels * math.prod(top_shape) * 4 + BASE_BYTES)
-
-
-def available_bytes(device: torch.device) -> int:
-    """Free memory on ``device``: CUDA's free memory, or the system's MemAvailable."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as stream:
-            for line in stream:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _skeleton(config: TrainConfig, num_stages: int):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from consingan.config import TrainConfig
+from consingan.epochs import load_optimizer_states, restore_random_states, with_seed
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding, Volume, encode_header, read_volume, write_outputs
 from consingan.io.preview import label_image, preview_grid, write_png
@@ -379,12 +379,8 @@ class SinGANTrainer:
         start_epoch, seconds_before = 0, 0.0
         if resume_state is not None:
             where = self.run.scale_dir(stage) / RunFolder.STATE
-            for name, optimizer, scheduler in zip(("generator", "critic"), (optimizer_g, optimizer_d), schedulers):
-                try:
-                    optimizer.load_state_dict(resume_state.optimizers[name])
-                    scheduler.load_state_dict(resume_state.schedulers[name])
-                except (KeyError, ValueError, RuntimeError) as error:
-                    raise ConsinganError(f"{where} does not fit this run's optimizers: {error}") from None
+            load_optimizer_states(dict(zip(("generator", "critic"), zip((optimizer_g, optimizer_d), schedulers))),
+                                  resume_state, where)
             if self.average is not None:
                 try:
                     self.average.load_state_dict(resume_state.models[EMA_STATE])
@@ -393,11 +389,13 @@ class SinGANTrainer:
                                          f"{first_reason(error)}") from None
             start_epoch, seconds_before = resume_state.epoch, resume_state.seconds
             history = resume_state.history
-            restore_rng(resume_state, self.device)
+            restore_random_states(resume_state, self.device)
         self.reporter.start_scale(stage, self.shapes[stage], config.epochs)
         started = time.perf_counter() - seconds_before
         optimizers = (optimizer_g, optimizer_d, schedulers)
+        self.run.truncate_stats(self.run.scale_dir(stage), start_epoch)  # later epochs are trained again
         for epoch in range(start_epoch + 1, config.epochs + 1):
+            epoch_started = time.perf_counter()
             losses = self.train_epoch(stage, optimizer_g, optimizer_d, epoch)
             for scheduler in schedulers:
                 scheduler.step()
@@ -405,6 +403,9 @@ class SinGANTrainer:
                 raise ConsinganError(f"training diverged at scale {stage}, epoch {epoch} (losses {losses}); "
                                      f"try a lower --lr")
             history.append(losses)
+            self.run.append_stats(self.run.scale_dir(stage), {
+                "scale": stage, "epoch": epoch, "seconds": round(time.perf_counter() - epoch_started, 4), **losses,
+                "lr_generator": optimizer_g.param_groups[-1]["lr"], "lr_critic": optimizer_d.param_groups[0]["lr"]})
             self.reporter.update(stage, epoch, losses)
             if epoch < config.epochs:
                 if config.save_every and epoch % config.save_every == 0:
@@ -604,8 +605,7 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, Volume]:
     config = config.validate()
     check_precision(config.precision, resolve_device(config.device))
     check_encodable(Path(config.out_dir) / config.run_name, "output folder")  # before any table is printed
-    if config.seed is None:
-        config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
+    config = with_seed(config)
     image = find_image(config)
     config = dataclasses.replace(config, image=str(image.resolve()))  # absolute, so --resume works from anywhere
     volume = read_volume(image, config.dimension)
@@ -722,12 +722,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def restore_rng(state: TrainingState, device: torch.device) -> None:
-    torch.set_rng_state(state.rng_torch.cpu())
-    if state.rng_cuda is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state.rng_cuda.cpu(), device)
-
-
 def resume(run_dir: Path | str, reporter: Reporter | None = None, device: str | None = None) -> TrainResult:
     """Continue a run from its last completed scale, or from the last training state saved inside a scale.
 
@@ -796,7 +790,7 @@ def _resume_locked(run: RunFolder, reporter: Reporter | None, device: str | None
     done = [k for k in run.completed_scales() if k <= stage]
     summaries = [ScaleSummary.from_meta(run.scale_meta(k)) for k in done]
     if stage in done:
-        restore_rng(state, trainer.device)
+        restore_random_states(state, trainer.device)
         first, resume_state = stage + 1, None
     else:
         first, resume_state = stage, state
