@@ -90,7 +90,8 @@ def fail(message: str) -> None:
 def _flag_names(field: dataclasses.Field) -> list[str]:
     primary = flag_name(field.name)
     extra = field.metadata.get("flag")
-    return [primary] + ([extra] if extra and extra != primary else [])
+    aliases = [flag_name(alias) for alias in field.metadata.get("aliases", ())]  # an older spelling still works
+    return [primary] + ([extra] if extra and extra != primary else []) + aliases
 
 
 def _command_parameters(config_class: type, dry_run: bool) -> list[inspect.Parameter]:
@@ -346,8 +347,9 @@ def evaluate_command(
         if out is not None and out.exists():  # before any measure is computed, with a run or with --samples
             raise ConsinganError(f"{out} already exists; choose another --out")
         if out is None:
-            out = next(run_dir / f"evaluation_{n:03d}" for n in range(1, 1000)
-                       if not (run_dir / f"evaluation_{n:03d}").exists())
+            from consingan.runs import RunFolder
+
+            out = RunFolder.open(run_dir).new_evaluation_dir()
         check_encodable(out, "output folder")
         num = _count(num)
         options = EvaluateConfig(num=num, seed=seed, device=device, tile=parse_tile(tile),

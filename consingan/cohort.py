@@ -97,7 +97,7 @@ def check_rerun_options(config: TrainConfig, out_dir: Path, names: list[str]) ->
     with the options in its config.json, so the new ones would be ignored (and only recorded in cohort.json)."""
     differing: list[tuple[Path, list[str]]] = []
     for name in names:
-        run_dir = out_dir / name
+        run_dir = RunFolder.member_path(out_dir, name)
         if not (run_dir / RunFolder.CONFIG).is_file():
             continue
         try:
@@ -186,7 +186,7 @@ def train_one(config: dict, image: str, name: str, threads: int) -> dict:
     torch.set_num_threads(max(1, threads))
     started = time.perf_counter()
     options = TrainConfig(**{**config, "image": image, "run_name": name})
-    run_dir = Path(options.out_dir) / name
+    run_dir = RunFolder.member_path(options.out_dir, name)
     try:
         state = run_state(run_dir, options.num_scales)
         if state == "done":

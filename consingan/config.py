@@ -219,7 +219,7 @@ class PairedConfig:
     decay_start: int = _opt(-1, "Epoch after which the learning rate falls linearly to 0 (-1: half of the epochs).")
     batch_size: int = _opt(1, "Tiles per batch.")
     lr: float = _opt(2e-4, "Learning rate of generator and discriminator.")
-    beta1: float = _opt(0.5, "First beta of the Adam optimisers.")
+    beta1_adam: float = _opt(0.5, "First beta of the Adam optimisers.", aliases=("beta1",))
     lambda_l1: float = _opt(100.0, "Weight of the L1 loss to the target.")
     gan_mode: str = _opt("lsgan", "Adversarial loss: " + ", ".join(GAN_MODES) + ".")
     discriminator: str = _opt("patch", "'patch' (PatchGAN) or 'multiscale' (pix2pixHD, with feature matching).")
@@ -228,11 +228,15 @@ class PairedConfig:
     lambda_perceptual: float = _opt(10.0, "Weight of the perceptual loss.")
     tile: int = _opt(256, "Tile size (pix2pix on masks -> microscopy images has used 512 with stride 256).")
     stride: int = _opt(-1, "Tile stride (-1: tile / 2).")
-    base_channels: int = _opt(64, "Channels of the first generator and discriminator layer.")
+    num_feature_channels: int = _opt(64, "Channels of the first generator and discriminator layer.",
+                                     aliases=("base_channels",))
     depth: int = _opt(0, "U-Net depth (0: as deep as the tile allows, at most 8).")
     deep_supervision: bool = _opt(False, "U-Net++ only: an output head on every nested decoder, each trained with "
                                   "the L1 loss (prediction uses the last).")
     one_hot: bool = _opt(False, "Masks as one-hot class channels (background, interior, boundary ...).")
+    intensity_mapping: str = _opt("window", "Intensities onto [-1, 1], per channel over the whole set (targets, and "
+                                  "sources that are not --one-hot): 'window' (the 0.5-99.5 percentiles onto +-0.8, "
+                                  "the tails beyond) or 'minmax', as consingan train.")
     preview_every: int = _opt(10, "Write a preview of (input, prediction, target) tiles every N epochs (0: at the "
                               "end only).")
     checkpoint_every: int = _opt(10, "Keep a snapshot of the sampling weights every N epochs in snapshots/ (0: none); "
@@ -250,12 +254,13 @@ class PairedConfig:
         if self.dimension not in (2, 3):
             raise ConsinganError(f"dimension must be 2 or 3, got {self.dimension}")
         check_common(self)
-        _check_each(self, ("epochs", "batch_size", "tile", "base_channels", "lr"), POSITIVE, "positive")
+        _check_each(self, ("epochs", "batch_size", "tile", "num_feature_channels", "lr"), POSITIVE, "positive")
         _check_each(self, ("depth", "num_workers", "preview_every", "checkpoint_every", "lambda_l1",
                            "lambda_feature_matching", "lambda_perceptual"), NOT_NEGATIVE, "zero or positive")
-        _check_each(self, ("beta1",), FRACTION, "in [0, 1)")
+        _check_each(self, ("beta1_adam",), FRACTION, "in [0, 1)")
         if self.gan_mode not in GAN_MODES:
             raise ConsinganError(f"unknown gan_mode {self.gan_mode!r}; choose one of {', '.join(GAN_MODES)}")
+        _check_choices(self, {"intensity_mapping": ("window", "minmax")})
         if self.discriminator not in ("patch", "multiscale"):
             raise ConsinganError(f"discriminator must be 'patch' or 'multiscale', got {self.discriminator!r}")
         if self.tile < 8:
@@ -344,7 +349,8 @@ class ConditionalConfig:
     accumulate: int = _opt(1, "Batches whose gradients are summed before each optimiser step (a larger batch).")
     noise_dim: int = _opt(128, "Length of the noise vector.")
     embedding_dim: int = _opt(32, "Length of the learned class embedding fed to the generator with the noise.")
-    base_channels: int = _opt(32, "Channels of the generator's last stage and of the discriminator's first layer.")
+    num_feature_channels: int = _opt(32, "Channels of the generator's last stage and of the discriminator's first "
+                                     "layer.", aliases=("base_channels",))
     max_channels: int = _opt(256, "Upper limit of channels at any stage.")
     attention: int = _opt(-1, "Side at which a self-attention block sits in generator and discriminator (0: none; "
                           "-1: 32 in 2D and 8 in 3D, or half the size for smaller images).")
@@ -362,7 +368,7 @@ class ConditionalConfig:
                                  "(or VGG's, when given); 0: off.")
     lr_g: float = _opt(1e-4, "Generator learning rate (TTUR).")
     lr_d: float = _opt(4e-4, "Discriminator learning rate (TTUR).")
-    beta1: float = _opt(0.0, "First Adam beta.")
+    beta1_adam: float = _opt(0.0, "First Adam beta.", aliases=("beta1",))
     beta2: float = _opt(0.9, "Second Adam beta.")
     ema_decay: float = _opt(0.999, "Decay of the generator's exponential moving average (used for every sample).")
     flips: bool = _opt(True, "Random flips along every spatial axis.")
@@ -385,7 +391,7 @@ class ConditionalConfig:
         check_common(self)
         if self.dimension not in (2, 3):
             raise ConsinganError(f"dimension must be 2 or 3, got {self.dimension}")
-        _check_each(self, ("epochs", "batch_size", "accumulate", "noise_dim", "embedding_dim", "base_channels",
+        _check_each(self, ("epochs", "batch_size", "accumulate", "noise_dim", "embedding_dim", "num_feature_channels",
                            "max_channels", "discriminator_scales"), POSITIVE, "a positive integer")
         if self.attention < -1:
             raise ConsinganError(f"attention must be -1 (automatic), 0 (none) or a side, got {self.attention}")
@@ -404,7 +410,7 @@ class ConditionalConfig:
         _check_each(self, ("lr_g", "lr_d"), POSITIVE, "positive")
         _check_each(self, ("lambda_grad_penalty", "lambda_classifier", "lambda_perceptual", "lambda_texture"),
                     NOT_NEGATIVE, "zero or positive")
-        _check_each(self, ("beta1", "beta2", "ema_decay", "label_smoothing", "intensity_jitter"), FRACTION,
+        _check_each(self, ("beta1_adam", "beta2", "ema_decay", "label_smoothing", "intensity_jitter"), FRACTION,
                     "in [0, 1)")
         if self.perceptual_weights and self.dimension != 2:
             raise ConsinganError("the perceptual loss (VGG-19) is 2D only")
@@ -445,8 +451,8 @@ def _canonical_key(config_class: type, key: str) -> str | None:
     """Map 'num-scales', 'dsteps', 'Dsteps', 'dim' ... to the field name, or None when unknown."""
     normalised = key.strip().replace("-", "_").lower()
     names = option_names(config_class)
-    for name in names:
-        if name.lower() == normalised:
+    for name, item in names.items():
+        if name.lower() == normalised or normalised in item.metadata.get("aliases", ()):
             return name
     return "dimension" if normalised == "dim" and "dimension" in names else None
 

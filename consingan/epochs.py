@@ -23,7 +23,7 @@ from torch import nn
 
 from consingan.distributed import Distributed, unwrap
 from consingan.errors import ConsinganError
-from consingan.runs import RunFolder, TrainingState, load_weights, resolve_device
+from consingan.runs import RunFolder, TrainingState, load_module_state, resolve_device
 
 ConfigT = TypeVar("ConfigT")
 Progress = Callable[[int, dict], None]
@@ -135,7 +135,7 @@ class EpochTrainer:
         for name, model in self.named_models().items():
             if name not in state.models:
                 raise ConsinganError(f"damaged training state {where}: no {name}")
-            load_weights(unwrap(model), state.models[name], where)
+            load_module_state(unwrap(model), state.models[name], where)
         load_optimizer_states(self.named_optimizers(), state, where)
         restore_random_states(state, self.device)
         self.start_epoch, self.seconds, self.history = state.epoch, state.seconds, list(state.history)

@@ -57,7 +57,9 @@ FAMILIES = {"singan": TrainConfig, "paired": PairedConfig, "conditional": Condit
 # without them is read as it was trained, not with today's defaults.
 # patch_size: runs from before patch training trained on whole volumes ('off'), not with today's default 'auto'.
 LEGACY_OPTIONS = {"singan": {"gradient_penalty": "image", "intensity_mapping": "minmax", "upsampling": "linear",
-                             "patch_size": "off"}}
+                             "patch_size": "off"},
+                  # paired runs mapped min-max before --intensity-mapping; their previews and snapshots did not exist
+                  "paired": {"intensity_mapping": "minmax"}}
 MAX_SIDE = 2**16  # no axis of a real image is longer; a larger number in run.json means the file was damaged
 MAX_VOXELS = 2**32
 TRAINING_STATE_FORMAT = "consingan-training-state"
@@ -278,7 +280,7 @@ def _legacy_training_state(state: dict, models: Sequence[str]) -> dict:
     }
 
 
-def load_weights(module: torch.nn.Module, state: dict, where: Path | str) -> None:
+def load_module_state(module: torch.nn.Module, state: dict, where: Path | str) -> None:
     """``module.load_state_dict(state)``, with a missing, extra or wrong-shaped tensor reported in one line."""
     try:
         module.load_state_dict(state, strict=True)
@@ -300,7 +302,7 @@ class RunFolder:
     """
 
     CONFIG, INFO, LOSSES = "config.json", "run.json", "losses.csv"
-    WEIGHTS, STATE, SCALE_META = "generator.pt", "training_state.pt", "scale.json"
+    WEIGHTS, CRITIC, STATE, SCALE_META = "generator.pt", "critic.pt", "training_state.pt", "scale.json"
     SOURCE, STATS, SNAPSHOTS, PREVIEWS, SAMPLES = "source", "stats.jsonl", "snapshots", "previews", "samples"
 
     def __init__(self, path: Path, family: str, config: Any, info: RunInfo | None = None) -> None:
@@ -500,8 +502,28 @@ class RunFolder:
     def save_weights(self, folder: Path, name: str, state: dict) -> None:
         save_state(folder / name, state)
 
-    def load_weights(self, path: Path, device: torch.device | str = "cpu") -> dict:
+    def read_state(self, path: Path, device: torch.device | str = "cpu") -> dict:
+        """A state dict saved in the run (weights-only loading: nothing pickled is executed)."""
         return load_state(path, map_location=device)
+
+    def generator_state(self, models: Sequence[str], device: torch.device | str = "cpu"
+                        ) -> tuple[dict, Path, TrainingState | None]:
+        """The weights to sample or predict with: generator.pt, written after the last epoch, or else the generator
+        of the latest training state (returned too, so that the caller can say the run is unfinished)."""
+        weights = self.path / self.WEIGHTS
+        if weights.is_file():
+            return self.read_state(weights, device), weights, None
+        state_path = self.latest_training_state()
+        if state_path is None:
+            raise ConsinganError(f"{self.path} has no weights yet (no {self.WEIGHTS} or {self.STATE}): its first "
+                                 f"epoch did not finish; resume it with train --resume")
+        training = self.load_training_state(state_path, models, device)
+        return training.models["generator"], state_path, training
+
+    @staticmethod
+    def member_path(out_dir: Path | str, name: str) -> Path:
+        """The run folder of one image of a cohort (``train-many``), named after the image."""
+        return Path(out_dir) / name
 
     def save_training_state(self, folder: Path, state: TrainingState) -> None:
         save_state(folder / self.STATE, state.to_state())

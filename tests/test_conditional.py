@@ -41,7 +41,7 @@ def write_set(root: Path, dims: int, per_class: tuple[int, ...] = (3, 3)) -> Pat
 
 def tiny(dims: int, data: Path, out: Path, **overrides) -> ConditionalConfig:
     options = dict(data=str(data), dimension=dims, size=16 if dims == 2 else 8, epochs=2, batch_size=2,
-                   base_channels=8, max_channels=16, noise_dim=8, embedding_dim=4, attention=8 if dims == 2 else 4,
+                   num_feature_channels=8, max_channels=16, noise_dim=8, embedding_dim=4, attention=8 if dims == 2 else 4,
                    preview_every=1, seed=0, device="cpu", out_dir=str(out))
     return ConditionalConfig(**{**options, **overrides})
 

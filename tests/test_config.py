@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from consingan.config import TrainConfig, resolve_config
+from consingan.config import ConditionalConfig, PairedConfig, TrainConfig, option_names, resolve_config
 from consingan.errors import ConsinganError
 from consingan.cli import app
 
@@ -129,3 +129,26 @@ def test_shipped_presets_load_and_validate(path):
     config = resolve_config(path, {"dimension": dimension})
     assert config.dimension == dimension
     assert config.to_dict() != TrainConfig(dimension=dimension).to_dict()  # a preset changes something
+
+
+# Concepts every family has, with the seed table's name first and the spellings it replaces after it.
+SHARED_CONCEPTS = {"num_feature_channels": ("base_channels",), "beta1_adam": ("beta1",), "dimension": ()}
+
+
+@pytest.mark.parametrize("config_class", [TrainConfig, PairedConfig, ConditionalConfig])
+def test_one_name_per_concept_with_old_spellings_as_aliases(config_class):
+    names = option_names(config_class)
+    for canonical, old in SHARED_CONCEPTS.items():
+        assert canonical in names and not set(old) & set(names), (config_class.__name__, canonical)
+    if config_class is not TrainConfig:
+        # A run folder written before the rename still opens, and a config file in the old spelling still applies.
+        config = config_class.from_dict({"base_channels": 12, "beta1": 0.25})
+        assert (config.num_feature_channels, config.beta1_adam) == (12, 0.25)
+
+
+@pytest.mark.parametrize("command", [["paired", "train"], ["conditional", "train"]])
+def test_old_flag_spellings_still_work(runner, command):
+    from consingan.cli import app
+
+    result = runner.invoke(app, [*command, "--base-channels", "0"])
+    assert result.exit_code != 0 and "num_feature_channels must be" in result.output

@@ -17,7 +17,7 @@ def test_paired_dry_run_checks_the_pairs_and_writes_nothing(runner, tmp_path):
              "--out-dir", tmp_path / "out", "--tile", "16", "--base-channels", "4", "--seed", "0", "--run-name", "p"]
     result = run_cli(runner, [*flags, "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "2 pairs" in result.output and "base_channels" in result.output and not (tmp_path / "out").exists()
+    assert "2 pairs" in result.output and "num_feature_channels" in result.output and not (tmp_path / "out").exists()
     (target / "cell1.png").unlink()  # a source without its target is found by the dry run too
     assert_clean_failure(run_cli(runner, [*flags, "--dry-run"]), "cell1")
     (tmp_path / "again").mkdir()

@@ -151,7 +151,7 @@ TRAIN_CASES = {
     # row 12: tracebacks
     "Latin-1 CSV": (_latin1, "set.csv is not UTF-8 text (byte 0xe9 on line 2)"),
     "symlink loop as --data": (_loop, "symbolic-link loop"),
-    "base channels 100000": (_huge_channels, "lower --noise-dim, --base-channels or --max-channels"),
+    "base channels 100000": (_huge_channels, "lower --noise-dim, --num-feature-channels or --max-channels"),
     "noise dim 1e9": (_huge_noise, "for 368000.0 M parameters"),
     "3D size 256": (_huge_3d, "at 256^3"),
 }

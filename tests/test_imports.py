@@ -89,3 +89,33 @@ def test_the_arrow_check_sees_an_import_inside_a_function(tmp_path):
     source = tmp_path / "module.py"
     source.write_text("def f():\n    from consingan.paired.trainer import PairedTrainer\n")
     assert family_of(sorted(imported_modules(source))[0]) == "paired"
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_every_command_lists_a_folder_of_images_by_one_rule(tmp_path, dims):
+    """train-many, paired, conditional and evaluate --samples see the same images in a folder: files with an image
+    suffix, hidden entries and other files skipped, sub-folders only as 3D DICOM series where a command reads them."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from consingan.cohort import find_images
+    from consingan.conditional.data import list_labelled
+    from consingan.io import list_images
+    from consingan.paired.data import image_files
+
+    data = tmp_path / "data"
+    folder = data / "cells"
+    (folder / "series").mkdir(parents=True)
+    (data / "other").mkdir()
+    shape = (8, 8) if dims == 2 else (4, 8, 8)
+    for name in ("b.nii.gz", "a.mha", ".hidden.mha"):
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros(shape, np.uint8)), str(folder / name))
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros(shape, np.uint8)), str(data / "other" / name))
+    (folder / "notes.txt").write_text("not an image")
+    files = [folder / "a.mha", folder / "b.nii.gz"]
+    series = [folder / "series"] if dims == 3 else []
+    assert list_images(folder, dims) == sorted(files + series)
+    assert find_images(str(folder), dims) == sorted(files + series)
+    assert sorted(p for p, name in list_labelled(data, dims) if name == "cells") == sorted(files + series)
+    assert list(image_files(folder, "--source").values()) == files  # paired pairs files only
+    assert list_images(folder, dims, series_folders=False) == files  # evaluate --samples reads files only

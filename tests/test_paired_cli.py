@@ -100,3 +100,27 @@ def test_geometry_mismatch_is_named(runner, tmp_path):
     result = runner.invoke(app, ["paired", "train", "--source", str(source), "--target", str(target), "--dim", "3",
                                  "--out-dir", str(tmp_path / "out")], terminal_width=200)
     assert result.exit_code == 2 and "vol1: source and target geometry" in result.output
+
+
+@pytest.mark.parametrize("mapping", ["window", "minmax"])
+def test_paired_targets_take_the_intensity_mapping_and_old_runs_keep_min_max(runner, tmp_path, mapping):
+    import json
+
+    from consingan.runs import RunFolder
+
+    source, target = make_pairs(tmp_path, 2)
+    args = ["paired", "train", "--source", str(source), "--target", str(target), "--epochs", "1", "--out-dir",
+            str(tmp_path / "out"), "--tile", "16", "--base-channels", "4", "--seed", "0", "--one-hot"]
+    if mapping != "window":
+        args += ["--intensity-mapping", mapping]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "out" / "paired_001"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["intensity"]["mapping"] == mapping and ("low" in info["intensity"]) == (mapping == "window")
+    assert RunFolder.open(run_dir, "paired").config.intensity_mapping == mapping
+    # A run written before the option existed was mapped min-max: it opens (and resumes) as min-max.
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["intensity_mapping"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert RunFolder.open(run_dir, "paired").config.intensity_mapping == "minmax"

@@ -35,7 +35,7 @@ def test_tiled_prediction_equals_whole_image_within_the_receptive_field(dims, sh
 
 def _shipped_generator(dims: int, model: str, tile: int) -> tuple[nn.Module, PairedConfig]:
     """A small generator of a shipped paired architecture, built as ``paired train`` and ``paired predict`` build it."""
-    config = PairedConfig(dimension=dims, model=model, tile=tile, base_channels=4).validate()
+    config = PairedConfig(dimension=dims, model=model, tile=tile, num_feature_channels=4).validate()
     torch.manual_seed(0)
     return build_generator(config, 1, 1).eval(), config
 

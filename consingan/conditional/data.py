@@ -15,7 +15,6 @@ from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, Volume, list_images, read_volume
 from consingan.nn.resample import resize
 
-MAX_MAPPING_VALUES = 2**22  # values per channel the intensity window's percentiles are computed from
 UPSCALE_WARNING = 4.0  # an image enlarged more than this to --size is mostly interpolation
 SQUASH_WARNING = 2.0  # an image whose aspect ratio --fit resize changes more than this is visibly distorted
 
@@ -174,7 +173,7 @@ def load_labelled(data: Path | str, spatial_dims: int, size: int, fit: str = "re
         arrays.append(fit_to_size(volume.array, size, fit))
         labels.append(classes.index(name))
     images = np.stack(arrays)  # [N, C, *size]
-    intensity = mapping_of(images, mapping, seed)
+    intensity = IntensityRange.of_set(list(images), mapping, seed=seed)
     normalised = np.stack([intensity.normalise(image) for image in images]).astype(np.float32)
     target = "x".join([str(size)] * spatial_dims)
     warnings = [fit_warning(upscaled, f"enlarged more than {UPSCALE_WARNING:g}x to {target}", "they look blurred"),
@@ -202,18 +201,6 @@ def fit_warning(found: list[tuple[float, Path, tuple[int, ...]]], what: str, adv
     factor, path, shape = max(found, key=lambda item: item[0])
     return (f"{len(found)} image(s) {what}, the most {path} ({'x'.join(map(str, shape))}, {factor:.1f}x); "
             f"{advice}")
-
-
-def mapping_of(images: np.ndarray, mapping: str, seed: int = 0) -> IntensityRange:
-    """The intensity map of a whole set [N, C, ...], per channel: percentiles from at most ``MAX_MAPPING_VALUES``
-    values drawn at random, minimum and maximum exact (so nothing is clipped)."""
-    per_channel = np.moveaxis(images, 1, 0).reshape(images.shape[1], -1)
-    if per_channel.shape[1] > MAX_MAPPING_VALUES:
-        rng = np.random.default_rng(seed)
-        chosen = rng.choice(per_channel.shape[1], MAX_MAPPING_VALUES, replace=False)
-        extremes = np.stack([per_channel.min(1), per_channel.max(1)], 1)
-        per_channel = np.concatenate([per_channel[:, chosen], extremes], 1)
-    return IntensityRange.of(per_channel, mapping)
 
 
 def class_balanced_sampler(labels: torch.Tensor, num_classes: int, generator: torch.Generator

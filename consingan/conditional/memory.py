@@ -58,7 +58,7 @@ def estimate_memory(config: ConditionalConfig, channels: int, num_classes: int, 
     d_params = sum(p.numel() for p in discriminator.parameters())
     models = ((TRAINING_COPIES + 1) * g_params + TRAINING_COPIES * d_params) * FLOAT_BYTES
     dims, batch, stages = config.dimension, config.batch_size, config.num_stages()
-    widths = stage_channels(config.base_channels, config.max_channels, stages)
+    widths = stage_channels(config.num_feature_channels, config.max_channels, stages)
     sides = [4 * 2**k for k in range(stages + 1)]
     # The generator up to its head (widths[-1] at the full size, then the image); every discriminator scale on a
     # batch of real and fake images.
@@ -66,7 +66,7 @@ def estimate_memory(config: ConditionalConfig, channels: int, num_classes: int, 
     for scale in range(config.discriminator_scales):
         size = config.size // 2**scale
         d_stages = int(round(math.log2(size / 4)))
-        d_widths = [channels] + list(reversed(stage_channels(config.base_channels, config.max_channels, d_stages)))[1:]
+        d_widths = [channels] + list(reversed(stage_channels(config.num_feature_channels, config.max_channels, d_stages)))[1:]
         activations += _maps(d_widths, [size // 2**k for k in range(d_stages + 1)], dims, 2 * batch)
     side = config.resolved_attention()
     if side:
@@ -93,9 +93,9 @@ def check_memory(config: ConditionalConfig, channels: int, num_classes: int, ima
             f"the {images} images at {config.size}^{config.dimension} need about {estimate.host / gib:.1f} GiB "
             f"while loading but {host_free / gib:.1f} GiB are free; lower --size")
     if estimate.models >= estimate.activations:
-        hint = "lower --noise-dim, --base-channels or --max-channels"
+        hint = "lower --noise-dim, --num-feature-channels or --max-channels"
     else:
-        hint = "lower --batch-size or --size (or --base-channels / --max-channels)"
+        hint = "lower --batch-size or --size (or --num-feature-channels / --max-channels)"
     raise ConsinganError(
         f"training needs about {needed / gib:.1f} GiB on {device.type} (models {estimate.models / gib:.1f} GiB for "
         f"{estimate.parameters / 1e6:.1f} M parameters, activations {estimate.activations / gib:.1f} GiB for a batch "

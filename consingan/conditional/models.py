@@ -218,10 +218,10 @@ def build_models(config, channels: int, num_classes: int) -> tuple[ConditionalGe
                                                                     MultiScaleConditionalDiscriminator]:
     """The generator and discriminator of a ``ConditionalConfig``."""
     generator = ConditionalGenerator(config.dimension, channels, num_classes, config.size, config.noise_dim,
-                                     config.embedding_dim, config.base_channels, config.max_channels,
+                                     config.embedding_dim, config.num_feature_channels, config.max_channels,
                                      config.resolved_attention())
     discriminator = MultiScaleConditionalDiscriminator(
         config.dimension, channels, num_classes, config.size, config.discriminator_scales,
-        base_channels=config.base_channels, max_channels=config.max_channels, attention=config.resolved_attention(),
+        base_channels=config.num_feature_channels, max_channels=config.max_channels, attention=config.resolved_attention(),
         conditioning=config.conditioning)
     return generator, discriminator

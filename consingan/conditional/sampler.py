@@ -14,7 +14,7 @@ from consingan.errors import ConsinganError
 from consingan.io import Volume, output_suffix, write_volume
 from consingan.io.preview import contact_sheet, write_png
 from consingan.outputs import OutputFolder, Progress
-from consingan.runs import RunFolder, load_weights
+from consingan.runs import RunFolder, load_module_state
 
 MODEL_NAMES = ("generator", "discriminator")
 EMA_NAME = "generator_ema"
@@ -92,7 +92,7 @@ class TrainedConditional:
                                  f"--resume it)")
         resolved = run.device(device)
         generator, _ = build_models(run.config, run.info.channels, len(run.info.classes))
-        load_weights(generator, run.load_weights(where, resolved), where)
+        load_module_state(generator, run.read_state(where, resolved), where)
         return cls(run, generator.to(resolved).eval(), resolved)
 
     @property

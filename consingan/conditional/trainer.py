@@ -84,7 +84,7 @@ class ConditionalTrainer(EpochTrainer):
         self.generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
         self.generator = self.distributed.wrap(generator, self.device)
         self.discriminator = self.distributed.wrap(discriminator, self.device)
-        betas = (config.beta1, config.beta2)
+        betas = (config.beta1_adam, config.beta2)
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr_g, betas=betas)
         self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d, betas=betas)
         self.dataset = torch.utils.data.TensorDataset(data.images, data.labels)

@@ -13,11 +13,14 @@ Two mappings, both monotone, piecewise linear and invertible, so every output co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 INTENSITY_MAPPINGS = ("window", "minmax")
 WINDOW_EDGE = 0.8
+
+MAX_MAPPING_VALUES = 2**22  # values per channel a set's percentiles are computed from
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,19 @@ class IntensityRange:
         low, high = np.where(empty, minimum, low), np.where(empty, maximum, high)
         return cls(tuple(map(float, minimum)), tuple(map(float, maximum)), tuple(map(float, low)),
                    tuple(map(float, high)), WINDOW_EDGE, "window", (float(percentiles[0]), float(percentiles[1])))
+
+    @classmethod
+    def of_set(cls, arrays: Sequence[np.ndarray], mapping: str = "minmax", percentiles: tuple[float, float] = (0.5, 99.5),
+               seed: int = 0) -> "IntensityRange":
+        """One map over a whole set of images ([C, *spatial] each, any sizes), per channel, so that one intensity maps
+        to one value in every image: percentiles from at most ``MAX_MAPPING_VALUES`` values drawn at random, the
+        minimum and maximum exact (nothing is clipped)."""
+        per_channel = np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
+        if per_channel.shape[1] > MAX_MAPPING_VALUES:
+            chosen = np.random.default_rng(seed).choice(per_channel.shape[1], MAX_MAPPING_VALUES, replace=False)
+            extremes = np.stack([per_channel.min(1), per_channel.max(1)], 1)
+            per_channel = np.concatenate([per_channel[:, chosen], extremes], 1)
+        return cls.of(per_channel, mapping, percentiles)
 
     def _knots(self, channel: int) -> tuple[list[float], list[float]]:
         """(source knots, normalised knots) of one channel, strictly increasing, empty tails dropped."""

@@ -120,11 +120,13 @@ def decode_header(text: str | None) -> Any:
 # --- reading -------------------------------------------------------------------------------------------------------
 
 
-def list_images(folder: Path, spatial_dims: int = 3) -> list[Path]:
-    """The images of a folder, sorted: its files with a supported suffix and, in 3D, its sub-folders (DICOM series);
-    hidden entries are skipped, and in 2D so are sub-folders, as any other non-image."""
+def list_images(folder: Path, spatial_dims: int = 3, series_folders: bool = True) -> list[Path]:
+    """The images of a folder, sorted: its files with a supported suffix and, in 3D with ``series_folders``, its
+    sub-folders (DICOM series); hidden entries are skipped, and so are other sub-folders, as any other non-image.
+    The one listing rule of every command that takes a folder of images."""
     return [p for p in sorted(Path(folder).iterdir()) if not p.name.startswith(".") and (
-        (p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES) or (p.is_dir() and spatial_dims == 3))]
+        (p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES)
+        or (p.is_dir() and spatial_dims == 3 and series_folders))]
 
 def read_volume(path: Path | str, spatial_dims: int, check_values: bool = True) -> Volume:
     """Read an image as a ``Volume`` with ``spatial_dims`` spatial axes; every problem becomes a ``ConsinganError``.

@@ -12,7 +12,7 @@ import torch
 
 from consingan.checkpoint import save_json
 from consingan.errors import ConsinganError
-from consingan.io import SUPPORTED_SUFFIXES, IntensityRange, file_suffix, read_volume
+from consingan.io import IntensityRange, list_images, read_volume
 from consingan.io.preview import contact_sheet, write_png
 from consingan.metrics import measures
 from consingan.outputs import OutputFolder, human_bytes
@@ -212,7 +212,7 @@ def evaluate_samples(image: Path | str, samples: Path | str, spatial_dims: int,
     folder = Path(samples)
     if not folder.is_dir():
         raise ConsinganError(f"samples folder not found: {folder}")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and file_suffix(p) in SUPPORTED_SUFFIXES)
+    paths = list_images(folder, spatial_dims, series_folders=False)
     if len(paths) < 2:
         raise ConsinganError(f"{folder} holds {len(paths)} readable images; at least 2 are needed")
     volume = read_volume(image, spatial_dims)

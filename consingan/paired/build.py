@@ -17,7 +17,7 @@ MODEL_NAMES = ("generator", "discriminator")  # the names of the models in a pai
 
 
 def build_generator(config: PairedConfig, in_channels: int, out_channels: int) -> torch.nn.Module:
-    dims, base = config.dimension, config.base_channels
+    dims, base = config.dimension, config.num_feature_channels
     if config.model in UNET_MODELS:
         return UNetGenerator(dims, in_channels, out_channels, depth=config.resolved_depth(), base_channels=base,
                              skip_attention=config.model == "cbam_unet",
@@ -41,7 +41,7 @@ def build_discriminator(config: PairedConfig, channels: int) -> torch.nn.Module:
     layers = max(1, min(3, int(math.log2(smallest / 4))))
     if config.discriminator == "multiscale":
         return MultiScaleDiscriminator(config.dimension, channels, num_scales=scales,
-                                       base_channels=config.base_channels, num_layers=layers)
-    return PatchDiscriminator(config.dimension, channels, base_channels=config.base_channels, num_layers=layers)
+                                       base_channels=config.num_feature_channels, num_layers=layers)
+    return PatchDiscriminator(config.dimension, channels, base_channels=config.num_feature_channels, num_layers=layers)
 
 

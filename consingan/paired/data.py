@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from consingan.errors import ConsinganError
-from consingan.io import IntensityRange, LabelEncoding, Volume, file_suffix, read_volume
-from consingan.io.volume import SUPPORTED_SUFFIXES
+from consingan.io import IntensityRange, LabelEncoding, Volume, file_suffix, list_images, read_volume
 from consingan.paired.tiling import tile_grid
 
 PAIR_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".png", ".npy", ".mha", ".nrrd")
@@ -48,8 +47,8 @@ def image_files(folder: Path | str, option: str) -> dict[str, Path]:
     dropped silently."""
     resolve_folder(folder, option)
     files: dict[str, Path] = {}
-    for path in sorted(Path(folder).iterdir()):
-        if not (path.is_file() and file_suffix(path) in SUPPORTED_SUFFIXES and file_suffix(path) in PAIR_SUFFIXES):
+    for path in list_images(Path(folder), series_folders=False):
+        if file_suffix(path) not in PAIR_SUFFIXES:
             continue
         twin = files.setdefault(file_stem(path), path)
         if twin != path:
@@ -104,8 +103,10 @@ def encode_source(array: np.ndarray, encoding: dict) -> np.ndarray:
     return IntensityRange.from_dict(encoding["intensity"]).normalise(array)
 
 
-def load_pairs(source_dir: Path, target_dir: Path, spatial_dims: int, one_hot: bool) -> PairedData:
-    """Read and check every pair; shape or geometry mismatches are reported by name."""
+def load_pairs(source_dir: Path, target_dir: Path, spatial_dims: int, one_hot: bool,
+               intensity_mapping: str = "window") -> PairedData:
+    """Read and check every pair; shape or geometry mismatches are reported by name. Targets (and sources that are
+    not one-hot masks) are mapped onto [-1, 1] by one ``intensity_mapping`` over the whole set, per channel."""
     pairs = match_pairs(source_dir, target_dir)
     names, sources, targets, volumes, problems = [], [], [], [], []
     files: dict[str, list[Path]] = {"source": [], "target": []}  # beside the arrays, to name a file that differs
@@ -146,8 +147,8 @@ def load_pairs(source_dir: Path, target_dir: Path, spatial_dims: int, one_hot: b
         classes = np.unique(np.concatenate([np.unique(a) for a in sources]))
         encoding = {"labels": LabelEncoding.of(classes.reshape(1, -1).astype(np.float32), 0, "masks").to_dict()}
     else:
-        encoding = {"intensity": _joint_range(sources).to_dict()}
-    target_intensity = _joint_range(targets)
+        encoding = {"intensity": _joint_range(sources, intensity_mapping).to_dict()}
+    target_intensity = _joint_range(targets, intensity_mapping)
     return PairedData(
         names, [torch.from_numpy(encode_source(a, encoding)) for a in sources],
         [torch.from_numpy(target_intensity.normalise(a)) for a in targets], volumes, encoding, target_intensity,
@@ -174,8 +175,11 @@ def _check_channels(kind: str, arrays: list[np.ndarray], paths: list[Path], spat
     raise ConsinganError(f"{kind} images have different channel counts: {what}; {other} has {usual}")
 
 
-def _joint_range(arrays: list[np.ndarray]) -> IntensityRange:
-    """One range over all images, per channel: the same intensity maps to the same value in every pair."""
+def _joint_range(arrays: list[np.ndarray], mapping: str) -> IntensityRange:
+    """One map over all images, per channel: the same intensity maps to the same value in every pair. A constant
+    channel (an empty target) gets a range of one around its value."""
+    if mapping == "window":
+        return IntensityRange.of_set(arrays, "window")
     low = np.min([a.reshape(a.shape[0], -1).min(1) for a in arrays], axis=0)
     high = np.max([a.reshape(a.shape[0], -1).max(1) for a in arrays], axis=0)
     high = np.where(high > low, high, low + 1)

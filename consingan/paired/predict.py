@@ -15,7 +15,7 @@ from consingan.outputs import OutputFolder
 from consingan.paired.build import MODEL_NAMES, build_generator
 from consingan.paired.data import encode_source, file_stem, image_files
 from consingan.paired.tiling import predict_tiled
-from consingan.runs import RunFolder, TrainingState, load_weights
+from consingan.runs import RunFolder, load_module_state
 
 
 def prediction_inputs(source_dir: Path, spatial_dims: int, file_channels: int, one_channel: bool = False
@@ -59,19 +59,13 @@ def predict_paired(run_dir: Path, source_dir: Path, out_dir: Path, device: str =
     taken = [n.name for n in names if n.exists()]
     if taken:
         raise ConsinganError(f"{out_dir} already holds {taken[0]}; choose another --out")
-    weights = run.path / (RunFolder.WEIGHTS if (run.path / RunFolder.WEIGHTS).is_file() else RunFolder.STATE)
-    if not weights.is_file():
-        raise ConsinganError(f"{run.path} has no weights yet (no {RunFolder.WEIGHTS} or {RunFolder.STATE}): its "
-                             f"first epoch did not finish; resume it with paired train --resume")
-    state = run.load_weights(weights, torch_device)
-    if weights.name == RunFolder.STATE:
-        training = TrainingState.from_state(state, str(weights), MODEL_NAMES)
-        state = training.models["generator"]
+    state, weights, training = run.generator_state(MODEL_NAMES, torch_device)
+    if training is not None:
         if warn is not None:  # training writes generator.pt after its last epoch: without it the run stopped early
             warn(f"{run.path} is unfinished (epoch {training.epoch} of {config.epochs}, no {RunFolder.WEIGHTS}): "
                  f"predicting with the generator of epoch {training.epoch} from {RunFolder.STATE}")
     generator = build_generator(config, info.inputs.channels, info.channels).to(torch_device)
-    load_weights(generator, state, weights)
+    load_module_state(generator, state, weights)
     generator.eval()
     encoded = [torch.from_numpy(encode_source(volume.array, info.inputs.encoding))[None] for _, volume in inputs]
 

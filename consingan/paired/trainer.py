@@ -46,7 +46,7 @@ class PairedTrainer(EpochTrainer):
                                                self.device)
         self.discriminator = self.distributed.wrap(build_discriminator(config, in_channels + out_channels)
                                                    .to(self.device), self.device)
-        betas = (config.beta1, 0.999)
+        betas = (config.beta1_adam, 0.999)
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=betas)
         self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr, betas=betas)
         decay_start = config.epochs // 2 if config.decay_start < 0 else config.decay_start
@@ -169,7 +169,8 @@ def prepare_paired(config: PairedConfig) -> tuple[PairedConfig, PairedData]:
     resolve_device(config.device)
     if config.perceptual_weights:
         load_perceptual(config)
-    data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot)
+    data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot,
+                      config.intensity_mapping)
     check_model_fits(config, data)
     return config, data
 
@@ -193,7 +194,8 @@ def resume_paired(run_dir: Path, progress: Callable[[int, dict], None] | None = 
     run = RunFolder.open(run_dir, "paired")
     Distributed.from_environment().check_resume(run)  # before the data is read or a process group joined
     config = resumed_config(run, device)
-    data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot)
+    data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot,
+                      config.intensity_mapping)
     distributed = Distributed.from_environment()
     device = distributed.start(resolve_device(config.device))
     torch.manual_seed(config.seed)

@@ -102,9 +102,9 @@ class TrainedPyramid:
         torch_device = run.device(device)
         generator = GrowingGenerator(config.dimension, run.info.channels,
                                      **generator_arguments(config)).to(torch_device)
-        weights = run.scale_dir(scale) / "generator.pt"
+        weights = run.scale_dir(scale) / RunFolder.WEIGHTS
         try:
-            generator.load_grown_state(run.load_weights(weights, torch_device))
+            generator.load_grown_state(run.read_state(weights, torch_device))
         except (KeyError, ValueError, RuntimeError) as error:
             raise ConsinganError(f"{weights} does not fit the model of {run.path / run.CONFIG}: "
                                  f"{first_reason(error)}") from None

@@ -29,7 +29,7 @@ from consingan.losses import (
 from consingan.outputs import check_encodable
 from consingan.singan.health import ScaleHealth, check_scale
 from consingan.singan.memory import MemoryPlan, available_bytes, check_memory, patch_shape, patched
-from consingan.runs import RunFolder, RunInfo, TrainingState, first_reason, load_weights, resolve_device
+from consingan.runs import RunFolder, RunInfo, TrainingState, first_reason, load_module_state, resolve_device
 from consingan.singan.models import Critic, GrowingGenerator, architecture, check_network_fits, generator_arguments
 from consingan.singan.pyramid import Shape, build_pyramid, pyramid_shapes
 from consingan.singan.regions import (
@@ -534,7 +534,7 @@ class SinGANTrainer:
                 varied[0] = generator.reconstruction_noise(0)
                 variation = generator(varied)[0].cpu().numpy()
             reconstruction = (self.reconstruct(stage) if reconstruction is None else reconstruction)[0].cpu().numpy()
-        folder = self.run.scale_dir(stage) / "samples"
+        folder = self.run.scale_dir(stage) / RunFolder.SAMPLES
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in (("sample", sample), ("reconstruction", reconstruction)):
             label_channels = self.image_channels if self.volume.labels else None  # decoded by argmax: not clipped
@@ -553,8 +553,8 @@ class SinGANTrainer:
 
     def save_scale(self, stage: int, summary: ScaleSummary, history: Sequence[dict[str, float]]) -> None:
         run, folder = self.run, self.run.scale_dir(stage)
-        run.save_weights(folder, "generator.pt", self.generator.state_dict())
-        run.save_weights(folder, "critic.pt", self.critic.state_dict())
+        run.save_weights(folder, RunFolder.WEIGHTS, self.generator.state_dict())
+        run.save_weights(folder, RunFolder.CRITIC, self.critic.state_dict())
         run.write_losses(folder, history)
         meta = dataclasses.asdict(summary)
         meta["shapes"] = [list(s) for s in self.shapes[: stage + 1]]
@@ -785,7 +785,7 @@ def _resume_locked(run: RunFolder, reporter: Reporter | None, device: str | None
     except (KeyError, ValueError, RuntimeError) as error:
         raise ConsinganError(f"{state_path} does not fit the model of {run.path / run.CONFIG}: "
                              f"{first_reason(error)}") from None
-    load_weights(trainer.critic, state.models["critic"], state_path)
+    load_module_state(trainer.critic, state.models["critic"], state_path)
     trainer.load_scalers(state, state_path)
     done = [k for k in run.completed_scales() if k <= stage]
     summaries = [ScaleSummary.from_meta(run.scale_meta(k)) for k in done]
