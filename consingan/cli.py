@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -245,27 +246,57 @@ TILE_HELP = ("Generate in tiles of this many voxels a side, each exact (a sample
              "(only a volume that would not fit half the free memory), off, or a number.")
 
 
+# The sampling options ``sample`` and ``sample-many`` share: one definition, one help text.
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same files.")]
+ScaleOption = Annotated[Optional[str], typer.Option(
+    "--scale", help="Retarget by per-axis factors, e.g. 1.5,1 (2D) or 1,1,2 (3D); one number scales all axes.")]
+ShapeOption = Annotated[Optional[str], typer.Option("--shape", help="Retarget to this output shape, e.g. 64,96.")]
+StartScaleOption = Annotated[int, typer.Option(
+    "--start-scale", help="Keep scales below this on the training image's layout; vary from here up.")]
+UseScaleOption = Annotated[Optional[int], typer.Option(
+    "--use-scale", help="Generate with the pyramid up to this scale (default: the last completed).")]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", help="Samples generated at once.")]
+SourceDtypeOption = Annotated[bool, typer.Option(
+    "--source-dtype", help="Write the source's data type (rounded and clipped) instead of float32.")]
+TileOption = Annotated[str, typer.Option("--tile", help=TILE_HELP)]
+
+
+def _sampling_options(seed: int, scale: str | None, shape: str | None, start_scale: int, batch_size: int,
+                      source_dtype: bool, tile: str) -> dict[str, Any]:
+    """The keyword arguments of ``write_samples`` from the shared sampling flags, checked."""
+    from consingan.config import check_seed
+    from consingan.singan.sampler import parse_tile
+
+    check_seed(seed)
+    factors, sides = _numbers(scale, float, "--scale"), _numbers(shape, int, "--shape")
+    # What no run could use is refused before any run is opened (the run's own checks need its dimensions).
+    if factors is not None and not all(math.isfinite(f) and f > 0 for f in factors):
+        raise ConsinganError(f"--scale factors must be positive, finite numbers, got {scale}")
+    if sides is not None and not all(side > 0 for side in sides):
+        raise ConsinganError(f"--shape sides must be positive, got {shape}")
+    if batch_size < 1 or start_scale < 0:
+        raise ConsinganError("--batch-size must be at least 1 and --start-scale zero or positive")
+    return dict(seed=seed, source_dtype=source_dtype, batch_size=batch_size, scale_factors=factors, shape=sides,
+                start_scale=start_scale, tile=parse_tile(tile))
+
+
 @app.command("sample")
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="Run folder written by consingan train.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the samples (created; nothing is overwritten).")],
     num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Number of samples.")] = "16",
-    seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same files.")] = 0,
-    scale: Annotated[Optional[str], typer.Option(
-        "--scale", help="Retarget by per-axis factors, e.g. 1.5,1 (2D) or 1,1,2 (3D); one number scales all axes.")] = None,
-    shape: Annotated[Optional[str], typer.Option("--shape", help="Retarget to this output shape, e.g. 64,96.")] = None,
-    start_scale: Annotated[int, typer.Option(
-        "--start-scale", help="Keep scales below this on the training image's layout; vary from here up.")] = 0,
+    seed: SeedOption = 0,
+    scale: ScaleOption = None,
+    shape: ShapeOption = None,
+    start_scale: StartScaleOption = 0,
     inject: Annotated[Optional[Path], typer.Option(
         "--inject", help="Image whose layout is kept (editing, harmonisation); same channels as the training image.")
     ] = None,
-    use_scale: Annotated[Optional[int], typer.Option(
-        "--use-scale", help="Generate with the pyramid up to this scale (default: the last completed).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples generated at once.")] = 8,
+    use_scale: UseScaleOption = None,
+    batch_size: BatchSizeOption = 8,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
-    source_dtype: Annotated[bool, typer.Option(
-        "--source-dtype", help="Write the source's data type (rounded and clipped) instead of float32.")] = False,
-    tile: Annotated[str, typer.Option("--tile", help=TILE_HELP)] = "auto",
+    source_dtype: SourceDtypeOption = False,
+    tile: TileOption = "auto",
     output_format: Annotated[str, typer.Option(
         "--format", help="native (sample_0000 ... in the input's file type) or nnunet (an nnU-Net v2 raw dataset: "
                          "imagesTr, labelsTr, dataset.json; a run trained with --label).")] = "native",
@@ -279,15 +310,13 @@ def sample(
     """Draw new images from a trained pyramid, in the input's file type and geometry, plus a PNG contact sheet; or,
     with --format nnunet, an nnU-Net v2 training set of images and label maps."""
     try:
-        from consingan.config import check_seed
         from consingan.io import read_volume
         from consingan.io.export import parse_format, parse_names, write_nnunet_dataset
-        from consingan.singan.sampler import TrainedPyramid, parse_tile, write_samples
+        from consingan.singan.sampler import TrainedPyramid, write_samples
         from consingan.ui import count_progress
 
         num = _count(num)
-        check_seed(seed)
-        tile = parse_tile(tile)
+        options = _sampling_options(seed, scale, shape, start_scale, batch_size, source_dtype, tile)
         output_format = parse_format(output_format)
         names = dict(channel_names=parse_names(channel_names, "--channel-names"),
                      label_names=parse_names(label_names, "--label-names"))
@@ -297,9 +326,7 @@ def sample(
         for note in pyramid.notes:
             console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
         injected = read_volume(inject, pyramid.spatial_dims).array if inject is not None else None
-        options = dict(seed=seed, source_dtype=source_dtype, batch_size=batch_size, progress=count_progress(console),
-                       scale_factors=_numbers(scale, float, "--scale"), shape=_numbers(shape, int, "--shape"),
-                       start_scale=start_scale, inject=injected, tile=tile)
+        options.update(progress=count_progress(console), inject=injected)
         if output_format == "nnunet":
             write_nnunet_dataset(pyramid, out, num, **names, **options)
             console.print(f"wrote an nnU-Net dataset of {num} cases (imagesTr, labelsTr, dataset.json) to "
@@ -514,13 +541,13 @@ def _cohort_log() -> Any:
     return log
 
 
-def _train_many(config_file: Path | None = None, images: str = "", address: str = "", cpus_per_task: int = 1,
-                max_parallel: int = 0, **flags: Any) -> None:
+def _train_many(config_file: Path | None = None, images: str = "", labels: str = "", address: str = "",
+                cpus_per_task: int = 1, max_parallel: int = 0, **flags: Any) -> None:
     """Train one model per image of a folder or glob, each as a Ray task."""
     try:
         from rich.live import Live
 
-        from consingan.cohort import SUMMARY, find_images, train_many
+        from consingan.cohort import SUMMARY, find_images, match_labels, train_many
         from consingan.config import resolve_config
 
         if not images:
@@ -529,13 +556,15 @@ def _train_many(config_file: Path | None = None, images: str = "", address: str 
             raise ConsinganError("--cpus-per-task must be at least 1 and --max-parallel zero or positive")
         config = resolve_config(config_file, flags)
         found = find_images(images, config.dimension)
+        label_maps = match_labels(found, labels, config.dimension) if labels else None
         live = Live(console=console, auto_refresh=False) if console.is_terminal else contextlib.nullcontext()
         with live:
             update = (lambda state: live.update(_cohort_table(state), refresh=True)) if console.is_terminal \
                 else _cohort_log()
             runs = train_many(config, found, address, cpus_per_task, max_parallel, on_update=update,
                               on_warning=lambda text: console.print(f"[yellow]warning:[/] {escape(text)}",
-                                                                    highlight=False, soft_wrap=True))
+                                                                    highlight=False, soft_wrap=True),
+                              labels=label_maps)
         if not console.is_terminal:
             console.print(_cohort_table(runs))
         failed = sum(r.state == "failed" for r in runs)
@@ -553,6 +582,9 @@ def _train_many_parameters() -> list[inspect.Parameter]:
     extra = [
         inspect.Parameter("images", inspect.Parameter.KEYWORD_ONLY, default="", annotation=Annotated[str, typer.Option(
             "--images", help="A folder of images (one model each) or a glob such as 'scans/*.nii.gz'.")]),
+        inspect.Parameter("labels", inspect.Parameter.KEYWORD_ONLY, default="", annotation=Annotated[str, typer.Option(
+            "--labels", help="A folder or glob of label maps, one per image, matched by file name: each model "
+                             "generates its image and label map jointly (as train --label).")]),
         inspect.Parameter("address", inspect.Parameter.KEYWORD_ONLY, default="", annotation=Annotated[
             str, typer.Option("--address", help="Ray cluster: 'auto', 'host:port' (on the cluster's network) or "
                                                 "'ray://host:port' (Ray client) (default: a local Ray started "
@@ -561,8 +593,9 @@ def _train_many_parameters() -> list[inspect.Parameter]:
             int, typer.Option("--cpus-per-task", help="CPU cores (and torch threads) per run; a GPU per run is "
                                                       "taken when the cluster has GPUs.")]),
         inspect.Parameter("max_parallel", inspect.Parameter.KEYWORD_ONLY, default=0, annotation=Annotated[
-            int, typer.Option("--max-parallel", help="Runs at once (0: as many as the resources allow; a local "
-                                                     "Ray gets max-parallel x cpus-per-task cores).")]),
+            int, typer.Option("--max-parallel", help="Runs at once (0: as many as the cores allow: a local Ray "
+                                                     "gets this machine's cores, else max-parallel x "
+                                                     "cpus-per-task).")]),
     ]
     parameters = [p for p in _command_parameters(TrainConfig, dry_run=False)
                   if p.name not in ("resume", "image", "run_name", "label")]
@@ -579,23 +612,29 @@ def sample_many_command(
     runs_dir: Annotated[Path, typer.Argument(help="Folder of run folders (a cohort's --out-dir).")],
     out: Annotated[Path, typer.Option("--out", help="New folder: one sub-folder of samples per run.")],
     num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Samples per run.")] = "16",
-    seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same files.")] = 0,
+    seed: SeedOption = 0,
+    scale: ScaleOption = None,
+    shape: ShapeOption = None,
+    start_scale: StartScaleOption = 0,
+    use_scale: UseScaleOption = None,
+    batch_size: BatchSizeOption = 8,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+    source_dtype: SourceDtypeOption = False,
+    tile: TileOption = "auto",
 ) -> None:
-    """Draw NUM augmentations from every run of a cohort (the rules of consingan sample)."""
+    """Draw NUM augmentations from every run of a cohort, with the options and rules of consingan sample."""
     try:
         from consingan.cohort import sample_many
-        from consingan.config import check_seed
         from consingan.ui import count_progress
 
-        check_seed(seed)
+        options = _sampling_options(seed, scale, shape, start_scale, batch_size, source_dtype, tile)
         num = _count(num)
         printers: dict[str, Any] = {}
 
         def progress(name: str, done: int, total: int) -> None:
             printers.setdefault(name, count_progress(console, prefix=f"{name}: "))(done, total)
 
-        results = sample_many(runs_dir, out, num, seed, device, progress)
+        results = sample_many(runs_dir, out, num, device=device, progress=progress, scale=use_scale, **options)
         for result in results:
             if result.note:
                 console.print(f"[yellow]note:[/] {escape(result.note)}", highlight=False, soft_wrap=True)

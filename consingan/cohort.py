@@ -21,7 +21,7 @@ import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from consingan.checkpoint import save_json
 from consingan.config import TrainConfig, flag_name
@@ -71,12 +71,28 @@ def find_images(spec: str, dimension: int = 3) -> list[Path]:
     return found
 
 
+def match_labels(images: list[Path], spec: str, dimension: int = 3) -> dict[str, Path]:
+    """Each image's label map from the folder or glob ``spec``, matched by run name (the file name without its
+    suffix: 'case01.nii.gz' takes 'case01.nii.gz' or 'case01.nrrd'); an image without one, or a label map of no
+    image, is refused, naming them."""
+    labels = {image_name(path): path for path in find_images(spec, dimension)}
+    names = [image_name(path) for path in images]
+    missing = [name for name in names if name not in labels]
+    extra = sorted(set(labels) - set(names))
+    if missing or extra:
+        parts = ([f"no label map for {', '.join(missing[:5])}{' ...' * (len(missing) > 5)}"] if missing else []) + \
+                ([f"no image for {', '.join(extra[:5])}{' ...' * (len(extra) > 5)}"] if extra else [])
+        raise ConsinganError(f"--labels {spec}: {'; '.join(parts)} (label maps are matched to images by file name)")
+    return {name: labels[name] for name in names}
+
+
 @dataclass
 class CohortRun:
     """One image's place in the cohort, as the live table and the summary show it."""
 
     name: str
     image: str
+    label: str = ""  # its label map, with --labels
     state: str = "queued"  # queued, training scale k/n, done, skipped (done before), failed
     run_dir: str = ""
     seconds: float = 0.0
@@ -116,6 +132,13 @@ def check_rerun_options(config: TrainConfig, out_dir: Path, names: list[str]) ->
         others = f" (and {len(differing) - 1} more runs)" if len(differing) > 1 else ""
         raise ConsinganError(f"{run_dir}{others} was trained with other options: {', '.join(changes)}; a rerun "
                              f"continues every run with its own options: give the same options, or another --out-dir")
+
+
+def local_cpus(cpus_per_task: int, max_parallel: int) -> int:
+    """The cores a local Ray gets: ``max_parallel`` tasks' worth, or (0) the machine's, so that as many runs train at
+    once as the cores allow; never fewer than one task needs."""
+    wanted = max_parallel * cpus_per_task if max_parallel else (os.cpu_count() or 1)
+    return max(cpus_per_task, wanted)
 
 
 def check_address(address: str) -> tuple[str, int] | None:
@@ -177,7 +200,7 @@ def oversubscription(address: str, cpus_per_task: int, max_parallel: int) -> str
             f"them (slower, not faster)")
 
 
-def train_one(config: dict, image: str, name: str, threads: int) -> dict:
+def train_one(config: dict, image: str, name: str, threads: int, label: str = "") -> dict:
     """Train (or resume) one image's model; runs inside a Ray worker. Never raises: errors come back as text."""
     import torch
 
@@ -185,7 +208,7 @@ def train_one(config: dict, image: str, name: str, threads: int) -> dict:
 
     torch.set_num_threads(max(1, threads))
     started = time.perf_counter()
-    options = TrainConfig(**{**config, "image": image, "run_name": name})
+    options = TrainConfig(**{**config, "image": image, "label": label, "run_name": name})
     run_dir = RunFolder.member_path(options.out_dir, name)
     try:
         state = run_state(run_dir, options.num_scales)
@@ -217,7 +240,8 @@ def _progress(run: CohortRun, out_dir: Path, num_scales: int) -> None:
 
 def train_many(config: TrainConfig, images: list[Path], address: str = "", cpus_per_task: int = 1,
                max_parallel: int = 0, on_update: Callable[[list[CohortRun]], None] | None = None,
-               on_warning: Callable[[str], None] | None = None) -> list[CohortRun]:
+               on_warning: Callable[[str], None] | None = None,
+               labels: dict[str, Path] | None = None) -> list[CohortRun]:
     """Train one model per image as Ray tasks; returns every run's outcome and keeps ``out_dir/cohort.json``
     current (rewritten each time a run finishes, so a killed cohort still has one).
 
@@ -230,7 +254,9 @@ def train_many(config: TrainConfig, images: list[Path], address: str = "", cpus_
         raise ConsinganError(INSTALL_HINT) from None
     config = config.validate()
     out_dir = check_encodable(config.out_dir, "output folder")
-    runs = [CohortRun(image_name(p), str(p.resolve())) for p in images]
+    labels = labels or {}
+    runs = [CohortRun(image_name(p), str(p.resolve()),
+                      str(labels[image_name(p)].resolve()) if image_name(p) in labels else "") for p in images]
     check_address(address)
     check_rerun_options(config, out_dir, [run.name for run in runs])
     started_here = not ray.is_initialized()
@@ -242,7 +268,7 @@ def train_many(config: TrainConfig, images: list[Path], address: str = "", cpus_
     if started_here:
         try:
             ray.init(address=address or None, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     **({} if address else {"num_cpus": max(cpus_per_task, (max_parallel or 1) * cpus_per_task)}))
+                     **({} if address else {"num_cpus": local_cpus(cpus_per_task, max_parallel)}))
         except (ConnectionError, RuntimeError, ValueError) as error:  # 'auto' with no cluster, a refused handshake
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ConsinganError(f"cannot connect to Ray at --address {address or '(local)'}: {reason}") from None
@@ -257,7 +283,7 @@ def train_many(config: TrainConfig, images: list[Path], address: str = "", cpus_
         while waiting or pending:
             while waiting and len(pending) < limit:
                 run = waiting.pop(0)
-                pending[task.remote(options, run.image, run.name, cpus_per_task)] = run
+                pending[task.remote(options, run.image, run.name, cpus_per_task, run.label)] = run
                 run.state = "starting"
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for reference in ready:
@@ -304,9 +330,12 @@ def training_failures(runs_dir: Path) -> dict[str, str]:
         return {}
 
 
-def sample_many(runs_dir: Path, out: Path, num: int, seed: int, device: str = "auto",
-                progress: Callable[[str, int, int], None] | None = None) -> list[SampledRun]:
-    """``num`` samples (seed ``seed``, the same rule as ``consingan sample``) from every single-image run folder
+def sample_many(runs_dir: Path, out: Path, num: int, seed: int = 0, device: str = "auto",
+                progress: Callable[[str, int, int], None] | None = None, scale: int | None = None,
+                **options: Any) -> list[SampledRun]:
+    """``num`` samples (seed ``seed``, the same rule as ``consingan sample``; ``scale`` the pyramid's last scale to
+    use and ``options`` those of ``write_samples``: retargeting, start scale, batch size, data type, tiles) from every
+    single-image run folder
     under ``runs_dir``, into ``out/<run>/``; a run that cannot sample is reported and skipped, and so is one that
     cohort.json records as failed in training (with no run folder to sample). A failed write (a full disk, no room
     for ``num`` samples) stops the whole draw and leaves no ``out``; ``progress(run, done, num)`` follows each run."""
@@ -327,9 +356,10 @@ def sample_many(runs_dir: Path, out: Path, num: int, seed: int, device: str = "a
             outcome = SampledRun(folder.name, training_error=failed.get(folder.name, ""))
             report = None if progress is None else (lambda done, total, name=folder.name: progress(name, done, total))
             try:
-                pyramid = TrainedPyramid.load(folder, device=device)
+                pyramid = TrainedPyramid.load(folder, device=device, scale=scale)
                 outcome.note = " ".join(pyramid.notes)
-                outcome.files = len(write_samples(pyramid, out / folder.name, num, seed=seed, progress=report))
+                outcome.files = len(write_samples(pyramid, out / folder.name, num, seed=seed, progress=report,
+                                                  **options))
             except OutputError:
                 raise  # the next run would fail alike: stop, and keep nothing
             except ConsinganError as error:

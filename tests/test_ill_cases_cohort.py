@@ -7,6 +7,7 @@ is exercised in tests/test_cohort.py), so every case also shows whether ``ray.in
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -299,3 +300,55 @@ def test_sample_many_reports_every_run(runner, cohort_copy, tmp_path, case):
     assert sorted(p.name for p in out.iterdir()) == sampled
     if damage:
         assert any(line.startswith("case1: ") for line in result.output.splitlines()), result.output
+
+
+def test_sample_many_takes_the_options_of_sample(runner, cohort_copy, tmp_path):
+    """Retargeting, the source's data type, the batch size and the pyramid's scale apply to every run, as in sample."""
+    import SimpleITK as sitk
+
+    out = tmp_path / "samples"
+    result = run_cli(runner, ["sample-many", cohort_copy, "--num", "2", "--seed", "3", "--out", out, "--device", "cpu",
+                              "--shape", "40,24", "--source-dtype", "--batch-size", "1", "--use-scale", "0"])
+    assert result.exit_code == 0 and result.exception is None, result.output
+    for run in ("case0", "case1"):
+        files = sorted((out / run).glob("sample_*.png"))
+        assert len(files) == 2
+        image = sitk.ReadImage(str(files[0]))
+        assert image.GetSize()[::-1] == (40, 24) and image.GetPixelIDTypeAsString() == "8-bit unsigned integer"
+    result = run_cli(runner, ["sample-many", cohort_copy, "--num", "1", "--out", tmp_path / "bad", "--scale", "0"])
+    assert_clean_failure(result)
+    assert not (tmp_path / "bad").exists()
+
+
+def _label_png(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray((blobs((32, 32), seed) > 0.5).astype(np.uint8)), str(path))
+    return path
+
+
+def test_train_many_trains_each_image_with_its_label_map(runner, fake_ray, tmp_path):
+    from consingan.runs import RunFolder
+
+    for index in range(2):
+        _png(tmp_path / "images" / f"case{index}.png", index)
+        _label_png(tmp_path / "labels" / f"case{index}.png", index)
+    out = tmp_path / "out"
+    result = run_cli(runner, _command(tmp_path / "images", out, "--labels", tmp_path / "labels"))
+    assert result.exit_code == 0 and result.exception is None, result.output
+    assert fake_ray.inits[0]["num_cpus"] == max(1, os.cpu_count() or 1)  # the machine's cores by default
+    for index in range(2):
+        run = RunFolder.open(out / f"case{index}", "singan")
+        assert Path(run.config.label).name == f"case{index}.png" and run.info.labels is not None
+    samples = tmp_path / "samples"
+    assert run_cli(runner, ["sample-many", out, "--num", "1", "--out", samples, "--device", "cpu"]).exit_code == 0
+    assert (samples / "case0" / "sample_0000_label.png").is_file()
+
+
+def test_train_many_refuses_images_without_label_maps_before_starting(runner, fake_ray, tmp_path):
+    for index in range(2):
+        _png(tmp_path / "images" / f"case{index}.png", index)
+    _label_png(tmp_path / "labels" / "case0.png")
+    _label_png(tmp_path / "labels" / "other.png")
+    result = run_cli(runner, _command(tmp_path / "images", tmp_path / "out", "--labels", tmp_path / "labels"))
+    assert_clean_failure(result, "no label map for case1; no image for other")
+    assert not fake_ray.inits and not (tmp_path / "out").exists()
