@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import secrets
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -511,6 +512,13 @@ def check_common(config: Any) -> None:
         check_seed(config.seed)
     check_device_name(getattr(config, "device", "auto"))
     check_run_name(getattr(config, "run_name", ""))
+
+
+def with_seed(config: Any) -> Any:
+    """``config`` with a seed drawn when it has none (recorded in config.json, so the run can be repeated)."""
+    if getattr(config, "seed") is None:
+        return dataclasses.replace(config, seed=secrets.randbelow(2**31))
+    return config
 
 
 def check_seed(seed: int) -> int:

@@ -4,7 +4,7 @@ scheduler of our own.
     torchrun --nproc_per_node 2 $(which consingan) paired train --source masks/ --target images/ ...
 
 One process per GPU (NCCL), or per CPU process (gloo) when there is no GPU. Every process builds the same models from
-the same seed (DDP also broadcasts rank 0's weights when wrapping), sees its own shard of each epoch's draw, and the
+the same seed (``--seed``, or one rank 0 draws and sends to the others) (DDP also broadcasts rank 0's weights when wrapping), sees its own shard of each epoch's draw, and the
 gradients are averaged across processes, so the global batch is the per-process ``--batch-size`` x the world size.
 Rank 0 alone writes the run folder, checkpoints, logs and previews; every rank resumes from the same checkpoint.
 """
@@ -16,13 +16,17 @@ import dataclasses
 import inspect
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from consingan.config import with_seed
 from consingan.errors import ConsinganError
 from consingan.runs import RunFolder, RunInfo
+
+ConfigT = TypeVar("ConfigT")
 
 
 @dataclass
@@ -44,10 +48,17 @@ class Distributed:
             raise ConsinganError(f"torchrun's environment is not readable: {error}") from None
         return cls(rank, world, local, os.getppid()) if world > 1 else cls()
 
-    def check_seed(self, seed: int | None) -> None:
-        """Every rank must draw the same data order: under torchrun the seed cannot be left to chance."""
-        if self.active and seed is None:
-            raise ConsinganError("under torchrun give --seed: every process must draw the same order of the data")
+    def shared_seed(self, config: ConfigT, device: torch.device) -> ConfigT:
+        """``config`` with a seed every rank shares: the one given, or one rank 0 draws and sends to the others
+        (joining the process group for it), so that every process draws the same data order and initial weights
+        and config.json records the seed that was used."""
+        if config.seed is not None:
+            return config
+        config = with_seed(config)
+        if self.active:
+            self.start(device)
+            config = dataclasses.replace(config, seed=self.broadcast(config.seed))
+        return config
 
     def refuse(self, command: str, instead: str = "") -> None:
         """Refuse, on every rank, a command that does not train data-parallel: under torchrun each process would run

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -25,7 +24,6 @@ from consingan.distributed import Distributed, unwrap
 from consingan.errors import ConsinganError
 from consingan.runs import RunFolder, TrainingState, load_module_state, resolve_device
 
-ConfigT = TypeVar("ConfigT")
 Progress = Callable[[int, dict], None]
 
 
@@ -37,13 +35,6 @@ class DatasetResult:
     config: Any
     losses: list[dict] = field(default_factory=list)
     already_finished: bool = False  # a --resume of a run that had finished: nothing was trained or written
-
-
-def with_seed(config: ConfigT) -> ConfigT:
-    """``config`` with a seed drawn when it has none (recorded in config.json, so the run can be repeated)."""
-    if getattr(config, "seed") is None:
-        return dataclasses.replace(config, seed=secrets.randbelow(2**31))
-    return config
 
 
 def resumed_config(run: RunFolder, device: str | None) -> Any:

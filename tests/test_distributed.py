@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from consingan.config import PairedConfig
 from consingan.distributed import Distributed
 from tests.test_ill_cases import make_pairs
 
@@ -103,9 +104,21 @@ def test_torchrun_conditional_training_writes_one_run_that_samples(tmp_path):
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["bright", "dark"]
 
 
-def test_torchrun_without_a_seed_is_refused(tmp_path, monkeypatch):
-    from consingan.errors import ConsinganError
+def test_torchrun_without_a_seed_shares_rank_0s_seed(tmp_path):
+    """Each process draws a seed of its own; rank 0's reaches every rank, and the run records it."""
+    code = ("import json, os, torch; from consingan.config import PairedConfig; "
+            "from consingan.distributed import Distributed; d = Distributed.from_environment(); "
+            "c = d.shared_seed(PairedConfig(device='cpu'), torch.device('cpu')); "
+            "print(json.dumps({'rank': d.rank, 'seed': c.seed})); d.finish()")
+    script = tmp_path / "seed.py"
+    script.write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                "2", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    import json
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConsinganError, match="give --seed"):
-        Distributed.from_environment().check_seed(None)
+    seen = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in seen) == [0, 1]
+    assert len({r["seed"] for r in seen}) == 1 and isinstance(seen[0]["seed"], int)
+    assert Distributed().shared_seed(PairedConfig(seed=7), torch.device("cpu")).seed == 7

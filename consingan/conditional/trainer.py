@@ -18,7 +18,7 @@ from consingan.conditional.models import attention_bytes, build_models
 from consingan.conditional.sampler import EMA_NAME, MODEL_NAMES, preview_grid_png
 from consingan.config import ConditionalConfig
 from consingan.distributed import Distributed, shared_run, train_to_end, unwrap
-from consingan.epochs import DatasetResult, EpochTrainer, resumed_config, with_seed
+from consingan.epochs import DatasetResult, EpochTrainer, resumed_config
 from consingan.errors import ConsinganError
 from consingan.losses import VGGPerceptualLoss, adversarial_loss, gradient_penalty, texture_loss
 from consingan.nn.ema import ema_decay_at, ema_update
@@ -200,9 +200,9 @@ def prepare_conditional(config: ConditionalConfig) -> tuple[ConditionalConfig, L
     if not config.data:
         raise ConsinganError("--data is required (a folder of class folders, or a CSV of path,class)")
     check_encodable(Path(config.out_dir) / config.run_name, "output folder")
-    Distributed.from_environment().check_seed(config.seed)
-    config = dataclasses.replace(with_seed(config), data=str(resolve_data(config.data)))
     device = resolve_device(config.device)
+    config = Distributed.from_environment().shared_seed(config, device)
+    config = dataclasses.replace(config, data=str(resolve_data(config.data)))
     check_attention_fits(config, available_bytes(device))
     if config.perceptual_weights:
         VGGPerceptualLoss.from_file(config.perceptual_weights)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from consingan.config import PairedConfig
 from consingan.distributed import Distributed, shared_run, train_to_end, unwrap
-from consingan.epochs import DatasetResult, EpochTrainer, resumed_config, with_seed
+from consingan.epochs import DatasetResult, EpochTrainer, resumed_config
 from consingan.errors import ConsinganError
 from consingan.io.preview import contact_sheet, label_image, write_png
 from consingan.losses import adversarial_loss, feature_matching_loss
@@ -162,9 +162,8 @@ def prepare_paired(config: PairedConfig) -> tuple[PairedConfig, PairedData]:
     config = config.validate().refuse_ignored_options()
     if not config.source_dir or not config.target_dir:
         raise ConsinganError("--source and --target are required")
-    distributed = Distributed.from_environment()
-    distributed.check_seed(config.seed)
-    config = dataclasses.replace(with_seed(config), source_dir=str(resolve_folder(config.source_dir, "--source")),
+    config = Distributed.from_environment().shared_seed(config, resolve_device(config.device))
+    config = dataclasses.replace(config, source_dir=str(resolve_folder(config.source_dir, "--source")),
                                  target_dir=str(resolve_folder(config.target_dir, "--target")))
     resolve_device(config.device)
     if config.perceptual_weights:

@@ -13,8 +13,8 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from consingan.config import TrainConfig
-from consingan.epochs import load_optimizer_states, restore_random_states, with_seed
+from consingan.config import TrainConfig, with_seed
+from consingan.epochs import load_optimizer_states, restore_random_states
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding, Volume, encode_header, read_volume, write_outputs
 from consingan.io.preview import label_image, preview_grid, write_png
