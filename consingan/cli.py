@@ -157,6 +157,14 @@ def _print_config(config: Any) -> None:
     console.print(table)
 
 
+def _warn_ignored(config: Any) -> None:
+    """One warning for each option of a new run that its mode ignores (``config.ignored_options``)."""
+    from consingan.config import ignored_options
+
+    for line in ignored_options(config):
+        console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def _train(config_file: Path | None = None, resume: Path | None = None, dry_run: bool = False, **flags: Any) -> None:
     from consingan.config import resolve_config
     from consingan.distributed import Distributed
@@ -175,6 +183,7 @@ def _train(config_file: Path | None = None, resume: Path | None = None, dry_run:
         asked_auto = config.patch_size == "auto"
         config, volume = prepare(config)
         _print_config(config)
+        _warn_ignored(config)
         from consingan.singan.trainer import pyramid_notes
 
         for note in [*volume.notes, *pyramid_notes(config, volume)]:
@@ -448,6 +457,7 @@ def _paired_train(config_file: Path | None = None, resume: Path | None = None, d
         if dry_run and resume is None:
             config, data = prepare_paired(resolve_config(config_file, flags, PairedConfig))
             _print_config(config)
+            _warn_ignored(config)
             console.print(f"{len(data.names)} pairs: sources {data.sources[0].shape[0]} channel(s), targets "
                           f"{data.targets[0].shape[0]} channel(s); nothing written", highlight=False)
             return None
@@ -473,7 +483,10 @@ def _paired_train(config_file: Path | None = None, resume: Path | None = None, d
                                   f"nothing to do", highlight=False)
                 return None
             return resume_paired(resume, progress, device=flags.get("device"))
-        return train_paired(resolve_config(config_file, flags, PairedConfig), progress)
+        config = resolve_config(config_file, flags, PairedConfig)
+        if main_process:
+            _warn_ignored(config)
+        return train_paired(config, progress)
 
     _train_dataset_model(train)
 
@@ -689,6 +702,7 @@ def _conditional_train(config_file: Path | None = None, resume: Path | None = No
                           + ("; drawn class-balanced" if config.balance else ""), highlight=False)
             for warning in data.warnings:
                 console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+            _warn_ignored(config)
         if dry_run:
             _print_config(config)
             console.print("nothing written", highlight=False)

@@ -15,7 +15,7 @@ import secrets
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from consingan.errors import ConsinganError
 
@@ -512,6 +512,34 @@ def check_common(config: Any) -> None:
         check_seed(config.seed)
     check_device_name(getattr(config, "device", "auto"))
     check_run_name(getattr(config, "run_name", ""))
+
+
+# Options that one mode of a family ignores: (option, does it apply to this config, the mode it needs).
+_APPLIES_ONLY: dict[str, list[tuple[str, Callable[[Any], bool], str]]] = {
+    "TrainConfig": [
+        ("window_low_percentile", lambda c: c.intensity_mapping == "window", "--intensity-mapping window"),
+        ("window_high_percentile", lambda c: c.intensity_mapping == "window", "--intensity-mapping window"),
+    ],
+    "PairedConfig": [
+        ("lambda_feature_matching", lambda c: c.discriminator == "multiscale", "--discriminator multiscale"),
+        ("lambda_perceptual", lambda c: bool(c.perceptual_weights), "--perceptual-weights"),
+    ],
+    "ConditionalConfig": [
+        ("label_smoothing", lambda c: c.loss == "bce", "--loss bce"),
+        ("lambda_classifier", lambda c: c.conditioning == "acgan", "--conditioning acgan"),
+        ("lambda_grad_penalty", lambda c: c.loss == "wgan-gp", "--loss wgan-gp"),
+        ("lambda_perceptual", lambda c: bool(c.perceptual_weights), "--perceptual-weights"),
+    ],
+}
+
+
+def ignored_options(config: Any) -> list[str]:
+    """One line for each option set away from its default that the chosen mode ignores (a warning, not an error:
+    a config file shared between modes is fine)."""
+    defaults = type(config)()
+    return [f"{flag_name(name)} {getattr(config, name)} is ignored: it applies only with {needs}"
+            for name, applies, needs in _APPLIES_ONLY.get(type(config).__name__, [])
+            if getattr(config, name) != getattr(defaults, name) and not applies(config)]
 
 
 def with_seed(config: Any) -> Any:

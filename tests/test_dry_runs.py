@@ -3,6 +3,7 @@ the run got."""
 
 import pytest
 
+from consingan.cli import app
 from tests.conftest import assert_clean_failure
 from tests.test_conditional import TINY_FLAGS, write_set
 from tests.test_ill_cases import run_cli, snapshot
@@ -47,3 +48,35 @@ def test_conditional_dry_run_lists_the_classes_and_writes_nothing(runner, tmp_pa
     assert "resume: epochs done 2 of 2" in result.output and snapshot(tmp_path / "out" / "c") == before
     assert_clean_failure(run_cli(runner, ["conditional", "train", "--resume", tmp_path / "out" / "c", "--dry-run",
                                           "--epochs", "3"]), "drop --epochs")
+
+
+IGNORED_CASES = {
+    "label smoothing outside BCE": (["conditional", "train"], ["--label-smoothing", "0.1"],
+                                    "--label-smoothing 0.1 is ignored: it applies only with --loss bce"),
+    "classifier weight with projection": (["conditional", "train"], ["--lambda-classifier", "2"],
+                                          "--lambda-classifier 2.0 is ignored: it applies only with --conditioning "
+                                          "acgan"),
+    "feature matching with a patch critic": (["paired", "train"], ["--lambda-feature-matching", "5"],
+                                             "--lambda-feature-matching 5.0 is ignored"),
+    "window percentiles under min-max": (["train"], ["--intensity-mapping", "minmax", "--window-low-percentile", "2"],
+                                         "--window-low-percentile 2.0 is ignored: it applies only with "
+                                         "--intensity-mapping window"),
+}
+
+
+@pytest.mark.parametrize("case", list(IGNORED_CASES))
+def test_an_option_the_mode_ignores_warns_once(runner, tmp_path, nifti_3d, case):
+    from consingan.config import ConditionalConfig, PairedConfig, TrainConfig, ignored_options
+
+    command, extra, phrase = IGNORED_CASES[case]
+    config_class = {"conditional": ConditionalConfig, "paired": PairedConfig, "train": TrainConfig}[command[0]]
+    names = {extra[i].lstrip("-").replace("-", "_"): extra[i + 1] for i in range(0, len(extra), 2)}
+    names = {k: v if k == "intensity_mapping" else float(v) for k, v in names.items()}
+    config = config_class.from_dict(names)
+    assert [line for line in ignored_options(config) if phrase in line]
+    assert ignored_options(config_class()) == []  # defaults warn about nothing
+    if command == ["train"]:
+        result = runner.invoke(app, ["train", "--image", str(nifti_3d), "--dim", "3", "--dry-run", "--num-scales",
+                                     "2", "--min-size", "8", "--max-size", "16", *extra], terminal_width=300)
+        assert result.exit_code == 0, result.output
+        assert result.output.count("is ignored") == 1 and phrase in result.output
