@@ -363,7 +363,8 @@ def evaluate_command(
     samples: Annotated[Optional[Path], typer.Option(
         "--samples", help="Instead of a run: a folder of samples from any program, judged against --image.")] = None,
     image: Annotated[Optional[Path], typer.Option("--image", help="The training image, with --samples.")] = None,
-    dim: Annotated[int, typer.Option("--dim", help="2 or 3, with --samples.")] = 2,
+    dim: Annotated[int, typer.Option("--dim", help="2 or 3, with --samples (3 by default, as for every "
+                                                   "command).")] = 3,
     tile: Annotated[str, typer.Option("--tile", help=TILE_HELP)] = "auto",
 ) -> None:
     """Judge a trained pyramid (or, with --samples and --image, any folder of samples) offline: SWD, random-feature

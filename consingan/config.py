@@ -215,7 +215,7 @@ class PairedConfig:
                            flag="--source")
     target_dir: str = _opt("", "Folder of targets, matched to the inputs by file name.", flag="--target")
     model: str = _opt("unet", "Generator: " + ", ".join(PAIRED_MODELS) + ".")
-    dimension: int = _opt(2, "Spatial dimensions: 2 or 3.", flag="--dim")
+    dimension: int = _opt(3, "Spatial dimensions: 2 or 3 (3 by default, as for every command).", flag="--dim")
     epochs: int = _opt(200, "Epochs (passes over every tile).")
     decay_start: int = _opt(-1, "Epoch after which the learning rate falls linearly to 0 (-1: half of the epochs).")
     batch_size: int = _opt(1, "Tiles per batch.")
@@ -341,7 +341,7 @@ class ConditionalConfig:
     fixes: projection discriminator, spectral norm, TTUR, EMA)."""
 
     data: str = _opt("", "A folder with one sub-folder of images per class, or a CSV file of path,class rows.")
-    dimension: int = _opt(2, "Spatial dimensions: 2 or 3.", flag="--dim")
+    dimension: int = _opt(3, "Spatial dimensions: 2 or 3 (3 by default, as for every command).", flag="--dim")
     size: int = _opt(64, "Side of the generated images (a power of two times 4: 16, 32, 64, 128, 256).")
     fit: str = _opt("resize", "How images reach size^dims: 'resize' (every axis) or 'crop' (shortest side to size, "
                     "then a central crop).")

@@ -169,7 +169,7 @@ USAGE_ERRORS = {
     "conditional --noise-dim 1e9": (["conditional", "train", "--data", "d", "--noise-dim", "1e9"], "'--noise-dim'"),
     "train --epochs ten": (["train", "--image", "x.png", "--epochs", "ten"], "'--epochs'"),
     "sample with an unknown option": (["sample", "run", "--out", "o", "--bogus"], "No such option: --bogus"),
-    "paired train --tile abc": (["paired", "train", "--tile", "abc"], "'--tile'"),
+    "paired train --tile abc": (["paired", "train", "--dim", "2", "--tile", "abc"], "'--tile'"),
     "sample without --out": (["sample", "run"], "--out"),
 }
 

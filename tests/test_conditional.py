@@ -46,7 +46,7 @@ def tiny(dims: int, data: Path, out: Path, **overrides) -> ConditionalConfig:
     return ConditionalConfig(**{**options, **overrides})
 
 
-TINY_FLAGS = ["--epochs", "2", "--batch-size", "2", "--base-channels", "8", "--max-channels", "16", "--noise-dim", "8",
+TINY_FLAGS = ["--dim", "2", "--epochs", "2", "--batch-size", "2", "--base-channels", "8", "--max-channels", "16", "--noise-dim", "8",
               "--embedding-dim", "4", "--seed", "0", "--device", "cpu"]
 
 
@@ -219,9 +219,9 @@ def test_csv_lists_paths_and_classes(tmp_path):
 def test_train_sample_evaluate_end_to_end(runner, tmp_path, dims):
     data = write_set(tmp_path / "data", dims, per_class=(4, 2))
     size = "16" if dims == 2 else "8"
-    result = run_cli(runner, ["conditional", "train", "--data", data, "--dim", dims, "--size", size,
+    result = run_cli(runner, ["conditional", "train", "--data", data, *TINY_FLAGS, "--dim", dims, "--size", size,
                               "--attention", "8" if dims == 2 else "4", "--out-dir", tmp_path / "out",
-                              "--run-name", "run", *TINY_FLAGS])
+                              "--run-name", "run"])
     assert result.exit_code == 0, result.output
     assert "bright 4, dark 2" in result.output and "class-balanced" in result.output
     run = tmp_path / "out" / "run"

@@ -42,7 +42,7 @@ def test_train_sample_evaluate_and_resume_on_cuda(request, runner, out_dir, tmp_
 
 def test_paired_train_and_predict_on_cuda(runner, tmp_path, out_dir):
     source, target = make_pairs(tmp_path)
-    result = run_cli(runner, ["paired", "train", "--source", source, "--target", target, "--out-dir", out_dir,
+    result = run_cli(runner, ["paired", "train", "--dim", "2", "--source", source, "--target", target, "--out-dir", out_dir,
                               "--run-name", "gpu", *PAIRED_TRAIN, "--device", "cuda"])
     assert result.exit_code == 0, result.output
     result = run_cli(runner, ["paired", "predict", out_dir / "gpu", "--source", source, "--out", tmp_path / "pred",

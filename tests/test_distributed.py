@@ -18,7 +18,7 @@ from tests.test_ill_cases import make_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PAIRED = ["paired", "train", "--model", "resnet", "--epochs", "2", "--tile", "16", "--stride", "16",
+PAIRED = ["paired", "train", "--dim", "2", "--model", "resnet", "--epochs", "2", "--tile", "16", "--stride", "16",
           "--base-channels", "4", "--seed", "3", "--device", "cpu", "--lr", "1e-3"]
 
 
@@ -92,7 +92,7 @@ def test_torchrun_conditional_training_writes_one_run_that_samples(tmp_path):
     from tests.test_conditional import write_set
 
     data = write_set(tmp_path / "data", 2)
-    result = consingan("conditional", "train", "--data", str(data), "--size", "16", "--epochs", "2",
+    result = consingan("conditional", "train", "--data", str(data), "--dim", "2", "--size", "16", "--epochs", "2",
                        "--batch-size", "2", "--base-channels", "8", "--max-channels", "16", "--noise-dim", "8",
                        "--embedding-dim", "4", "--seed", "0", "--device", "cpu", "--out-dir", str(tmp_path / "out"),
                        "--run-name", "run", processes=2)

@@ -66,7 +66,7 @@ def test_paired_run_writes_previews_of_input_prediction_and_target(tmp_path):
     from consingan.paired.trainer import train_paired
 
     source, target = make_pairs(tmp_path, 2, count=3)
-    config = PairedConfig(source_dir=str(source), target_dir=str(target), epochs=3, tile=16, num_feature_channels=4,
+    config = PairedConfig(dimension=2, source_dir=str(source), target_dir=str(target), epochs=3, tile=16, num_feature_channels=4,
                           seed=0, device="cpu", out_dir=str(tmp_path / "out"), preview_every=2, checkpoint_every=1,
                           one_hot=True)
     result = train_paired(config)

@@ -278,7 +278,7 @@ def make_pairs(root: Path, count: int = 2, target_dtype=np.uint8, suffix: str = 
     return source, target
 
 
-PAIRED_TRAIN = ["--epochs", "1", "--tile", "16", "--base-channels", "4", "--seed", "0"]
+PAIRED_TRAIN = ["--dim", "2", "--epochs", "1", "--tile", "16", "--base-channels", "4", "--seed", "0"]
 
 PAIRED_TRAIN_CASES = {
     "device gpu": (["--device", "gpu"], "device must be"),
@@ -296,7 +296,7 @@ def test_paired_train_ill_options(runner, tmp_path, out_dir, case):
         pytest.skip("a GPU is present")
     flags, phrase = PAIRED_TRAIN_CASES[case]
     source, target = make_pairs(tmp_path)
-    result = run_cli(runner, ["paired", "train", "--source", source, "--target", target, "--out-dir", out_dir,
+    result = run_cli(runner, ["paired", "train", "--dim", "2", "--source", source, "--target", target, "--out-dir", out_dir,
                               *PAIRED_TRAIN, *flags])
     assert_clean_error(result, phrase)
     assert not out_dir.exists()
@@ -306,7 +306,7 @@ def test_paired_one_hot_refuses_multichannel_masks(runner, tmp_path, out_dir):
     source, target = make_pairs(tmp_path)
     mask = np.stack([blobs((32, 32), s) > 0.5 for s in range(3)], -1).astype(np.uint8)
     _write_png(source / "cell.v0.png", mask)
-    result = run_cli(runner, ["paired", "train", "--source", source, "--target", target, "--out-dir", out_dir,
+    result = run_cli(runner, ["paired", "train", "--dim", "2", "--source", source, "--target", target, "--out-dir", out_dir,
                               "--one-hot", *PAIRED_TRAIN])
     assert_clean_error(result, "must have one channel")
     assert not out_dir.exists()
@@ -318,7 +318,7 @@ def paired_run(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("paired")
     source, target = make_pairs(root)
-    result = run_cli(CliRunner(), ["paired", "train", "--source", source, "--target", target, "--out-dir",
+    result = run_cli(CliRunner(), ["paired", "train", "--dim", "2", "--source", source, "--target", target, "--out-dir",
                                    root / "out", "--run-name", "run", *PAIRED_TRAIN])
     assert result.exit_code == 0, result.output
     return root / "out" / "run"
@@ -364,7 +364,7 @@ def test_paired_predict_skips_stray_files_and_keeps_dotted_names(runner, paired_
 @pytest.mark.parametrize("dtype, suffix", [(np.uint16, ".png"), (np.float32, ".tif")])
 def test_paired_predictions_in_the_targets_type_and_range(runner, tmp_path, dtype, suffix):
     source, target = make_pairs(tmp_path, target_dtype=dtype, suffix=suffix)
-    result = run_cli(runner, ["paired", "train", "--source", source, "--target", target, "--out-dir",
+    result = run_cli(runner, ["paired", "train", "--dim", "2", "--source", source, "--target", target, "--out-dir",
                               tmp_path / "out", *PAIRED_TRAIN])
     assert result.exit_code == 0, result.output
     result = run_cli(runner, ["paired", "predict", tmp_path / "out" / "paired_001", "--source", source, "--out",

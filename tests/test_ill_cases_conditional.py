@@ -330,8 +330,8 @@ def test_conditional_resume_of_a_finished_run_says_so_and_writes_nothing(runner,
 # --- the memory preflight refuses only what cannot fit ---------------------------------------------------------------
 
 ORDINARY = {  # (options, free memory): trained on such machines, so never refused
-    "2D defaults on 4 GiB": ({}, 4),
-    "2D size 256 on 16 GiB": ({"size": 256}, 16),
+    "2D defaults on 4 GiB": ({"dimension": 2}, 4),
+    "2D size 256 on 16 GiB": ({"dimension": 2, "size": 256}, 16),
     "3D size 32 on 8 GiB": ({"dimension": 3, "size": 32}, 8),
     "3D size 64 batch 4 on 16 GiB": ({"dimension": 3, "size": 64, "batch_size": 4}, 16),
 }

@@ -86,7 +86,7 @@ def test_paired_train_ill_cases(runner, tmp_path, out_dir, case):
     if prepare is not None:
         source, target = prepare(tmp_path, source, target)
     before = snapshot(tmp_path / "masks"), snapshot(tmp_path / "images")
-    result = run_cli(runner, ["paired", "train", "--source", source, "--target", target, "--out-dir", out_dir,
+    result = run_cli(runner, ["paired", "train", "--dim", "2", "--source", source, "--target", target, "--out-dir", out_dir,
                               *PAIRED_TRAIN, *flags])
     assert_clean_error(result, phrase.format(tmp=tmp_path))
     assert not out_dir.exists()

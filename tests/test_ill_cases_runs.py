@@ -55,7 +55,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     singan = _train_2d(root, "singan", [*TINY, "--epochs", "2", "--save-every", "0"])
     source, target = make_pairs(root)
-    result = run_cli(CliRunner(), ["paired", "train", "--source", source, "--target", target, "--out-dir",
+    result = run_cli(CliRunner(), ["paired", "train", "--dim", "2", "--source", source, "--target", target, "--out-dir",
                                    root / "out", "--run-name", "paired", *PAIRED_TRAIN])
     assert result.exit_code == 0, result.output
     data = write_set(root / "classes", 2, (2, 2))
@@ -200,7 +200,7 @@ def test_torchrun_ranks_stop_when_their_launcher_is_killed(runner, tmp_path):
     log = (tmp_path / "log.txt").open("w")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         shutil.which("consingan"), "paired", "train", "--source", str(source), "--target", str(target),
+         shutil.which("consingan"), "paired", "train", "--dim", "2", "--source", str(source), "--target", str(target),
          "--out-dir", str(tmp_path / "out"), "--run-name", "ddp", "--model", "resnet", "--epochs", "100000",
          "--tile", "16", "--stride", "16", "--base-channels", "4", "--seed", "3", "--device", "cpu"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -248,7 +248,7 @@ def umask_runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
         image = _png(root / "image.png")
         singan = run_cli(CliRunner(), ["train", "--image", image, "--dim", "2", "--out-dir", root / "singan",
                                        *ONE_SCALE])
-        paired = run_cli(CliRunner(), ["paired", "train", "--source", source, "--target", target, "--out-dir",
+        paired = run_cli(CliRunner(), ["paired", "train", "--dim", "2", "--source", source, "--target", target, "--out-dir",
                                        root / "paired", *PAIRED_TRAIN])
     finally:
         os.umask(previous)
@@ -383,7 +383,7 @@ UTF8_CASES = {
                                            tmp / "out", "--run-name", NOT_UTF8, *ONE_SCALE],
     "train-many --out-dir": lambda runs, tmp: ["train-many", "--images", _png(tmp / "a.png").parent, "--dim", "2",
                                                "--out-dir", tmp / "out" / NOT_UTF8, *ONE_SCALE],
-    "paired train --source": lambda runs, tmp: ["paired", "train", "--source", _bad_pairs(tmp)[0], "--target",
+    "paired train --source": lambda runs, tmp: ["paired", "train", "--dim", "2", "--source", _bad_pairs(tmp)[0], "--target",
                                                 tmp / "images", "--out-dir", tmp / "out", *PAIRED_TRAIN],
     "conditional train --data": lambda runs, tmp: ["conditional", "train", "--data", _bad_classes(tmp), "--dim", "2",
                                                    "--size", "16", "--out-dir", tmp / "out", *CONDITIONAL_FLAGS],
@@ -391,9 +391,9 @@ UTF8_CASES = {
     "sample --inject": lambda runs, tmp: ["sample", runs["singan"], "--out", tmp / "out", "--num", "2", "--inject",
                                           _bad_image(tmp)],
     "evaluate --out": lambda runs, tmp: ["evaluate", runs["singan"], "--out", tmp / "out" / NOT_UTF8, "--num", "2"],
-    "evaluate --samples": lambda runs, tmp: ["evaluate", "--samples", _bad_image(tmp).parent, "--image",
+    "evaluate --samples": lambda runs, tmp: ["evaluate", "--dim", "2", "--samples", _bad_image(tmp).parent, "--image",
                                              tmp / "good.png", "--out", tmp / "out"],
-    "evaluate --image": lambda runs, tmp: ["evaluate", "--samples", runs["masks"], "--image", _bad_image(tmp),
+    "evaluate --image": lambda runs, tmp: ["evaluate", "--dim", "2", "--samples", runs["masks"], "--image", _bad_image(tmp),
                                            "--out", tmp / "out"],
     "paired predict --source": lambda runs, tmp: ["paired", "predict", runs["paired"], "--source",
                                                   _bad_masks(runs, tmp), "--out", tmp / "out"],
@@ -540,7 +540,7 @@ def test_evaluate_samples_checks_out_before_measuring(runner, runs, tmp_path, mo
     monkeypatch.setattr(evaluate, "compute_measures", never)
     existing = tmp_path / "report"
     existing.mkdir()
-    result = run_cli(runner, ["evaluate", "--samples", runs["masks"], "--image", runs["masks"] / "cell.v0.png",
+    result = run_cli(runner, ["evaluate", "--dim", "2", "--samples", runs["masks"], "--image", runs["masks"] / "cell.v0.png",
                               "--out", existing])
     assert_clean_error(result, "already exists")
 
@@ -567,7 +567,7 @@ def test_evaluate_samples_reports_constant_samples_as_collapse(runner, tmp_path)
     samples.mkdir()
     for index in range(4):
         _write_png(samples / f"s{index}.png", np.full((32, 32), 128, np.uint8))
-    result = run_cli(runner, ["evaluate", "--samples", samples, "--image", image, "--out", tmp_path / "report"])
+    result = run_cli(runner, ["evaluate", "--dim", "2", "--samples", samples, "--image", image, "--out", tmp_path / "report"])
     assert result.exit_code == 0, result.output
     evaluation = json.loads((tmp_path / "report" / "evaluation.json").read_text())
     assert evaluation["verdict"]["label"] == "collapse", evaluation["verdict"]
@@ -575,7 +575,7 @@ def test_evaluate_samples_reports_constant_samples_as_collapse(runner, tmp_path)
 
 def test_evaluate_samples_still_refuses_a_constant_training_image(runner, runs, tmp_path):
     image = _write_png(tmp_path / "flat.png", np.full((32, 32), 7, np.uint8))
-    result = run_cli(runner, ["evaluate", "--samples", runs["masks"], "--image", image, "--out", tmp_path / "r"])
+    result = run_cli(runner, ["evaluate", "--dim", "2", "--samples", runs["masks"], "--image", image, "--out", tmp_path / "r"])
     assert_clean_error(result, "nothing to learn")
     assert not (tmp_path / "r").exists()
 

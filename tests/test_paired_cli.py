@@ -66,7 +66,7 @@ def test_paired_train_and_predict(runner, tmp_path, dims, model, extra):
 
 def test_paired_resume_continues_to_the_end(runner, tmp_path):
     source, target = make_pairs(tmp_path, 2)
-    args = ["paired", "train", "--source", str(source), "--target", str(target), "--epochs", "1", "--out-dir",
+    args = ["paired", "train", "--dim", "2", "--source", str(source), "--target", str(target), "--epochs", "1", "--out-dir",
             str(tmp_path / "out"), "--tile", "16", "--base-channels", "4", "--seed", "0"]
     assert runner.invoke(app, args).exit_code == 0
     import json
@@ -83,11 +83,11 @@ def test_paired_resume_continues_to_the_end(runner, tmp_path):
 def test_unmatched_and_mismatched_pairs_are_named(runner, tmp_path):
     source, target = make_pairs(tmp_path, 2, count=3)
     (target / "cell2.png").unlink()
-    result = runner.invoke(app, ["paired", "train", "--source", str(source), "--target", str(target), "--out-dir",
+    result = runner.invoke(app, ["paired", "train", "--dim", "2", "--source", str(source), "--target", str(target), "--out-dir",
                                  str(tmp_path / "out")], terminal_width=200)
     assert result.exit_code == 2 and "no target for cell2" in result.output
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 32), np.uint8) + 3), str(target / "cell2.png"))
-    result = runner.invoke(app, ["paired", "train", "--source", str(source), "--target", str(target), "--out-dir",
+    result = runner.invoke(app, ["paired", "train", "--dim", "2", "--source", str(source), "--target", str(target), "--out-dir",
                                  str(tmp_path / "out")], terminal_width=200)
     assert result.exit_code == 2 and "cell2: source (32, 32) vs target (20, 32)" in result.output
     assert not (tmp_path / "out").exists()
@@ -109,7 +109,7 @@ def test_paired_targets_take_the_intensity_mapping_and_old_runs_keep_min_max(run
     from consingan.runs import RunFolder
 
     source, target = make_pairs(tmp_path, 2)
-    args = ["paired", "train", "--source", str(source), "--target", str(target), "--epochs", "1", "--out-dir",
+    args = ["paired", "train", "--dim", "2", "--source", str(source), "--target", str(target), "--epochs", "1", "--out-dir",
             str(tmp_path / "out"), "--tile", "16", "--base-channels", "4", "--seed", "0", "--one-hot"]
     if mapping != "window":
         args += ["--intensity-mapping", mapping]

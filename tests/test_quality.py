@@ -141,13 +141,13 @@ def test_training_records_its_mapping_and_health_and_evaluates_other_samples(run
     sampled = runner.invoke(app, ["sample", str(run_dir), "--num", "3", "--out", str(tmp_path / "s"), "--seed", "0"])
     assert sampled.exit_code == 0, sampled.output
     (tmp_path / "s" / "contact_sheet.png").rename(tmp_path / "contact_sheet.png")  # not a sample
-    evaluated = runner.invoke(app, ["evaluate", "--samples", str(tmp_path / "s"), "--image", str(png_rgb),
+    evaluated = runner.invoke(app, ["evaluate", "--dim", "2", "--samples", str(tmp_path / "s"), "--image", str(png_rgb),
                                     "--out", str(tmp_path / "ev")], terminal_width=200)
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert report["verdict"]["label"] in {"ok", "low diversity", "collapse", "copying", "failed"}
     assert report["shape"] == [32, 32] and report["reconstruction"] is None
-    refused = runner.invoke(app, ["evaluate", "--samples", str(tmp_path / "s"), "--out", str(tmp_path / "e2")])
+    refused = runner.invoke(app, ["evaluate", "--dim", "2", "--samples", str(tmp_path / "s"), "--out", str(tmp_path / "e2")])
     assert refused.exit_code == 2 and "--image" in refused.output
 
 

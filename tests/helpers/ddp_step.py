@@ -17,7 +17,7 @@ def main(source: str, target: str, out: str) -> None:
     distributed = Distributed.from_environment()
     device = distributed.start(torch.device("cpu"))
     batch = 4 // distributed.world_size  # the same global batch of 4 tiles
-    config = PairedConfig(model="resnet", tile=16, stride=16, num_feature_channels=4, seed=3, device="cpu",
+    config = PairedConfig(dimension=2, model="resnet", tile=16, stride=16, num_feature_channels=4, seed=3, device="cpu",
                           batch_size=batch, source_dir=source, target_dir=target,
                           out_dir=str(Path(out).parent / f"runs_{distributed.world_size}_{distributed.rank}")).validate()
     data = load_pairs(Path(source), Path(target), 2, False)
