@@ -251,6 +251,7 @@ def _count(text: str, name: str = "--num") -> int:
 
 
 NUM_METAVAR = "N"
+OUT_HELP = " (a new folder, or an empty one; nothing is overwritten)."  # outputs.OUT_RULE, every --out
 TILE_HELP = ("Generate in tiles of this many voxels a side, each exact (a sample is the same tiled or not): auto "
              "(only a volume that would not fit half the free memory), off, or a number.")
 
@@ -292,8 +293,8 @@ def _sampling_options(seed: int, scale: str | None, shape: str | None, start_sca
 @app.command("sample")
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="Run folder written by consingan train.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the samples (created; nothing is overwritten).")],
-    num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Number of samples.")] = "16",
+    out: Annotated[Path, typer.Option("--out", help="Folder for the samples" + OUT_HELP)],
+    num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Samples written, in all.")] = "16",
     seed: SeedOption = 0,
     scale: ScaleOption = None,
     shape: ShapeOption = None,
@@ -351,10 +352,11 @@ def sample(
 @app.command("evaluate")
 def evaluate_command(
     run_dir: Annotated[Optional[Path], typer.Argument(help="Run folder written by consingan train.")] = None,
-    num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Samples drawn for the measures.")] = "16",
+    num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Samples drawn for the measures, in all.")] = "16",
     seed: Annotated[int, typer.Option("--seed", help="Seed of samples, patches and projections.")] = 0,
     out: Annotated[Optional[Path], typer.Option(
-        "--out", help="Folder for evaluation.json and report.png (default: RUN_DIR/evaluation_NNN).")] = None,
+        "--out", help="Folder for evaluation.json and report.png, a new or empty one (default: "
+                         "RUN_DIR/evaluation_NNN).")] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     inception_weights: Annotated[Optional[Path], typer.Option(
         "--inception-weights", help="Local Inception-v3 weights (torchvision's, as SinGAN's SIFID used, or pytorch-fid's) for SinGAN's 2D "
@@ -372,7 +374,7 @@ def evaluate_command(
     collapse, copying), reconstruction PSNR/SSIM."""
     try:
         from consingan.metrics.evaluate import EvaluateConfig, evaluate, evaluate_samples, summary_rows, write_report
-        from consingan.outputs import check_encodable
+        from consingan.outputs import check_encodable, out_refusal
         from consingan.singan.sampler import parse_tile
 
         if (run_dir is None) == (samples is None):
@@ -381,8 +383,8 @@ def evaluate_command(
             raise ConsinganError("--samples needs --image (the training image)")
         if run_dir is None and out is None:
             raise ConsinganError("--samples needs --out (a new folder for the report)")
-        if out is not None and out.exists():  # before any measure is computed, with a run or with --samples
-            raise ConsinganError(f"{out} already exists; choose another --out")
+        if out is not None and out_refusal(out):  # before any measure is computed, with a run or with --samples
+            raise ConsinganError(f"--out {out_refusal(out)}")
         if out is None:
             from consingan.runs import RunFolder
 
@@ -507,7 +509,7 @@ paired_app.command("train", help="Train a paired generator on SOURCE/TARGET pair
 def paired_predict(
     run_dir: Annotated[Path, typer.Argument(help="Paired run folder.")],
     source: Annotated[Path, typer.Option("--source", help="Folder of inputs of any size.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder (nothing is overwritten).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the predictions" + OUT_HELP)],
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
 ) -> None:
     """Translate whole images or volumes through overlapping tiles; outputs keep the source geometry."""
@@ -624,8 +626,8 @@ app.command("train-many", help="Train one single-image model per image of a fold
 @app.command("sample-many")
 def sample_many_command(
     runs_dir: Annotated[Path, typer.Argument(help="Folder of run folders (a cohort's --out-dir).")],
-    out: Annotated[Path, typer.Option("--out", help="New folder: one sub-folder of samples per run.")],
-    num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Samples per run.")] = "16",
+    out: Annotated[Path, typer.Option("--out", help="Folder with one sub-folder of samples per run" + OUT_HELP)],
+    num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Samples written per run.")] = "16",
     seed: SeedOption = 0,
     scale: ScaleOption = None,
     shape: ShapeOption = None,
@@ -728,9 +730,9 @@ conditional_app.command("train", help="Train a class-conditional GAN on --data (
 @conditional_app.command("sample")
 def conditional_sample(
     run_dir: Annotated[Path, typer.Argument(help="Conditional run folder.")],
-    out: Annotated[Path, typer.Option("--out", help="New output folder: one sub-folder per class.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder with one sub-folder per class" + OUT_HELP)],
     class_name: Annotated[Optional[str], typer.Option("--class", help="Class to draw (all when omitted).")] = None,
-    num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Samples per class.")] = "16",
+    num: Annotated[str, typer.Option("--num", metavar=NUM_METAVAR, help="Samples written per class drawn.")] = "16",
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same files.")] = 0,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
 ) -> None:

@@ -27,7 +27,7 @@ from consingan.checkpoint import save_json
 from consingan.config import TrainConfig, flag_name
 from consingan.errors import ConsinganError
 from consingan.io import file_suffix, list_images
-from consingan.outputs import OutputError, OutputFolder, check_encodable
+from consingan.outputs import OutputError, OutputFolder, check_encodable, out_refusal
 from consingan.runs import RunFolder
 
 INSTALL_HINT = "Ray is not installed; install the optional extra: pip install -e '.[distributed]'"
@@ -343,8 +343,8 @@ def sample_many(runs_dir: Path, out: Path, num: int, seed: int = 0, device: str 
 
     if not runs_dir.is_dir():
         raise ConsinganError(f"runs folder not found: {runs_dir}")
-    if out.exists():
-        raise ConsinganError(f"{out} already exists; choose a new --out folder")
+    if out_refusal(out):
+        raise ConsinganError(f"--out {out_refusal(out)}")
     folders = [p for p in sorted(runs_dir.iterdir()) if (p / RunFolder.INFO).is_file()]
     if not folders:
         raise ConsinganError(f"{runs_dir} holds no run folders")

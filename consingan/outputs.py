@@ -52,25 +52,38 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} PiB"  # pragma: no cover - the loop always returns
 
 
+OUT_RULE = "a new folder, or an empty one; nothing is overwritten"
+
+
+def out_refusal(path: Path) -> str:
+    """Why ``path`` cannot be an output folder by ``OUT_RULE`` ('' when it can)."""
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        return f"{path} is a file; choose a new or empty folder"
+    if path.is_dir() and any(path.iterdir()):
+        return f"{path} already holds files; choose a new or empty folder"
+    return ""
+
+
 class OutputFolder:
     """A folder a command fills file by file. On any failure inside ``with`` (a full disk, Ctrl-C, no room for what
     was asked) the files it wrote are removed, and the folders it made, so no partial output is left; an ``OSError``
     becomes one line (``OutputError``).
 
-    ``new``: the folder must not exist (else files are added to an existing folder, whose other files are kept).
+    One rule for every command's ``--out`` (``OUT_RULE``): a new folder, or an existing empty one; a file, or a
+    folder that holds anything, is refused, so nothing is overwritten and no output is mixed with other files.
     Record each file with ``add`` before writing it, so a file cut short by the failure is removed too.
     """
 
-    def __init__(self, path: Path | str, new: bool = True, option: str = "--out") -> None:
-        self.path, self.new, self.option = Path(path), new, option
+    def __init__(self, path: Path | str, option: str = "--out") -> None:
+        self.path, self.option = Path(path), option
         self.created: Path | None = None  # the outermost folder made here
         self.files: list[Path] = []
 
     def __enter__(self) -> "OutputFolder":
         check_encodable(self.path, "output folder")
-        if self.path.exists() and (self.new or not self.path.is_dir()):
-            what = "already exists" if self.path.is_dir() else "is a file"
-            raise ConsinganError(f"{self.option} {self.path} {what}; choose a new folder")
+        refusal = out_refusal(self.path)
+        if refusal:
+            raise ConsinganError(f"{self.option} {refusal}")
         missing = None  # the outermost folder of the path that does not exist yet: made here, removed on failure
         for folder in (self.path, *self.path.parents):
             if folder.exists():
@@ -78,13 +91,10 @@ class OutputFolder:
             missing = folder
         self.created = missing  # before mkdir: parents it makes before failing are removed too
         try:
-            self.path.mkdir(parents=True, exist_ok=not self.new)
+            self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".consingan_write_test"
             probe.write_bytes(b"")
             probe.unlink()
-        except FileExistsError:  # made by another process meanwhile: not ours to remove
-            self.created = None
-            raise ConsinganError(f"{self.option} {self.path} already exists; choose a new folder") from None
         except OSError as error:
             self.remove()
             raise OutputError(f"output folder {shown(self.path)} cannot be written: {error.strerror or error}"

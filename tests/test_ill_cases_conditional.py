@@ -248,7 +248,7 @@ SAMPLE_CASES = {
     "--class ../x": ({}, ["--class", "../x"], "unknown class '../x'"),
     "--class of an absolute path": ({}, ["--class", "{tmp}/victim"], "unknown class"),
     "--class empty": ({}, ["--class", ""], "unknown class ''"),
-    "--out exists": ({}, ["--out", "{tmp}/existing"], "already exists"),
+    "--out holds files": ({}, ["--out", "{tmp}/existing"], "already holds files; choose a new or empty folder"),
 }
 
 

@@ -517,9 +517,8 @@ def test_a_full_disk_ends_in_one_line_and_leaves_no_partial_output(runner, runs,
     shutil.copytree(runs["singan"], cohort / "singan")
     singan = tmp_path / "singan"
     shutil.copytree(runs["singan"], singan)
-    existing = tmp_path / "existing"
+    existing = tmp_path / "existing"  # an empty folder given as --out: kept, and empty again after the failure
     existing.mkdir()
-    (existing / "keep.txt").write_text("keep me")
     before = {"singan": snapshot(singan), "existing": snapshot(existing)}
     out = tmp_path / "out"
     fill(monkeypatch)
@@ -540,9 +539,11 @@ def test_evaluate_samples_checks_out_before_measuring(runner, runs, tmp_path, mo
     monkeypatch.setattr(evaluate, "compute_measures", never)
     existing = tmp_path / "report"
     existing.mkdir()
-    result = run_cli(runner, ["evaluate", "--dim", "2", "--samples", runs["masks"], "--image", runs["masks"] / "cell.v0.png",
-                              "--out", existing])
-    assert_clean_error(result, "already exists")
+    (existing / "evaluation.json").write_text("{}")  # an earlier report
+    result = run_cli(runner, ["evaluate", "--dim", "2", "--samples", runs["masks"], "--image",
+                              runs["masks"] / "cell.v0.png", "--out", existing])
+    assert_clean_error(result, "already holds files")
+    assert (existing / "evaluation.json").read_text() == "{}"
 
 
 # --- row 15 (single-image): progress lines without a terminal ---------------------------------------------------------
@@ -591,3 +592,38 @@ def test_an_unexpected_error_keeps_its_own_traceback(runner, tmp_path, monkeypat
     monkeypatch.setattr(cohort, "find_images", boom)
     result = run_cli(runner, ["train-many", "--images", tmp_path, "--out-dir", tmp_path / "out"])
     assert isinstance(result.exception, RuntimeError) and "boom" in str(result.exception), repr(result.exception)
+
+
+OUT_COMMANDS = {
+    "sample": "sample {singan} --num 1 --out {out}",
+    "sample-many": "sample-many {cohort} --num 1 --out {out}",
+    "evaluate": "evaluate {singan} --num 2 --out {out}",
+    "paired predict": "paired predict {paired} --source {masks} --out {out}",
+    "conditional sample": "conditional sample {conditional} --num 1 --out {out}",
+}
+
+
+@pytest.mark.parametrize("command", list(OUT_COMMANDS))
+@pytest.mark.parametrize("state", ["empty", "holds a file", "is a file"])
+def test_every_out_follows_one_rule(runner, runs, tmp_path, command, state):
+    """--out is a new folder or an empty one, in every command: one that holds anything, or a file, is refused
+    before anything is written, and left as it was."""
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    shutil.copytree(runs["singan"], cohort / "singan")
+    out = tmp_path / "out"
+    if state == "is a file":
+        out.write_text("mine")
+    else:
+        out.mkdir()
+        if state == "holds a file":
+            (out / "mine.txt").write_text("mine")
+    before = snapshot(tmp_path / "out") if out.is_dir() else out.read_text()
+    values = {**{k: str(v) for k, v in runs.items()}, "cohort": cohort, "out": out}
+    result = run_cli(runner, OUT_COMMANDS[command].format(**values).split())
+    if state == "empty":
+        assert result.exit_code == 0, result.output
+        assert any(out.iterdir())
+        return
+    assert_clean_error(result, "already holds files" if state == "holds a file" else "is a file")
+    assert (snapshot(out) if out.is_dir() else out.read_text()) == before

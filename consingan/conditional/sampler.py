@@ -13,7 +13,7 @@ from consingan.conditional.models import ConditionalGenerator, build_models
 from consingan.errors import ConsinganError
 from consingan.io import Volume, output_suffix, write_volume
 from consingan.io.preview import contact_sheet, write_png
-from consingan.outputs import OutputFolder, Progress
+from consingan.outputs import OutputFolder, Progress, out_refusal
 from consingan.runs import RunFolder, load_module_state
 
 MODEL_NAMES = ("generator", "discriminator")
@@ -114,8 +114,8 @@ class TrainedConditional:
 
         Batch by batch (``progress(done, total)`` after each): when the first batch shows the whole draw would not
         fit the free disk, or a write fails (a full disk), ``out`` is removed and a one-line error says why."""
-        if out.exists():
-            raise ConsinganError(f"{out} already exists; choose a new --out folder")
+        if out_refusal(out):
+            raise ConsinganError(f"--out {out_refusal(out)}")
         indices = [self.class_index(name) for name in names]
         info = self.run.info
         dims = info.spatial_dims

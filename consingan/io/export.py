@@ -160,7 +160,7 @@ def write_nnunet_dataset(
     images_dir, labels_dir = out_dir / NNUNET_IMAGES, out_dir / NNUNET_LABELS
     written: list[Path] = []
     try:
-        with OutputFolder(out_dir, new=False) as folder:
+        with OutputFolder(out_dir) as folder:
             images_dir.mkdir()
             labels_dir.mkdir()
             for first in range(0, num, batch_size):

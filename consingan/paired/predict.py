@@ -76,7 +76,7 @@ def predict_paired(run_dir: Path, source_dir: Path, out_dir: Path, device: str =
     written = []
     stride = config.resolved_stride()
     dtype = np.dtype(info.output_dtype)
-    with OutputFolder(out_dir, new=False) as made:  # a failed write (a full disk) removes what this call wrote
+    with OutputFolder(out_dir) as made:  # a failed write (a full disk) removes what this call wrote
         for (path, volume), source, name in zip(inputs, encoded, names):
             with torch.no_grad():
                 result = predict_tiled(run_tile, source, [config.tile] * config.dimension,

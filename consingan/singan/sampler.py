@@ -429,7 +429,7 @@ def write_samples(
         raise ConsinganError(f"{out_dir} already holds {taken[0]}{' and more' if len(taken) > 1 else ''}; "
                              f"choose another --out")
     written, previews = [], []
-    with OutputFolder(out_dir, new=False) as folder:
+    with OutputFolder(out_dir) as folder:
         for first in range(0, num, batch_size):
             count = min(batch_size, num - first)
             images = pyramid.sample(count, seed=seed, batch_size=batch_size, first_index=first, **options)
