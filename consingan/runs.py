@@ -397,6 +397,28 @@ class RunFolder:
         """The device to run on: ``override`` when given, else the run's configured one."""
         return resolve_device(override or self.config.device)
 
+    # --- the training set of a dataset family ----------------------------------------------------------------------
+
+    DATASET = "dataset.pt"
+
+    def keep_dataset(self, tensors: dict[str, Any]) -> None:
+        """The prepared training set (mapped tensors, names) in source/dataset.pt, so that the run resumes and is
+        evaluated wherever its folder is moved, whatever becomes of the original files."""
+        folder = self.path / self.SOURCE
+        folder.mkdir(exist_ok=True)
+        save_state(folder / self.DATASET, tensors)
+
+    def kept_dataset(self, keys: Sequence[str]) -> dict[str, Any] | None:
+        """source/dataset.pt with ``keys`` checked, or None for a run written before datasets were kept."""
+        path = self.path / self.SOURCE / self.DATASET
+        if not path.is_file():
+            return None
+        kept = load_state(path)
+        missing = [key for key in keys if key not in kept]
+        if missing:
+            raise ConsinganError(f"damaged {path}: no {missing[0]}")
+        return kept
+
     # --- training files (single-image family) ----------------------------------------------------------------------
 
     def keep_source(self, role: str, source: Path | str) -> None:

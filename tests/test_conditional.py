@@ -284,6 +284,11 @@ def test_resume_refuses_flags_and_a_changed_class_list(runner, tmp_path):
     result = run_cli(runner, ["conditional", "train", "--resume", tmp_path / "out" / "run", "--epochs", "5"])
     assert_clean_error(result, "drop --epochs")
     (data / "dark").rename(data / "night")
+    # The run keeps its own copy of the set: what happens to the original folder does not matter to it.
+    result = run_cli(runner, ["conditional", "train", "--resume", tmp_path / "out" / "run"])
+    assert result.exit_code == 0 and "already finished" in result.output, result.output
+    # A run from before runs kept their set reads the original folder, which must still hold the run's classes.
+    (tmp_path / "out" / "run" / "source" / "dataset.pt").unlink()
     result = run_cli(runner, ["conditional", "train", "--resume", tmp_path / "out" / "run"])
     assert_clean_error(result, "are not the run's")
 

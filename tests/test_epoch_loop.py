@@ -92,3 +92,60 @@ def test_single_image_scales_log_every_epoch(tmp_path):
         records = run.stats(run.scale_dir(stage))
         assert [r["epoch"] for r in records] == [1, 2, 3]
         assert all(r["scale"] == stage and r["seconds"] > 0 and "lr_generator" in r and "reconstruction" in r for r in records)
+
+
+def test_a_moved_conditional_run_resumes_and_evaluates_without_its_data(runner, tmp_path):
+    import shutil
+
+    from consingan.cli import app
+    from consingan.conditional.trainer import resume_conditional, train_conditional
+
+    data = write_set(tmp_path / "data", 2)
+
+    def stop_after_first(epoch: int, losses: dict) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    whole = train_conditional(tiny(2, data, tmp_path / "whole", epochs=2))
+    with pytest.raises(KeyboardInterrupt):
+        train_conditional(tiny(2, data, tmp_path / "out", epochs=2), stop_after_first)
+    (run_dir,) = (tmp_path / "out").iterdir()
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(str(run_dir), moved)
+    shutil.rmtree(data)  # the original images are gone: the run has its own copy
+    resumed = resume_conditional(moved)
+    first = torch.load(whole.run_dir / RunFolder.WEIGHTS, weights_only=True)
+    second = torch.load(resumed.run_dir / RunFolder.WEIGHTS, weights_only=True)
+    for key in first:  # the same model as a run that never stopped or moved
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
+    result = runner.invoke(app, ["evaluate", str(moved), "--num", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (moved / "evaluation_001" / "evaluation.json").is_file()
+
+
+def test_a_moved_paired_run_resumes_without_its_data(tmp_path):
+    import shutil
+
+    from consingan.paired.trainer import resume_paired, train_paired
+
+    source, target = make_pairs(tmp_path, 2)
+    options = dict(dimension=2, source_dir=str(source), target_dir=str(target), epochs=2, tile=16,
+                   num_feature_channels=4, seed=0, device="cpu")
+    whole = train_paired(PairedConfig(**options, out_dir=str(tmp_path / "whole")))
+
+    def stop_after_first(epoch: int, losses: dict) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_paired(PairedConfig(**options, out_dir=str(tmp_path / "out")), stop_after_first)
+    (run_dir,) = (tmp_path / "out").iterdir()
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(run_dir), moved)
+    shutil.rmtree(source)
+    shutil.rmtree(target)
+    resumed = resume_paired(moved)
+    first = torch.load(whole.run_dir / RunFolder.WEIGHTS, weights_only=True)
+    second = torch.load(resumed.run_dir / RunFolder.WEIGHTS, weights_only=True)
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)

@@ -272,7 +272,9 @@ def test_conditional_sample_ill_runs(runner, run_copy, tmp_path, case):
 
 
 def _moved_data(run: Path, tmp_path: Path) -> Path:
-    """A copy of the run's data, which the run (config.json) now reads."""
+    """A copy of the run's data, which the run (config.json) now reads; the run's own copy of its set removed, as
+    in a run from before runs kept one (those read the original images, checked against run.json)."""
+    (run / "source" / "dataset.pt").unlink()
     data = tmp_path / "data"
     shutil.copytree(json.loads((run / "config.json").read_text())["data"], data)
     _edit_json(run / "config.json", data=str(data))

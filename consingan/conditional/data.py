@@ -6,6 +6,7 @@ import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from consingan.config import is_single_folder_name
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, Volume, list_images, read_volume
 from consingan.nn.resample import resize
+
+if TYPE_CHECKING:
+    from consingan.runs import RunFolder
 
 UPSCALE_WARNING = 4.0  # an image enlarged more than this to --size is mostly interpolation
 SQUASH_WARNING = 2.0  # an image whose aspect ratio --fit resize changes more than this is visibly distorted
@@ -231,3 +235,16 @@ def augment(batch: torch.Tensor, flips: bool, rotations: bool, jitter: float, ge
             image = (image * (1 + scale) + shift).clamp(-1, 1)
         out.append(image)
     return torch.stack(out)
+
+
+def kept_labelled(run: "RunFolder") -> LabelledSet | None:
+    """The set the run keeps in source/dataset.pt (None for a run from before sets were kept)."""
+    kept = run.kept_dataset(("images", "labels", "classes"))
+    if kept is None:
+        return None
+    info = run.info
+    if list(kept["classes"]) != info.classes or len(kept["labels"]) != len(kept["images"]):
+        raise ConsinganError(f"damaged {run.path / run.SOURCE / run.DATASET}: its classes or counts are "
+                             f"not those of run.json")
+    return LabelledSet(kept["images"], kept["labels"], list(kept["classes"]), info.intensity, info.output_suffix,
+                       info.output_dtype)

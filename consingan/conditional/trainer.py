@@ -11,8 +11,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from consingan.conditional.data import (LabelledSet, augment, class_balanced_sampler, list_labelled, load_labelled,
-                                        resolve_data)
+from consingan.conditional.data import (LabelledSet, augment, class_balanced_sampler, kept_labelled, list_labelled,
+                                        load_labelled, resolve_data)
 from consingan.conditional.memory import check_memory
 from consingan.conditional.models import attention_bytes, build_models
 from consingan.conditional.sampler import EMA_NAME, MODEL_NAMES, preview_grid_png
@@ -225,18 +225,24 @@ def train_conditional(config: ConditionalConfig, progress: Callable[[int, dict],
     distributed = Distributed.from_environment()
     device = distributed.start(resolve_device(config.device))
     run = shared_run(distributed, config, "conditional", conditional_run_info(config, data))
+    if distributed.is_main:
+        run.keep_dataset({"images": data.images, "labels": data.labels, "classes": list(data.classes)})
+    distributed.barrier()
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     trainer = ConditionalTrainer(config, data, run, progress, device, distributed)
     return DatasetResult(run.path, config, train_to_end(trainer, distributed))
 
 
-def resume_conditional(run_dir: Path, progress: Callable[[int, dict], None] | None = None,
-                       device: str | None = None) -> DatasetResult:
-    """Continue a conditional run from its last epoch's training state (options from the run; the device may
-    change)."""
-    run = RunFolder.open(run_dir, "conditional")
-    Distributed.from_environment().check_resume(run)  # before the data is read or a process group joined
-    config = resumed_config(run, device)
+def run_dataset(run: RunFolder) -> LabelledSet:
+    """The training set of a conditional run: its own copy, or (an older run) the original files, checked against
+    run.json: the classes, their image counts and the intensity range must be those the run was trained on."""
+    config = run.config
+    if run.info.class_counts:  # the memory preflight first, from run.json's counts, before any image is read
+        check_memory(config, run.info.channels, len(run.info.classes), sum(run.info.class_counts),
+                     resolve_device(config.device))
+    kept = kept_labelled(run)
+    if kept is not None:
+        return kept
     data = load_fitting(config, resolve_device(config.device), run.info.channels)
     if data.classes != run.info.classes:
         raise ConsinganError(f"the classes in {config.data} ({', '.join(data.classes)}) are not the run's "
@@ -250,6 +256,17 @@ def resume_conditional(run_dir: Path, progress: Callable[[int, dict], None] | No
         raise ConsinganError(f"the images of {config.data} have changed since the run started (their intensity "
                              f"range differs from the run's in run.json); a resume needs the same images (start a "
                              f"new run)")
+    return data
+
+
+def resume_conditional(run_dir: Path, progress: Callable[[int, dict], None] | None = None,
+                       device: str | None = None) -> DatasetResult:
+    """Continue a conditional run from its last epoch's training state (options from the run; the device may
+    change)."""
+    run = RunFolder.open(run_dir, "conditional")
+    Distributed.from_environment().check_resume(run)  # before the data is read or a process group joined
+    config = resumed_config(run, device)
+    data = run_dataset(run)
     if (run.path / RunFolder.WEIGHTS).is_file():  # written after the last epoch only: nothing left to train
         return DatasetResult(run.path, config, already_finished=True)
     distributed = Distributed.from_environment()

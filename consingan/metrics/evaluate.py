@@ -154,14 +154,14 @@ def evaluate_conditional(run_dir: Path | str, options: EvaluateConfig) -> dict:
     """A conditional run: per class and overall, the random-feature Frechet distance (positions of every image),
     multi-scale SWD and diversity of ``options.num`` EMA samples against the class's training images, and class
     consistency. Measured in the set's min-max space."""
-    from consingan.conditional.data import load_labelled
+    from consingan.conditional.data import kept_labelled, load_labelled
     from consingan.conditional.sampler import TrainedConditional
 
     model = TrainedConditional.load(run_dir, options.device)
     config, info = model.run.config, model.run.info
     check_samples_fit(options.num * len(info.classes), info.channels, [config.size] * config.dimension)
-    data = load_labelled(config.data, config.dimension, config.size, config.fit, config.intensity_mapping,
-                         int(config.seed))
+    data = kept_labelled(model.run) or load_labelled(config.data, config.dimension, config.size, config.fit,
+                                                     config.intensity_mapping, int(config.seed))
     space = IntensityRange(info.intensity.minimum, info.intensity.maximum)
     real = _to_space(data.images, info.intensity, space)
     fakes = [_to_space(model.sample(name, options.num, options.seed), info.intensity, space) for name in info.classes]

@@ -157,6 +157,16 @@ def paired_run_info(config: PairedConfig, data: PairedData) -> RunInfo:
     )
 
 
+def kept_pairs(run: RunFolder) -> PairedData | None:
+    """The pairs the run keeps in source/dataset.pt (None for a run from before they were kept)."""
+    kept = run.kept_dataset(("names", "sources", "targets"))
+    if kept is None:
+        return None
+    info = run.info
+    return PairedData(list(kept["names"]), list(kept["sources"]), list(kept["targets"]), [], info.inputs.encoding,
+                      info.intensity, info.output_suffix, np.dtype(info.output_dtype))
+
+
 def prepare_paired(config: PairedConfig) -> tuple[PairedConfig, PairedData]:
     """Check options, seed, folders, weights and data (``--dry-run`` stops here); nothing is written."""
     config = config.validate().refuse_ignored_options()
@@ -181,6 +191,9 @@ def train_paired(config: PairedConfig, progress: Callable[[int, dict], None] | N
     distributed = Distributed.from_environment()
     device = distributed.start(resolve_device(config.device))
     run = shared_run(distributed, config, "paired", paired_run_info(config, data))
+    if distributed.is_main:
+        run.keep_dataset({"names": list(data.names), "sources": list(data.sources), "targets": list(data.targets)})
+    distributed.barrier()
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     trainer = PairedTrainer(config, data, run, progress, device, distributed)
     return DatasetResult(run.path, config, train_to_end(trainer, distributed))
@@ -193,8 +206,8 @@ def resume_paired(run_dir: Path, progress: Callable[[int, dict], None] | None = 
     run = RunFolder.open(run_dir, "paired")
     Distributed.from_environment().check_resume(run)  # before the data is read or a process group joined
     config = resumed_config(run, device)
-    data = load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension, config.one_hot,
-                      config.intensity_mapping)
+    data = kept_pairs(run) or load_pairs(Path(config.source_dir), Path(config.target_dir), config.dimension,
+                                         config.one_hot, config.intensity_mapping)
     distributed = Distributed.from_environment()
     device = distributed.start(resolve_device(config.device))
     torch.manual_seed(config.seed)
