@@ -84,7 +84,7 @@ def main() -> None:
         {p.name: len(list(p.iterdir())) for p in sorted(patches.iterdir())}
     print("labelled set:", ", ".join(f"{k} {v}" for k, v in counts.items()), "tiles of 32 x 32")
     config = ConditionalConfig(data=str(patches), dimension=2, size=32, epochs=args.epochs, batch_size=16,
-                               num_feature_channels=32, max_channels=128, attention=16, flips=True, rotations=True,
+                               num_feature_channels=32, max_channels=128, attention=16, flip_axes="left-right,up-down", rotations=True,
                                preview_every=10, seed=args.seed, device="cpu", out_dir=str(args.work / "runs"))
     started = time.perf_counter()
     result = train_conditional(config, lambda epoch, losses: print(

@@ -332,6 +332,8 @@ class PairedConfig:
 
 
 CONDITIONAL_LOSSES = ("hinge", "bce", "lsgan", "wgan-gp")
+# Anatomical names of the array axes, in array order (volumes are reoriented to LPS z-y-x on reading).
+FLIP_AXES = {2: ("up-down", "left-right"), 3: ("superior-inferior", "anterior-posterior", "left-right")}
 CONDITIONINGS = ("projection", "acgan")
 
 
@@ -343,8 +345,9 @@ class ConditionalConfig:
     data: str = _opt("", "A folder with one sub-folder of images per class, or a CSV file of path,class rows.")
     dimension: int = _opt(3, "Spatial dimensions: 2 or 3 (3 by default, as for every command).", flag="--dim")
     size: int = _opt(64, "Side of the generated images (a power of two times 4: 16, 32, 64, 128, 256).")
-    fit: str = _opt("resize", "How images reach size^dims: 'resize' (every axis) or 'crop' (shortest side to size, "
-                    "then a central crop).")
+    fit: str = _opt("extent", "How images reach size^dims: 'extent' (the physical extent kept, its longest side "
+                    "across size isotropic voxels, the rest padded with the minimum), 'resize' (every axis stretched "
+                    "to size) or 'crop' (shortest side to size, then a central crop).")
     epochs: int = _opt(100, "Epochs (passes over the data set, drawn class-balanced).")
     batch_size: int = _opt(16, "Images per batch (per step; see accumulate).")
     accumulate: int = _opt(1, "Batches whose gradients are summed before each optimiser step (a larger batch).")
@@ -372,7 +375,9 @@ class ConditionalConfig:
     beta1_adam: float = _opt(0.0, "First Adam beta.", aliases=("beta1",))
     beta2: float = _opt(0.9, "Second Adam beta.")
     ema_decay: float = _opt(0.999, "Decay of the generator's exponential moving average (used for every sample).")
-    flips: bool = _opt(True, "Random flips along every spatial axis.")
+    flip_axes: str = _opt("left-right", "Random flips (each with probability 1/2) along these axes, comma-separated: "
+                          "left-right, anterior-posterior, superior-inferior in 3D (volumes are reoriented to "
+                          "these axes on reading), left-right, up-down in 2D; 'none' for no flips.")
     rotations: bool = _opt(False, "Random 90-degree rotations (in 3D: in a random plane).")
     intensity_jitter: float = _opt(0.0, "Random intensity scale and shift of up to this fraction (0: off).")
     balance: bool = _opt(True, "Draw classes equally often (weighted sampling), whatever their image counts.")
@@ -406,7 +411,9 @@ class ConditionalConfig:
         if 2 ** (self.discriminator_scales - 1) * 8 > self.size:
             raise ConsinganError(f"{self.discriminator_scales} discriminator scales need size of at least "
                                  f"{2 ** (self.discriminator_scales - 1) * 8}")
-        _check_choices(self, {"loss": CONDITIONAL_LOSSES, "conditioning": CONDITIONINGS, "fit": ("resize", "crop"),
+        self.flip_dims()
+        _check_choices(self, {"loss": CONDITIONAL_LOSSES, "conditioning": CONDITIONINGS,
+                              "fit": ("extent", "resize", "crop"),
                               "intensity_mapping": ("window", "minmax")})
         _check_each(self, ("lr_g", "lr_d"), POSITIVE, "positive")
         _check_each(self, ("lambda_grad_penalty", "lambda_classifier", "lambda_perceptual", "lambda_texture"),
@@ -416,6 +423,19 @@ class ConditionalConfig:
         if self.perceptual_weights and self.dimension != 2:
             raise ConsinganError("the perceptual loss (VGG-19) is 2D only")
         return self
+
+    def flip_dims(self) -> tuple[int, ...]:
+        """The array axes of ``flip_axes`` (``ConsinganError`` naming the allowed names for an unknown one)."""
+        names = FLIP_AXES[self.dimension] if self.dimension in FLIP_AXES else FLIP_AXES[3]
+        if self.flip_axes.strip().lower() == "none":
+            return ()
+        axes = []
+        for name in (part.strip().lower() for part in self.flip_axes.split(",")):
+            if name not in names:
+                raise ConsinganError(f"flip_axes: {name!r} is not an axis of a {self.dimension}D image; use "
+                                     f"{', '.join(names)} (comma-separated) or 'none'")
+            axes.append(names.index(name))
+        return tuple(sorted(set(axes)))
 
     def resolved_attention(self) -> int:
         """The side of the self-attention block (0: none)."""
@@ -432,6 +452,12 @@ class ConditionalConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ConditionalConfig":
+        values = dict(values)
+        if "flips" in values:  # before flip_axes: flips along every axis, or none
+            flips = values.pop("flips")
+            dims = values.get("dimension", values.get("dim", 3))
+            if "flip_axes" not in values:
+                values["flip_axes"] = ",".join(FLIP_AXES.get(dims, FLIP_AXES[3])) if flips else "none"
         return apply_overrides(cls(), values, source)
 
 

@@ -120,6 +120,8 @@ class RunInfo:
     inputs: InputInfo | None = None
     classes: list[str] = field(default_factory=list)  # class names of a conditional run, in label order
     class_counts: list[int] = field(default_factory=list)  # its training images per class
+    # Each class's reference grid (a conditional run): the affine its samples are written with ([] before: identity).
+    class_grids: list[list[list[float]]] = field(default_factory=list)
     # torchrun processes it was trained with (paired, conditional); a resume must keep it. Runs from before it was
     # recorded were trained with one.
     world_size: int = 1
@@ -198,6 +200,11 @@ class RunInfo:
         if self.family == "conditional" and (not self.classes or not all(isinstance(c, str) and c for c in self.classes)
                                              or len(set(self.classes)) != len(self.classes)):
             raise ValueError("a conditional run needs its distinct class names")
+        if self.class_grids:
+            grids = np.asarray(self.class_grids, dtype=np.float64)
+            if grids.shape != (len(self.classes), self.spatial_dims + 1, self.spatial_dims + 1) \
+                    or not np.isfinite(grids).all():
+                raise ValueError("class_grids is not one finite affine per class")
         if self.family == "conditional":  # a tampered name would send samples outside --out (<out>/<class>/)
             unsafe = [c for c in self.classes if not is_single_folder_name(c)]
             if unsafe:

@@ -171,11 +171,12 @@ def test_class_balanced_sampler_draws_classes_equally_often():
 @pytest.mark.parametrize("dims", [2, 3])
 def test_augmentations_keep_shape_range_and_content(dims):
     batch = torch.rand(3, 1, *([6] * dims)) * 2 - 1
-    out = augment(batch, flips=True, rotations=True, jitter=0.0, generator=torch.Generator().manual_seed(1))
+    out = augment(batch, flip_dims=tuple(range(dims)), rotations=True, jitter=0.0,
+                  generator=torch.Generator().manual_seed(1))
     assert out.shape == batch.shape
     for original, moved in zip(batch, out):  # flips and rotations only move voxels
         assert torch.equal(original.flatten().sort().values, moved.flatten().sort().values)
-    jittered = augment(batch, flips=False, rotations=False, jitter=0.2, generator=torch.Generator().manual_seed(1))
+    jittered = augment(batch, flip_dims=(), rotations=False, jitter=0.2, generator=torch.Generator().manual_seed(1))
     assert jittered.min() >= -1 and jittered.max() <= 1 and not torch.equal(jittered, batch)
 
 
@@ -257,14 +258,14 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, dims):
     from consingan.conditional.trainer import resume_conditional, train_conditional
 
     data = write_set(tmp_path / "data", dims)
-    whole = train_conditional(tiny(dims, data, tmp_path / "a", epochs=3, flips=True, rotations=True))
+    whole = train_conditional(tiny(dims, data, tmp_path / "a", epochs=3, flip_axes="left-right", rotations=True))
 
     def stop_after_first(epoch: int, losses: dict) -> None:
         if epoch == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_conditional(tiny(dims, data, tmp_path / "b", epochs=3, flips=True, rotations=True), stop_after_first)
+        train_conditional(tiny(dims, data, tmp_path / "b", epochs=3, flip_axes="left-right", rotations=True), stop_after_first)
     (cut,) = (tmp_path / "b").iterdir()
     assert not (cut / "generator.pt").exists()
     resumed = resume_conditional(cut)

@@ -188,21 +188,29 @@ def _squashed(tmp_path: Path) -> tuple[Path, str]:
     data = write_set(tmp_path / "data", 2, per_class=(1, 1))
     _png(data / "bright" / "wide.png", (blobs((30, 100), 4) * 200).astype(np.uint8))
     return data, "1 image(s) squashed out of their aspect ratio (more than 2x) to 16x16, the most " \
-                 "{data}/bright/wide.png (30x100, 3.3x); --fit crop keeps it"
+                 "{data}/bright/wide.png (30x100, 3.3x); --fit extent (the default) or crop keeps it"
+
+
+def _wide(tmp_path: Path) -> tuple[Path, str]:
+    """The same wide image under the default --fit extent: kept in its aspect ratio, padded, so no warning."""
+    data, _ = _squashed(tmp_path)
+    return data, ""
 
 
 ACCEPTED_CASES = {
     "UTF-8 CSV with a byte-order mark": (_bom_csv, "2 images in 2 classes: bright 1, dark 1"),  # row 13
     "image upscaled 5x": (_upscaled, "3 images in 2 classes: bright 1, dark 2"),  # row 9
-    "image squashed 100 x 30 to a square": (_squashed, "3 images in 2 classes: bright 2, dark 1"),  # row 9
+    "image squashed 100 x 30 to a square": (_squashed, "3 images in 2 classes: bright 2, dark 1", "resize"),  # row 9
+    "a wide image, its aspect kept": (_wide, "3 images in 2 classes: bright 2, dark 1"),
 }
 
 
 @pytest.mark.parametrize("case", list(ACCEPTED_CASES))
 def test_conditional_train_legitimate_but_suspicious_data(runner, tmp_path, case):
-    make, counts = ACCEPTED_CASES[case]
+    make, counts, *fit = ACCEPTED_CASES[case]
     data, warning = make(tmp_path)
-    result = run_cli(runner, ["conditional", "train", "--data", data, "--out-dir", tmp_path / "out", *FLAGS_2D])
+    result = run_cli(runner, ["conditional", "train", "--data", data, "--out-dir", tmp_path / "out", *FLAGS_2D,
+                              "--fit", *(fit or ["extent"])])
     assert result.exit_code == 0, result.output
     assert counts in result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]

@@ -6,7 +6,7 @@ import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ import torch
 from consingan.config import is_single_folder_name
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, Volume, list_images, read_volume
+from consingan.io.volume import reorient_canonical, resized_affine
 from consingan.nn.resample import resize
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ class LabelledSet:
     suffix: str  # file type of the first image, for writing samples
     dtype: str  # the data type of every image (a set of mixed types is refused)
     warnings: list[str] = field(default_factory=list)  # suspicious but legitimate: images upscaled or squashed
+    # Each class's reference grid (the affine of its first image, reoriented and fitted): where samples are written.
+    grids: list[list[list[float]]] = field(default_factory=list)
 
     def counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
@@ -130,18 +133,51 @@ def list_labelled(data: Path, spatial_dims: int = 3) -> list[tuple[Path, str]]:
     return [(path, name) for path, name, _ in entries]
 
 
-def fit_to_size(array: np.ndarray, size: int, fit: str) -> np.ndarray:
-    """[C, *spatial] -> [C, size, ...]: 'resize' every axis (antialiased), or 'crop': scale the shortest side to
-    ``size`` and keep the centre."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
-    spatial = tensor.shape[2:]
+def fit_to_size(volume: Volume, size: int, fit: str) -> tuple[np.ndarray, np.ndarray]:
+    """``volume`` on a grid of ``size`` voxels a side, and that grid's affine (each voxel's physical position):
+
+    - 'extent': the physical extent kept, its longest side across ``size`` isotropic voxels, the shorter sides
+      centred and padded with the channel's minimum (a 200 x 200 x 100 mm head fills the grid across and half of it
+      down, not stretched);
+    - 'resize': every axis stretched to ``size`` (the aspect ratio of the voxels changes);
+    - 'crop': the shortest side scaled to ``size``, the centre kept.
+    Resizing is antialiased (``nn.resample.resize``)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None]
+    spatial = list(tensor.shape[2:])
     if fit == "resize":
-        return resize(tensor, [size] * len(spatial))[0].numpy()
-    scale = size / min(spatial)
-    tensor = resize(tensor, [max(size, round(s * scale)) for s in spatial])
-    starts = [(s - size) // 2 for s in tensor.shape[2:]]
-    crop = tuple(slice(start, start + size) for start in starts)
-    return tensor[(0, slice(None), *crop)].numpy()
+        shape = [size] * len(spatial)
+        return resize(tensor, shape)[0].numpy(), resized_affine(volume.affine, spatial, shape)
+    if fit == "crop":
+        scale = size / min(spatial)
+        shape = [max(size, round(s * scale)) for s in spatial]
+        starts = [(s - size) // 2 for s in shape]
+        crop = tuple(slice(start, start + size) for start in starts)
+        affine = shift_origin(resized_affine(volume.affine, spatial, shape), starts)
+        return resize(tensor, shape)[(0, slice(None), *crop)].numpy(), affine
+    shape = extent_shape(volume, size)
+    resized = resize(tensor, shape)[0].numpy()
+    before = [(size - s) // 2 for s in shape]
+    padding = [(0, 0)] + [(b, size - s - b) for b, s in zip(before, shape)]
+    minimum = resized.reshape(resized.shape[0], -1).min(axis=1)
+    padded = np.stack([np.pad(channel, padding[1:], constant_values=low) for channel, low in zip(resized, minimum)])
+    affine = shift_origin(resized_affine(volume.affine, spatial, shape), [-b for b in before])
+    return padded, affine
+
+
+def extent_shape(volume: Volume, size: int) -> list[int]:
+    """The voxels a volume covers on the 'extent' grid: its physical extent in isotropic voxels, the longest side
+    ``size`` (a file without a usable spacing counts as isotropic)."""
+    spacing = volume.spacing
+    spacing = spacing if np.isfinite(spacing).all() and (spacing > 0).all() else np.ones(len(spacing))
+    extent = np.asarray(volume.spatial_shape, dtype=np.float64) * spacing
+    return [min(size, max(1, round(size * e / extent.max()))) for e in extent]
+
+
+def shift_origin(affine: np.ndarray, starts: Sequence[int]) -> np.ndarray:
+    """The affine of the same grid with index ``starts`` as its new origin (a crop; negative: padding)."""
+    result = np.array(affine, dtype=np.float64, copy=True)
+    result[:-1, -1] = affine[:-1, -1] + affine[:-1, :-1] @ np.asarray(starts, dtype=np.float64)
+    return result
 
 
 def load_labelled(data: Path | str, spatial_dims: int, size: int, fit: str = "resize",
@@ -152,6 +188,7 @@ def load_labelled(data: Path | str, spatial_dims: int, size: int, fit: str = "re
     pairs = list_labelled(Path(data), spatial_dims)
     classes = sorted({name for _, name in pairs})
     arrays, labels, first, first_path = [], [], None, None
+    grids: dict[str, np.ndarray] = {}
     upscaled, squashed = [], []  # (factor, path, shape)
     for path, name in pairs:
         try:
@@ -174,17 +211,20 @@ def load_labelled(data: Path | str, spatial_dims: int, size: int, fit: str = "re
         upscale, squash = fit_factors(volume, size, fit)
         upscaled += [(upscale, path, volume.spatial_shape)] if upscale > UPSCALE_WARNING else []
         squashed += [(squash, path, volume.spatial_shape)] if squash > SQUASH_WARNING else []
-        arrays.append(fit_to_size(volume.array, size, fit))
+        array, affine = fit_to_size(reorient_canonical(volume), size, fit)
+        arrays.append(array)
         labels.append(classes.index(name))
+        grids.setdefault(name, affine)  # each class's reference grid: its first image's
     images = np.stack(arrays)  # [N, C, *size]
     intensity = IntensityRange.of_set(list(images), mapping, seed=seed)
     normalised = np.stack([intensity.normalise(image) for image in images]).astype(np.float32)
     target = "x".join([str(size)] * spatial_dims)
     warnings = [fit_warning(upscaled, f"enlarged more than {UPSCALE_WARNING:g}x to {target}", "they look blurred"),
                 fit_warning(squashed, f"squashed out of their aspect ratio (more than {SQUASH_WARNING:g}x) to "
-                                      f"{target}", "--fit crop keeps it")]
+                                      f"{target}", "--fit extent (the default) or crop keeps it")]
     return LabelledSet(torch.from_numpy(normalised), torch.tensor(labels, dtype=torch.int64), classes, intensity,
-                       first.suffix, str(np.dtype(first.source_dtype)), [w for w in warnings if w])
+                       first.suffix, str(np.dtype(first.source_dtype)), [w for w in warnings if w],
+                       [grids[name].tolist() for name in classes])
 
 
 def fit_factors(volume: Volume, size: int, fit: str) -> tuple[float, float]:
@@ -193,6 +233,8 @@ def fit_factors(volume: Volume, size: int, fit: str) -> tuple[float, float]:
     shape = np.asarray(volume.spatial_shape, dtype=np.float64)
     if fit == "crop":
         return float(size / shape.min()), 1.0
+    if fit == "extent":  # the physical aspect ratio is kept: nothing is squashed
+        return float((np.asarray(extent_shape(volume, size)) / shape).max()), 1.0
     spacing = volume.spacing
     extent = shape * (spacing if np.isfinite(spacing).all() and (spacing > 0).all() else 1.0)
     return float((size / shape).max()), float(extent.max() / extent.min())
@@ -215,16 +257,17 @@ def class_balanced_sampler(labels: torch.Tensor, num_classes: int, generator: to
     return torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
 
 
-def augment(batch: torch.Tensor, flips: bool, rotations: bool, jitter: float, generator: torch.Generator | None = None
-            ) -> torch.Tensor:
+def augment(batch: torch.Tensor, flip_dims: Sequence[int], rotations: bool, jitter: float,
+            generator: torch.Generator | None = None) -> torch.Tensor:
     """Medical-image augmentations per image of ``batch`` [N, C, *spatial] (all sides equal): a flip along each
-    axis with probability 1/2, a 90-degree rotation in a random plane, intensity scale and shift by up to
+    spatial axis of ``flip_dims`` (``ConditionalConfig.flip_dims``: left-right by default, never superior-inferior
+    unless asked) with probability 1/2, a 90-degree rotation in a random plane, intensity scale and shift by up to
     ``jitter`` (clamped to [-1, 1])."""
     dims = batch.dim() - 2
     out = []
     for image in batch:
-        if flips:
-            axes = [1 + a for a in range(dims) if torch.rand((), generator=generator) < 0.5]
+        if flip_dims:
+            axes = [1 + a for a in flip_dims if torch.rand((), generator=generator) < 0.5]
             image = image.flip(axes) if axes else image
         if rotations:
             plane = torch.randperm(dims, generator=generator)[:2].add(1).tolist()

@@ -125,11 +125,13 @@ class TrainedConditional:
             for name, index in zip(names, indices):
                 folder = out / name
                 folder.mkdir()
+                # The class's reference grid: its first training image's position, orientation and extent.
+                grid = np.asarray(info.class_grids[index]) if info.class_grids else np.eye(dims + 1)
                 number = 0
                 for images in generate_batches(self.generator, index, count, seed, self.device):
                     for image in images:
                         array = info.intensity.denormalise(image.numpy())
-                        volume = Volume(array, np.eye(dims + 1), info.output_suffix, np.dtype(info.output_dtype))
+                        volume = Volume(array, grid, info.output_suffix, np.dtype(info.output_dtype))
                         path = folder / f"{name}_{number:04d}{suffix}"
                         number += 1
                         made.add(path)

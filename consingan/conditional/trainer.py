@@ -175,7 +175,7 @@ class ConditionalTrainer(EpochTrainer):
         pending = []
         batches = list(loader)
         for index, (images, labels) in enumerate(batches):
-            images = augment(images, config.flips, config.rotations, config.intensity_jitter)
+            images = augment(images, config.flip_dims(), config.rotations, config.intensity_jitter)
             pending.append((images.to(self.device), labels.to(self.device)))
             if len(pending) == config.accumulate or index == len(batches) - 1:
                 yield {**self.discriminator_step(pending), **self.generator_step(pending)}
@@ -191,7 +191,7 @@ def conditional_run_info(config: ConditionalConfig, data: LabelledSet) -> RunInf
     return RunInfo(family="conditional", spatial_dims=config.dimension, channels=int(data.images.shape[1]),
                    output_suffix=data.suffix, output_dtype=data.dtype, intensity=data.intensity,
                    image=str(Path(config.data).resolve()), classes=list(data.classes),
-                   class_counts=data.counts())
+                   class_counts=data.counts(), class_grids=data.grids)
 
 
 def prepare_conditional(config: ConditionalConfig) -> tuple[ConditionalConfig, LabelledSet]:

@@ -12,6 +12,7 @@ with an MHA label) and still compare voxel for voxel. Resizing a volume to anoth
 from __future__ import annotations
 
 import base64
+import dataclasses
 import copy
 import io
 from dataclasses import dataclass, field
@@ -97,6 +98,33 @@ def resized_affine(affine: np.ndarray, old_shape: Sequence[int], new_shape: Sequ
     result[:-1, :-1] = linear * ratio[None, :]
     result[:-1, -1] = affine[:-1, -1] + linear @ (0.5 * ratio - 0.5)
     return result
+
+
+def reorient_canonical(volume: "Volume") -> "Volume":
+    """A volume's voxels and affine with its array axes permuted and flipped so that axis 0 runs inferior -> superior,
+    axis 1 anterior -> posterior and axis 2 right -> left (the LPS frame's z, y, x), whatever order the file stored
+    them in: every voxel keeps its physical position. Sets of scans stored in different orientations then stack
+    voxel for voxel, and an anatomical axis is one array axis. 2D pictures are returned as they are."""
+    if volume.array.ndim != 4:
+        return volume
+    linear = volume.affine[:3, :3]
+    weight = np.abs(linear)  # weight[row, column]: how much array axis ``column`` moves along world axis ``row``
+    order, free = [0, 0, 0], [0, 1, 2]
+    for axis in sorted(range(3), key=lambda j: -weight[2 - j].max()):  # the most clear-cut world axis first
+        column = max(free, key=lambda c: weight[2 - axis, c])
+        order[axis] = column
+        free.remove(column)
+    array = volume.array.transpose(0, *(1 + c for c in order))
+    affine = np.array(volume.affine, dtype=np.float64, copy=True)
+    affine[:3, :3] = linear[:, order]
+    for axis in range(3):
+        if affine[2 - axis, axis] < 0:  # the axis runs the other way: flip it, the far end becomes the origin
+            array = np.flip(array, axis=1 + axis)
+            affine[:3, 3] += affine[:3, axis] * (array.shape[1 + axis] - 1)
+            affine[:3, axis] = -affine[:3, axis]
+    if order == [0, 1, 2] and np.array_equal(affine, volume.affine):
+        return volume
+    return dataclasses.replace(volume, array=np.ascontiguousarray(array), affine=affine)
 
 
 def encode_header(header: Any) -> str | None:
