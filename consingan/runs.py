@@ -114,6 +114,8 @@ class RunInfo:
     image: str = ""
     source_shape: list[int] = field(default_factory=list)
     source_affine: list[list[float]] | None = None
+    # A 2D image read from a one-slice 3D file: that slice's 3D affine (``Volume.plane``), so outputs keep its place.
+    source_plane: list[list[float]] | None = None
     shapes: list[list[int]] = field(default_factory=list)
     nifti_header: str | None = None
     labels: LabelEncoding | None = None
@@ -195,6 +197,10 @@ class RunInfo:
             affine = np.asarray(self.source_affine, dtype=np.float64)
             if affine.shape != (self.spatial_dims + 1,) * 2 or not np.isfinite(affine).all():
                 raise ValueError("source_affine is not a finite homogeneous matrix")
+            if self.source_plane is not None:
+                plane = np.asarray(self.source_plane, dtype=np.float64)
+                if self.spatial_dims != 2 or plane.shape != (4, 4) or not np.isfinite(plane).all():
+                    raise ValueError("source_plane is not the finite 3D affine of a 2D image's slice")
         if self.family == "paired" and self.inputs is None:
             raise ValueError("a paired run needs its input description")
         if self.family == "conditional" and (not self.classes or not all(isinstance(c, str) and c for c in self.classes)

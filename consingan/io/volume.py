@@ -52,6 +52,10 @@ class Volume:
         header: the NIfTI header (a copy), when the source was NIfTI.
         labels: when the last channels are one-hot label channels (trained with ``--label``), their encoding.
         notes: what reading changed and the user should know (a constant alpha channel dropped, ...).
+        plane: for a 2D image read from a one-slice 3D file (a DICOM slice, a one-slice MHA), the 4 x 4 affine of
+            that slice as a 3D grid (axis 0 the slice normal, one voxel thick): its position along the normal, its
+            thickness and an oblique orientation, which the 2D affine cannot hold. Outputs in a volume format are
+            written as one-slice volumes with it.
     """
 
     array: np.ndarray
@@ -61,6 +65,7 @@ class Volume:
     header: Any = None
     labels: LabelEncoding | None = None
     notes: tuple[str, ...] = ()
+    plane: np.ndarray | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -83,7 +88,7 @@ class Volume:
         """A volume holding ``array`` on a grid of the same extent; the affine is rescaled if the shape changed."""
         affine = resized_affine(self.affine, self.spatial_shape, array.shape[1:])
         return Volume(np.asarray(array, dtype=np.float32), affine, self.suffix, self.source_dtype, self.header,
-                      self.labels, self.notes)
+                      self.labels, self.notes, resized_plane(self.plane, self.spatial_shape, array.shape[1:]))
 
 
 def resized_affine(affine: np.ndarray, old_shape: Sequence[int], new_shape: Sequence[int]) -> np.ndarray:
@@ -98,6 +103,14 @@ def resized_affine(affine: np.ndarray, old_shape: Sequence[int], new_shape: Sequ
     result[:-1, :-1] = linear * ratio[None, :]
     result[:-1, -1] = affine[:-1, -1] + linear @ (0.5 * ratio - 0.5)
     return result
+
+
+def resized_plane(plane: np.ndarray | None, old_shape: Sequence[int], new_shape: Sequence[int]) -> np.ndarray | None:
+    """A 2D image's slice plane (``Volume.plane``) for the same extent on ``new_shape`` pixels (the slice stays one
+    voxel of the same thickness)."""
+    if plane is None:
+        return None
+    return resized_affine(np.asarray(plane, dtype=np.float64), (1, *old_shape), (1, *new_shape))
 
 
 def reorient_canonical(volume: "Volume") -> "Volume":
@@ -328,7 +341,10 @@ def _read_itk(path: Path, spatial_dims: int, suffix: str) -> Volume:
     if voxels > MAX_DECLARED_VOXELS:
         raise ConsinganError(f"{path.name} declares shape {tuple(reversed(reader.GetSize()))} ({voxels} values), more "
                              f"than any image this reads; the header is damaged")
-    volume = _volume_from_itk(reader.Execute(), spatial_dims, suffix, path)
+    image = reader.Execute()
+    if suffix in DICOM_SUFFIXES and image.GetDimension() == 3 and image.GetSize()[2] == 1:
+        image.SetSpacing((*image.GetSpacing()[:2], _slice_thickness(reader, image.GetSpacing()[2])))
+    volume = _volume_from_itk(image, spatial_dims, suffix, path)
     if suffix in PICTURE_SUFFIXES and volume.channels == 4 and volume.array[3].min() == volume.array[3].max():
         note = f"{path.name}: dropped its constant alpha channel ({volume.array[3].min():g}); trained on RGB"
         volume = Volume(np.ascontiguousarray(volume.array[:3]), volume.affine, volume.suffix, volume.source_dtype,
@@ -336,25 +352,43 @@ def _read_itk(path: Path, spatial_dims: int, suffix: str) -> Volume:
     return volume
 
 
+def _slice_thickness(reader: Any, default: float) -> float:
+    """A single DICOM slice's thickness (SliceThickness, 0018|0050), which ITK does not read as its third spacing
+    (it has no neighbour to measure the spacing to); ``default`` when the tag is missing or unreadable."""
+    try:
+        thickness = float(reader.GetMetaData("0018|0050").strip())
+    except (RuntimeError, ValueError):
+        return default
+    return thickness if np.isfinite(thickness) and thickness > 0 else default
+
+
 def _volume_from_itk(image: Any, spatial_dims: int, suffix: str, path: Path) -> Volume:
     import SimpleITK as sitk
 
+    plane = None
     if image.GetDimension() != spatial_dims:
         size = tuple(reversed(image.GetSize()))
-        # A 2D picture saved as a single-slice stack is still 2D.
+        # A 2D picture saved as a single-slice stack is still 2D; its 3D geometry is kept as its plane.
         if not (spatial_dims == 2 and image.GetDimension() == 3 and image.GetSize()[2] == 1):
             raise _dimension_error(path, size, spatial_dims)
+        plane = _itk_affine(image, 3) if suffix not in PICTURE_SUFFIXES else None
         image = image[:, :, 0]
     data = sitk.GetArrayFromImage(image)  # [*reversed spatial] or [*reversed spatial, C] for vector pixels
     components = image.GetNumberOfComponentsPerPixel()
     array = np.moveaxis(data, -1, 0) if components > 1 else data[None]
+    return Volume(np.ascontiguousarray(array, dtype=np.float32), _itk_affine(image, spatial_dims), suffix, data.dtype,
+                  plane=plane)
+
+
+def _itk_affine(image: Any, spatial_dims: int) -> np.ndarray:
+    """The affine of an ITK image, for z-y-x (array-order) indices."""
     spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(spatial_dims, spatial_dims)
     affine = np.eye(spatial_dims + 1)
     # ITK orders (x, y, z) while the array is (z, y, x): reverse the columns.
     affine[:-1, :-1] = (direction * spacing[None, :])[:, ::-1]
     affine[:-1, -1] = image.GetOrigin()
-    return Volume(np.ascontiguousarray(array, dtype=np.float32), affine, suffix, data.dtype)
+    return affine
 
 
 def _check_values(array: np.ndarray, path: Path) -> None:
@@ -430,8 +464,9 @@ def write_outputs(path: Path | str, volume: Volume, source_dtype: bool = False) 
         return [write_volume(path, volume, source_dtype)]
     image, label = volume.labels.split(volume.array)
     path = Path(path)
-    image_volume = Volume(image, volume.affine, volume.suffix, volume.source_dtype, volume.header)
-    label_volume = Volume(label.astype(np.float32), volume.affine, volume.suffix, volume.labels.dtype, volume.header)
+    image_volume = Volume(image, volume.affine, volume.suffix, volume.source_dtype, volume.header, plane=volume.plane)
+    label_volume = Volume(label.astype(np.float32), volume.affine, volume.suffix, volume.labels.dtype, volume.header,
+                          plane=volume.plane)
     stem = with_suffix(path, "").name
     return [write_volume(path, image_volume, source_dtype),
             write_volume(path.with_name(f"{stem}_label"), label_volume, source_dtype=True)]
@@ -465,11 +500,14 @@ def _write_itk(path: Path, volume: Volume, array: np.ndarray, suffix: str) -> No
     import SimpleITK as sitk
 
     channels = array.shape[0]
+    affine = volume.affine
+    if volume.plane is not None and array.ndim == 3 and suffix in ITK_VOLUME_SUFFIXES:
+        array, affine = array[:, None], np.asarray(volume.plane, dtype=np.float64)  # the slice, where it was
     data = np.moveaxis(array, 0, -1) if channels > 1 else array[0]
     image = sitk.GetImageFromArray(data, isVector=channels > 1)
-    linear = volume.affine[:-1, :-1][:, ::-1]  # back to ITK's (x, y, z) column order
+    linear = affine[:-1, :-1][:, ::-1]  # back to ITK's (x, y, z) column order
     spacing = np.linalg.norm(linear, axis=0)
     image.SetSpacing([float(s) for s in spacing])
     image.SetDirection([float(v) for v in (linear / spacing[None, :]).ravel()])
-    image.SetOrigin([float(v) for v in volume.affine[:-1, -1]])
+    image.SetOrigin([float(v) for v in affine[:-1, -1]])
     sitk.WriteImage(image, str(path), useCompression=suffix in (".mha", ".nrrd"))

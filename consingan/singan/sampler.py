@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from consingan.errors import ConsinganError
 from consingan.io import Volume, decode_header, output_suffix, resized_affine, write_outputs
+from consingan.io.volume import resized_plane
 from consingan.io.preview import contact_sheet, label_image, write_png
 from consingan.nn import factory
 from consingan.outputs import OutputFolder, Progress
@@ -298,13 +299,14 @@ class TrainedPyramid:
         source_shape = tuple(info.source_shape)
         voxel_shape = self.shapes[-1]
         affine = resized_affine(source_affine, source_shape, voxel_shape)
+        plane = resized_plane(info.source_plane, source_shape, voxel_shape)
         on_source = source_grid and tuple(images.shape[2:]) == voxel_shape and voxel_shape != source_shape
         if on_source:
             images = resize(images, source_shape)
-            affine = source_affine
+            affine, plane = source_affine, info.source_plane
         header = decode_header(info.nifti_header)
         dtype = np.dtype(info.output_dtype)
-        return [Volume(array, affine, info.output_suffix, dtype, header, info.labels)
+        return [Volume(array, affine, info.output_suffix, dtype, header, info.labels, plane=plane)
                 for array in self.to_source_units(images)]
 
 

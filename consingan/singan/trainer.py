@@ -668,7 +668,8 @@ def describe_run(config: TrainConfig, volume: Volume) -> RunInfo:
         family="singan", spatial_dims=config.dimension, channels=volume.channels, output_suffix=volume.suffix,
         output_dtype=str(volume.source_dtype), intensity=intensity_map(volume, config),
         image=str(Path(config.image).resolve()), source_shape=list(volume.spatial_shape),
-        source_affine=volume.affine.tolist(), shapes=[list(s) for s in volume_pyramid_shapes(volume, config)],
+        source_affine=volume.affine.tolist(),
+        source_plane=None if volume.plane is None else np.asarray(volume.plane).tolist(), shapes=[list(s) for s in volume_pyramid_shapes(volume, config)],
         nifti_header=encode_header(volume.header), labels=volume.labels,
     )
 
