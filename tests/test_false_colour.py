@@ -144,7 +144,7 @@ def test_a_new_critic_is_blind_to_colour(batch_norm):
 def test_a_new_critic_sees_a_grey_image_as_strongly_as_before():
     # The same spread of first-layer responses to an image whose channels are equal as with independent channels.
     torch.manual_seed(0)
-    neutral = [Critic(2, 3, num_feature_channels=16, num_layers=1).head.conv.weight.sum(dim=1).std()
+    neutral = [Critic(2, 3, num_feature_channels=16, num_layers=1).head.conv.weight.detach().sum(dim=1).std()
                for _ in range(20)]
     independent = [torch.nn.init.normal_(torch.empty(16, 3, 3, 3), 0.0, 0.02).sum(dim=1).std() for _ in range(20)]
     assert float(torch.stack(neutral).mean()) == pytest.approx(float(torch.stack(independent).mean()), rel=0.15)
