@@ -558,12 +558,12 @@ def _cohort_log() -> Any:
 
 
 def _train_many(config_file: Path | None = None, images: str = "", labels: str = "", address: str = "",
-                cpus_per_task: int = 1, max_parallel: int = 0, **flags: Any) -> None:
+                cpus_per_task: int = 1, max_parallel: int = 0, dry_run: bool = False, **flags: Any) -> None:
     """Train one model per image of a folder or glob, each as a Ray task."""
     try:
         from rich.live import Live
 
-        from consingan.cohort import SUMMARY, find_images, match_labels, train_many
+        from consingan.cohort import SUMMARY, find_images, match_labels, plan_cohort, train_many
         from consingan.config import resolve_config
 
         if not images:
@@ -573,6 +573,18 @@ def _train_many(config_file: Path | None = None, images: str = "", labels: str =
         config = resolve_config(config_file, flags)
         found = find_images(images, config.dimension)
         label_maps = match_labels(found, labels, config.dimension) if labels else None
+        if dry_run:  # the images and what would happen to each; no Ray, nothing written
+            plan = plan_cohort(config, found, label_maps)  # refusals first, in one line
+            _print_config(config)
+            _warn_ignored(config)
+            table = Table(title="cohort plan", header_style="bold")
+            for column in ("run", "would", "image"):
+                table.add_column(column)
+            for row in plan:
+                table.add_row(*(escape(cell) for cell in row))
+            console.print(table)
+            console.print(f"{len(found)} images; nothing written", highlight=False)
+            return
         live = Live(console=console, auto_refresh=False) if console.is_terminal else contextlib.nullcontext()
         with live:
             update = (lambda state: live.update(_cohort_table(state), refresh=True)) if console.is_terminal \
@@ -613,7 +625,7 @@ def _train_many_parameters() -> list[inspect.Parameter]:
                                                      "gets this machine's cores, else max-parallel x "
                                                      "cpus-per-task).")]),
     ]
-    parameters = [p for p in _command_parameters(TrainConfig, dry_run=False)
+    parameters = [p for p in _command_parameters(TrainConfig, dry_run=True)
                   if p.name not in ("resume", "image", "run_name", "label")]
     return parameters[:1] + extra + parameters[1:]
 

@@ -141,6 +141,25 @@ def local_cpus(cpus_per_task: int, max_parallel: int) -> int:
     return max(cpus_per_task, wanted)
 
 
+def plan_cohort(config: TrainConfig, images: list[Path], labels: dict[str, Path] | None = None
+                ) -> list[tuple[str, str, str]]:
+    """What ``train_many`` would do, checked as it checks (options, earlier runs' options), without Ray and without
+    writing: (run name, 'new' / 'resume' / 'skip', the image [and its label map]) per image."""
+    config = config.validate()
+    out_dir = check_encodable(config.out_dir, "output folder")
+    names = [image_name(path) for path in images]
+    check_rerun_options(config, out_dir, names)
+    plan = []
+    for name, path in zip(names, images):
+        try:
+            state = run_state(RunFolder.member_path(out_dir, name), config.num_scales)
+        except ConsinganError as error:  # a damaged run fails as its own task when training
+            state = f"fails: {error}"
+        shown = str(path) + (f" + {labels[name]}" if labels and name in labels else "")
+        plan.append((name, {"done": "skip (finished)", "resume": "resume"}.get(state, state), shown))
+    return plan
+
+
 def check_address(address: str) -> tuple[str, int] | None:
     """The host and port of ``--address`` ('host:port' or 'ray://host:port'), or None for a local Ray ('') and
     'auto'; a malformed address, or ray:// without Ray's client installed, is a one-line error."""

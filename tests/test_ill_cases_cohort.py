@@ -352,3 +352,19 @@ def test_train_many_refuses_images_without_label_maps_before_starting(runner, fa
     result = run_cli(runner, _command(tmp_path / "images", tmp_path / "out", "--labels", tmp_path / "labels"))
     assert_clean_failure(result, "no label map for case1; no image for other")
     assert not fake_ray.inits and not (tmp_path / "out").exists()
+
+
+def test_train_many_dry_run_plans_each_image_and_writes_nothing(runner, fake_ray, trained_cohort, cohort_copy,
+                                                                 tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(trained_cohort.images, images)
+    _png(images / "case9.png", 9)
+    before = snapshot(cohort_copy)
+    result = run_cli(runner, _command(images, cohort_copy, "--dry-run"))
+    assert result.exit_code == 0 and result.exception is None, result.output
+    rows = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("│ case")}
+    assert "skip (finished)" in rows["case0"] and "new" in rows["case9"], result.output
+    assert "4 images; nothing written" in result.output  # broken.png too: it fails when it trains
+    assert not fake_ray.inits and snapshot(cohort_copy) == before
+    refused = run_cli(runner, _command(images, cohort_copy, "--dry-run", "--epochs", "9"))
+    assert_clean_failure(refused, "was trained with other options")
