@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from consingan.config import TrainConfig, with_seed
-from consingan.epochs import load_optimizer_states, restore_random_states
+from consingan.epochs import load_optimizer_states, random_states, restore_random_states
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding, Volume, encode_header, read_volume, write_outputs
 from consingan.io.preview import label_image, preview_grid, write_png
@@ -457,8 +457,7 @@ class SinGANTrainer:
                     **({EMA_STATE: self.average.state_dict()} if self.average is not None else {})},
             optimizers={"generator": optimizer_g.state_dict(), "critic": optimizer_d.state_dict()},
             schedulers={"generator": scheduler_g.state_dict(), "critic": scheduler_d.state_dict()},
-            history=list(history), rng_torch=torch.get_rng_state(),
-            rng_cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            history=list(history), **random_states(self.device),
             scalers={name: scaler.state_dict() for name, scaler in self.scalers.items() if scaler.is_enabled()},
         )
         self.run.save_training_state(self.run.scale_dir(stage), state)
