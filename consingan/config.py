@@ -279,9 +279,6 @@ class PairedConfig:
         if self.deep_supervision and self.model != "unetpp":
             raise ConsinganError(f"--deep-supervision applies to model unetpp (U-Net++) only, not {self.model}; "
                                  f"drop it or use --model unetpp")
-        if self.depth and self.model not in UNET_MODELS:
-            raise ConsinganError(f"--depth applies to the U-Nets ({', '.join(UNET_MODELS)}) only, not {self.model}; "
-                                 f"drop it")
         return self
 
     def _check_model_fits_tile(self) -> None:
@@ -549,6 +546,7 @@ _APPLIES_ONLY: dict[str, list[tuple[str, Callable[[Any], bool], str]]] = {
     "PairedConfig": [
         ("lambda_feature_matching", lambda c: c.discriminator == "multiscale", "--discriminator multiscale"),
         ("lambda_perceptual", lambda c: bool(c.perceptual_weights), "--perceptual-weights"),
+        ("depth", lambda c: c.model in UNET_MODELS, "the U-Nets (--model " + ", ".join(UNET_MODELS) + ")"),
     ],
     "ConditionalConfig": [
         ("label_smoothing", lambda c: c.loss == "bce", "--loss bce"),

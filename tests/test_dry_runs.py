@@ -61,6 +61,8 @@ IGNORED_CASES = {
     "window percentiles under min-max": (["train"], ["--intensity-mapping", "minmax", "--window-low-percentile", "2"],
                                          "--window-low-percentile 2.0 is ignored: it applies only with "
                                          "--intensity-mapping window"),
+    "depth for a model that is not a U-Net": (["paired", "train"], ["--model", "resnet", "--depth", "3"],
+                                              "--depth 3 is ignored: it applies only with the U-Nets"),
 }
 
 
@@ -71,7 +73,8 @@ def test_an_option_the_mode_ignores_warns_once(runner, tmp_path, nifti_3d, case)
     command, extra, phrase = IGNORED_CASES[case]
     config_class = {"conditional": ConditionalConfig, "paired": PairedConfig, "train": TrainConfig}[command[0]]
     names = {extra[i].lstrip("-").replace("-", "_"): extra[i + 1] for i in range(0, len(extra), 2)}
-    names = {k: v if k == "intensity_mapping" else float(v) for k, v in names.items()}
+    kinds = {"intensity_mapping": str, "model": str, "depth": int}
+    names = {k: kinds.get(k, float)(v) for k, v in names.items()}
     config = config_class.from_dict(names)
     assert [line for line in ignored_options(config) if phrase in line]
     assert ignored_options(config_class()) == []  # defaults warn about nothing

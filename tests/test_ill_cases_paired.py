@@ -68,7 +68,6 @@ PAIRED_TRAIN_CASES = {
     "depth 1": (None, ["--depth", "1"], "needs --depth 2 or more"),
     "depth 20": (None, ["--depth", "20"], "allows a depth of at most 4"),
     "deep supervision with unet": (None, ["--deep-supervision"], "applies to model unetpp (U-Net++) only, not unet"),
-    "depth with resnet": (None, ["--model", "resnet", "--depth", "3"], "applies to the U-Nets (unet, cbam_unet"),
     "source folder is the target folder": (_same_folder, [], "--source and --target are the same folder"),
     "same folder through a link": (_same_folder_through_a_link, [], "--source and --target are the same folder"),
     "symlink loop as --source": (_link_loop, [], "--source " + "{tmp}/loop is a symbolic link loop"),

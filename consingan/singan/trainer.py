@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from consingan.config import TrainConfig, with_seed
-from consingan.epochs import load_optimizer_states, random_states, restore_random_states
+from consingan.epochs import load_optimizer_states, random_states, restore_random_states, resumed_config
 from consingan.errors import ConsinganError
 from consingan.io import IntensityRange, LabelEncoding, Volume, encode_header, read_volume, write_outputs
 from consingan.io.preview import label_image, preview_grid, write_png
@@ -737,7 +737,7 @@ def resume(run_dir: Path | str, reporter: Reporter | None = None, device: str | 
 def _resumable(run: RunFolder, device: str | None) -> tuple[TrainConfig, Volume]:
     """The run's configuration (``device`` overriding its own) and its training volume, checked against run.json;
     reads only."""
-    config = run.config if device is None else dataclasses.replace(run.config, device=device).validate()
+    config = resumed_config(run, device)
     # The run's own copy of its training files (an older run, or one stopped while copying: the originals).
     volume = run.read_source("image")
     if config.label:
