@@ -71,6 +71,27 @@ def test_memorisation_flags_a_model_that_returns_its_training_image(dims):
 
 
 @pytest.mark.parametrize("dims", DIMS)
+def test_memorisation_ratio_stays_meaningful_on_a_mostly_constant_frame(dims):
+    """A small textured object in a large constant field of view (a brain centred in 256^3): the image's own
+    nearest-patch distances are zero for most patches, so a ratio over every patch blew up (9.7e11 on a real run).
+    Over textured patches it stays what it is without the frame: copies near 0, other images of the same kind
+    near 1, and a flat collapse is not measurable rather than a copy."""
+    def framed(x):
+        frame = torch.full((len(x), 1, *[3 * s for s in x.shape[2:]]), -1.0)
+        frame[(slice(None), slice(None), *[slice(s, 2 * s) for s in x.shape[2:]])] = x
+        return frame
+
+    real = framed(image(dims))
+    copies = framed(image(dims).repeat(3, 1, *([1] * dims)))
+    others = framed(torch.cat([image(dims, seed) for seed in range(1, 4)]))
+    assert measures.memorisation(real, copies)["ratio"] == pytest.approx(0, abs=1e-5)
+    other = measures.memorisation(real, others)
+    assert other["textured_share"]["image"] < 0.6 and 0.5 < other["ratio"] < 5 and other["copying"] is False
+    flat = measures.memorisation(real, torch.full_like(copies, -1.0))
+    assert flat["ratio"] is None and flat["copying"] is False and flat["textured_share"]["samples"] == 0
+
+
+@pytest.mark.parametrize("dims", DIMS)
 def test_diversity_has_known_values(dims):
     """Per-voxel spread across samples over the image's spread, on samples whose spread is known by construction."""
     size = 32 if dims == 2 else 16

@@ -328,7 +328,8 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
         ("Frechet (random features)", f"{result['random_feature_frechet']:.4f}"),
         ("diversity", f"{result['diversity']:.4f}"),
         ("histogram W1 per channel", ", ".join(f"{v:.4f}" for v in result["histogram_w1"])),
-        ("memorisation ratio (samples -> image)", f"{memo['ratio']:.3f}"),
+        ("memorisation ratio (samples -> image, textured patches)",
+         "not measurable: too few textured patches" if memo["ratio"] is None else f"{memo['ratio']:.3f}"),
         ("coverage ratio (image -> samples)", f"{memo['coverage_ratio']:.3f}"),
         ("histogram overlap per channel", ", ".join(f"{v:.0%}" for v in result["intensities"]["histogram_overlap"])),
         ("background voxels (image / samples)", ", ".join(

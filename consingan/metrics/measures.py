@@ -263,6 +263,10 @@ def _image_patches(real: torch.Tensor, patch_size: int, wanted: int, generator: 
     return patches.double(), corners
 
 
+FLAT_PATCH = 0.01  # a patch whose standard deviation is below this share of the image's range is flat
+MIN_TEXTURED = 16  # fewer textured patches than this on either side: the memorisation ratio is not measurable
+
+
 def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, max_patches: int = 2048,
                  seed: int = 0, threshold: float = 0.5) -> dict:
     """How close sample patches come to training patches, against the image's own patch-to-patch distances.
@@ -274,36 +278,58 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
     distance to its nearest sample patch, over their distance to the image's mean patch (``coverage_ratio``): a copy
     reproduces every part of the image (near 0), a collapse misses most of it (near 1 or above). ``copying`` is
     flagged when both ratios are below ``threshold``.
+
+    The sample -> image ratio is taken over textured patches only (standard deviation above ``FLAT_PATCH`` of the
+    image's range), on both sides: where most of an image is a constant frame (a brain centred in a large field of
+    view), the median of the image's own nearest distances is zero and a ratio over every patch means nothing
+    (a 256^3 run printed 9.7e11). Flat patches next to flat patches say nothing about copying. With fewer than
+    ``MIN_TEXTURED`` textured patches on either side the ratio is ``None`` (not measurable) and nothing is flagged.
     """
     generator = torch.Generator().manual_seed(seed)
     fake_patches = sample_patches(fake, patch_size, 16 * max_patches, generator)
     real_patches, positions = _image_patches(real, patch_size, 32 * max_patches, generator)
     chosen = torch.randperm(len(real_patches), generator=generator)[:max_patches]
-    # In chunks of training patches, so a large 3D image does not build gigabytes of distances and overlap masks.
-    own = torch.full((len(chosen),), float("inf"), dtype=real_patches.dtype)
-    for start in range(0, len(real_patches), max_patches):  # the overlap test is int64 [chosen, part, dims]
-        part = slice(start, start + max_patches)
-        distances = torch.cdist(real_patches[chosen], real_patches[part])
-        overlap = (positions[chosen][:, None, :] - positions[None, part, :]).abs().max(-1).values < patch_size
-        distances[overlap] = float("inf")
-        own = torch.minimum(own, distances.min(1).values)
-    fake_chosen = fake_patches[torch.randperm(len(fake_patches), generator=generator)[:max_patches]]
-    nearest = torch.stack([torch.cdist(fake_chosen, part).min(1).values
-                           for part in real_patches.split(4 * max_patches)]).min(0).values
+    flat_below = FLAT_PATCH * float(real.max() - real.min())
+    real_textured = torch.nonzero(real_patches.std(1) > flat_below).flatten()
+    fake_textured = torch.nonzero(fake_patches.std(1) > flat_below).flatten()
+    textured = real_textured[torch.randperm(len(real_textured), generator=generator)[:max_patches]]
+    fake_chosen = fake_patches[fake_textured[torch.randperm(len(fake_textured), generator=generator)[:max_patches]]]
+    ratio = None
+    own_median = nearest_median = None
+    if min(len(textured), len(fake_chosen)) >= MIN_TEXTURED:
+        own_median = float(_nearest_apart(real_patches, positions, textured, patch_size, max_patches).median())
+        nearest_median = float(torch.stack([torch.cdist(fake_chosen, part).min(1).values
+                                            for part in real_patches.split(4 * max_patches)]).min(0).values.median())
+        ratio = nearest_median / max(own_median, 1e-12)
     # Coverage searches many sample patches (all of them up to ``16 * max_patches``), in chunks so memory stays small.
     pool = fake_patches[torch.randperm(len(fake_patches), generator=generator)[:16 * max_patches]]
     covered = torch.stack([torch.cdist(real_patches[chosen], part).min(1).values
                            for part in pool.split(4 * max_patches)]).min(0).values
-    ratio = float(nearest.median() / own.median().clamp_min(1e-12))
     # Coverage is scaled by the distance of the image's patches to their mean patch: 1 means the samples reproduce
     # the image no better than one flat average patch would, 0 that every image patch is reproduced exactly. Means,
     # not medians: when most of an image is flat background, the median patch is background, and samples collapsed
     # onto that value would seem to cover the image.
     spread = (real_patches[chosen] - real_patches.mean(0)).norm(dim=1).mean().clamp_min(1e-12)
     coverage_ratio = float(covered.mean() / spread)
-    return {"sample_to_real_median": float(nearest.median()), "real_to_real_median": float(own.median()),
+    return {"sample_to_real_median": nearest_median, "real_to_real_median": own_median,
             "real_to_sample_mean": float(covered.mean()), "ratio": ratio, "coverage_ratio": coverage_ratio,
-            "copying": ratio < threshold and coverage_ratio < threshold}
+            "textured_share": {"image": len(real_textured) / len(real_patches),
+                               "samples": len(fake_textured) / len(fake_patches)},
+            "copying": ratio is not None and ratio < threshold and coverage_ratio < threshold}
+
+
+def _nearest_apart(patches: torch.Tensor, positions: torch.Tensor, chosen: torch.Tensor, patch_size: int,
+                   chunk: int) -> torch.Tensor:
+    """For each chosen patch, the distance to its nearest patch that does not overlap it; in chunks, so a large 3D
+    image does not build gigabytes of distances and overlap masks (the overlap test is int64 [chosen, part, dims])."""
+    own = torch.full((len(chosen),), float("inf"), dtype=patches.dtype)
+    for start in range(0, len(patches), chunk):
+        part = slice(start, start + chunk)
+        distances = torch.cdist(patches[chosen], patches[part])
+        overlap = (positions[chosen][:, None, :] - positions[None, part, :]).abs().max(-1).values < patch_size
+        distances[overlap] = float("inf")
+        own = torch.minimum(own, distances.min(1).values)
+    return own
 
 
 def extremes(real: torch.Tensor, fake: torch.Tensor, margin: float = 0.02) -> dict:
