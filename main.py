@@ -10,7 +10,7 @@ from consingan.cli import run
 
 if __name__ == "__main__":
     quick = ["--num-scales", "4", "--min-size", "14", "--epochs", "40", "--num-feature-channels", "16",
-             "--save-every", "20"]
+             "--preview-every", "20"]
     extra = [arg for arg in sys.argv[1:] if arg != "--full"]
     preset = [] if "--full" in sys.argv[1:] else quick
     sys.argv = [sys.argv[0], "train", "--image", "data/vol.nii.gz", "--dim", "3", *preset, *extra]

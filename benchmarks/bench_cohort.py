@@ -49,7 +49,7 @@ def main() -> None:
         out = args.work / f"runs_{parallel}"
         shutil.rmtree(out, ignore_errors=True)
         config = TrainConfig(dimension=2, epochs=args.epochs, num_scales=3, num_feature_channels=16, min_size=20,
-                             save_every=0, seed=0, device="cpu", out_dir=str(out))
+                             preview_every=0, seed=0, device="cpu", out_dir=str(out))
         started = time.perf_counter()
         runs = train_many(config, find_images(str(images)), cpus_per_task=1, max_parallel=parallel)
         wall = time.perf_counter() - started

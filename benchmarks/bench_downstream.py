@@ -104,7 +104,7 @@ GAN_OPTIONS = {
     # window, which that preset recommends for fluorescence with a bright tail.
     2: dict(num_scales=4, min_size=24, max_size=128, epochs=150, num_feature_channels=32, batch_norm=False,
             cbam=False, padding=0, upsampling="cubic", generator_update="repeat"),
-    # The seed's table (better than the preset's layers for MRI in the quality study) on a CPU budget.
+    # The default configuration table (better than the preset's layers for MRI in the quality study) on a CPU budget.
     3: dict(num_scales=3, min_size=12, max_size=48, epochs=150, num_feature_channels=16, generator_update="repeat",
             gradient_penalty_every=3),
 }
@@ -274,7 +274,7 @@ def train_gan(data: Data, options: dict[str, Any], dim: int, seed: int, work: Pa
         raise ConsinganError(f"{run_dir} exists; pass --reuse-gan to use a finished run, or another --out")
     config = apply_overrides(TrainConfig(), {
         **options, "image": str(data.train_files[0]), "label": str(data.train_files[1]), "dimension": dim,
-        "seed": seed, "out_dir": str(work / "gan"), "run_name": f"seed{seed}", "device": "cpu", "save_every": 0,
+        "seed": seed, "out_dir": str(work / "gan"), "run_name": f"seed{seed}", "device": "cpu", "preview_every": 0,
         "checkpoint_every": 0}, "benchmark")
     reporter = WarningReporter()
     train(config, reporter)

@@ -34,7 +34,7 @@ for _ in range(8):
 path = f"{folder}/vol{size}.nii.gz"
 nib.save(nib.Nifti1Image((volume / volume.max() * 1000).astype(np.int16), np.eye(4)), path)
 config = TrainConfig(image=path, dimension=3, epochs=1, num_scales=1, num_feature_channels=8, num_layers=2,
-                     min_size=size, max_size=size, save_every=0, checkpoint_every=0, seed=0, device="cpu",
+                     min_size=size, max_size=size, preview_every=0, checkpoint_every=0, seed=0, device="cpu",
                      out_dir=folder, run_name=f"run{size}")
 train(config)
 """

@@ -104,7 +104,7 @@ def independent_start(enabled: bool) -> Iterator[None]:
 
 def run_case(image: Path, independent: bool, args: argparse.Namespace, out_dir: Path) -> dict[str, dict]:
     values = {**load_config_file(PRESET), "image": str(image), "dimension": 2, "epochs": args.epochs,
-              "num_scales": 4, "max_size": 64, "num_feature_channels": 32, "seed": args.seed, "save_every": 0,
+              "num_scales": 4, "max_size": 64, "num_feature_channels": 32, "seed": args.seed, "preview_every": 0,
               "checkpoint_every": 0, "device": "cpu", "out_dir": str(out_dir),
               "run_name": f"{image.stem}-{'independent' if independent else 'neutral'}"}
     with independent_start(independent):

@@ -160,7 +160,7 @@ def train_engine(name: str, image: StudyImage, path: Path, setting: str, work: P
     command = [sys.executable, "-c", "from consingan.cli import run; run()", "train", "--image", str(path), "--dim", str(image.dim),
                "--epochs", str(image.epochs), "--num-scales", str(image.num_scales), "--max-size", str(image.size),
                "--min-size", str(image.min_size), "--num-feature-channels", str(image.channels),
-               "--save-every", "0", "--checkpoint-every", "0", "--seed", str(seed), "--device", "cpu",
+               "--preview-every", "0", "--checkpoint-every", "0", "--seed", str(seed), "--device", "cpu",
                "--out-dir", str(work / "runs"), "--run-name", run_name]
     if "config" in options:
         command += ["--config", options.pop("config")]

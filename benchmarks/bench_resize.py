@@ -4,7 +4,7 @@
     python benchmarks/bench_resize.py --threads 2
 
 For each resize the generator makes in a 2D run (2 x 32 feature channels, the quality study's cell pyramid, and the
-seed's 250 px pyramid, one larger), times forward + backward of ``F.interpolate(mode='bicubic', align_corners=False)`` and of
+default 250 px pyramid, one larger), times forward + backward of ``F.interpolate(mode='bicubic', align_corners=False)`` and of
 ``consingan.nn.interpolation.cubic_resize`` (median of ``--repeats`` after a warm-up), and the largest difference
 between their outputs. Prints one table.
 """
@@ -20,7 +20,7 @@ from bench_memory_format import median_seconds  # this folder is on the path whe
 from consingan.nn.interpolation import cubic_resize
 
 # (input, output) sizes: the cell pyramid of the time-to-quality runs (31x25 .. 64x53; with padding 0 the next
-# stage's noise is 6 larger per side), the two largest steps of the seed's 250 px pyramid, and one beyond it.
+# stage's noise is 6 larger per side), the two largest steps of the default 250 px pyramid, and one beyond it.
 CASES = [((31, 25), (43, 37)), ((37, 31), (56, 48)), ((50, 42), (70, 59)), ((60, 89), (115, 171)),
          ((115, 171), (167, 250)), ((167, 250), (250, 330))]
 

@@ -6,7 +6,7 @@
 
 Each (side, patch) runs in its own process, so its peak resident memory (``ru_maxrss``) is its own: the volume given
 by ``--image`` (default: the ICBM T1 template of ``benchmarks/data``, a real brain MRI) is resampled to side^3 (cubic
-spline, isotropic voxels, written to a scratch NIfTI), the seed's defaults are kept (64 channels, 3 layers, 3 concurrent stages, CBAM,
+spline, isotropic voxels, written to a scratch NIfTI), the default configuration are kept (64 channels, 3 layers, 3 concurrent stages, CBAM,
 batch norm) except ``--num-scales`` and ``--patch-size``, the generator is grown through every scale the way training
 grows it (each new stage's noise amplitude from its reconstruction: in tiles when the scale trains on patches), and
 then ``--epochs`` epochs of the finest scale are timed after one warm-up epoch. A whole-volume run the memory preflight
@@ -61,7 +61,7 @@ def child(args: argparse.Namespace) -> None:
     nib.save(nib.Nifti1Image(resized, affine), str(image))
     config = TrainConfig(image=str(image), dimension=3, seed=0, device=args.device, num_scales=args.num_scales,
                          max_size=args.side, patch_size=args.patch, epochs=args.epochs + 1, out_dir=str(scratch),
-                         run_name="run", save_every=0, checkpoint_every=0)
+                         run_name="run", preview_every=0, checkpoint_every=0)
     row = {"side": args.side, "patch": args.patch}
     try:
         config, volume = prepare(config)
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs at the finest scale (after a warm-up)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--results", type=Path, default=HERE / "scale3d.json")
+    parser.add_argument("--plot", type=Path, help="write memory and time against the side to this PNG")
     parser.add_argument("--side", type=int, help=argparse.SUPPRESS)  # the child's own arguments
     parser.add_argument("--patch", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -136,6 +137,33 @@ def main() -> None:
     stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
     stored[f"{args.device}_sides{'_'.join(map(str, args.sides))}_patches{'_'.join(args.patches)}"] = rows
     args.results.write_text(json.dumps(stored, indent=1) + "\n")
+    if args.plot is not None:
+        plot(rows, args.plot)
+        print(f"plot: {args.plot}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Peak memory and seconds per epoch against the side, one line per --patches setting (refused runs left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (memory_axis, time_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for patch in dict.fromkeys(row["patch"] for row in rows):
+        done = [row for row in rows if row["patch"] == patch and "refused" not in row]
+        label = "whole volume" if patch == "off" else f"patch {patch}"
+        sides = [row["side"] for row in done]
+        memory_axis.plot(sides, [row["peak_rss_gib"] for row in done], "o-", label=label)
+        time_axis.plot(sides, [row["seconds_per_epoch"] for row in done], "o-", label=label)
+    memory_axis.set(xlabel="volume side (voxels)", ylabel="process peak memory (GiB)", title="memory")
+    time_axis.set(xlabel="volume side (voxels)", ylabel="seconds per epoch, finest scale", title="time")
+    for axis in (memory_axis, time_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -34,17 +34,17 @@ PRESETS = ROOT / "presets"
 SETTINGS: dict[str, list[str]] = {
     # The README's quick command before issue 22.
     "quick": ["--num-scales", "4", "--min-size", "14", "--epochs", "40", "--num-feature-channels", "16",
-              "--save-every", "20"],
+              "--preview-every", "20"],
     "mri-3d-cpu": ["--config", str(PRESETS / "mri-3d-cpu.yaml")],
     # Candidates for a five-minute first command (issue 22): the reference's generator step, lazy penalty.
     "fast5": ["--num-scales", "5", "--min-size", "12", "--epochs", "120", "--num-feature-channels", "16",
-              "--generator-update", "repeat", "--gradient-penalty-every", "3", "--save-every", "0"],
+              "--generator-update", "repeat", "--gradient-penalty-every", "3", "--preview-every", "0"],
     # The same with stage 0's coordinate channels, and with the generator's moving average besides.
     "fast5-coordinates": ["--num-scales", "5", "--min-size", "12", "--epochs", "120", "--num-feature-channels", "16",
-                          "--generator-update", "repeat", "--gradient-penalty-every", "3", "--save-every", "0",
+                          "--generator-update", "repeat", "--gradient-penalty-every", "3", "--preview-every", "0",
                           "--coordinates"],
     "fast5-coordinates-ema": ["--num-scales", "5", "--min-size", "12", "--epochs", "120", "--num-feature-channels",
-                              "16", "--generator-update", "repeat", "--gradient-penalty-every", "3", "--save-every",
+                              "16", "--generator-update", "repeat", "--gradient-penalty-every", "3", "--preview-every",
                               "0", "--coordinates", "--ema-decay", "0.95"],
 }
 TARGETS = {"seconds": 300.0, "swd": 0.15, "diversity": 0.39, "coverage": 0.56, "pearson_r": 0.9}

@@ -88,11 +88,15 @@ def fail(message: str) -> None:
 # --- train: one flag per TrainConfig field, generated so names, help and defaults have one source -------------------
 
 
+ALIAS_MARK = "__alias"  # parameters named <field>__alias<i> are hidden spellings of <field>'s flag
+
+
 def _flag_names(field: dataclasses.Field) -> list[str]:
-    primary = flag_name(field.name)
-    extra = field.metadata.get("flag")
-    aliases = [flag_name(alias) for alias in field.metadata.get("aliases", ())]  # an older spelling still works
-    return [primary] + ([extra] if extra and extra != primary else []) + aliases
+    """The flag a help shows first (the ``flag`` metadata when set, e.g. ``--dim`` for ``dimension``), then the hidden
+    spellings that still work: the field's own name and older names (``--beta1``, ``--base-channels``)."""
+    shown = field.metadata.get("flag") or flag_name(field.name)
+    names = [shown, flag_name(field.name)] + [flag_name(alias) for alias in field.metadata.get("aliases", ())]
+    return list(dict.fromkeys(names))
 
 
 def _command_parameters(config_class: type, dry_run: bool) -> list[inspect.Parameter]:
@@ -121,19 +125,36 @@ def _command_parameters(config_class: type, dry_run: bool) -> list[inspect.Param
         kind = {bool: bool, int: int, float: float}.get(type(field.default), str)
         if name == "seed":
             kind = int
-        names = _flag_names(field)
+        shown, *hidden = _flag_names(field)
         if kind is bool:
-            names = [f"{names[0]}/--no-{names[0][2:]}"]
-        help_text = f"{field.metadata['help']} [default: {field.default}]"
-        annotation = Annotated[Optional[kind], typer.Option(*names, help=help_text, show_default=False)]
+            shown, hidden = f"{shown}/--no-{shown[2:]}", []
+        # Escaped: rich would read "[default: 2000]" as a markup tag and drop it from the help.
+        help_text = f"{field.metadata['help']} {escape(f'[default: {field.default}]')}"
+        annotation = Annotated[Optional[kind], typer.Option(shown, help=help_text, show_default=False)]
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+        parameters += [inspect.Parameter(f"{name}{ALIAS_MARK}{i}", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                         annotation=Annotated[Optional[kind], typer.Option(alias, hidden=True)])
+                       for i, alias in enumerate(hidden)]
     return parameters
 
 
 def _register(command: Any, parameters: list[inspect.Parameter]) -> Any:
-    command.__signature__ = inspect.Signature(parameters)
-    command.__annotations__ = {p.name: p.annotation for p in parameters}
-    return command
+    """``command`` with ``parameters`` as its options; a hidden spelling's value is handed on under its field's
+    name (both spellings at once is a usage error)."""
+    def with_aliases(**values: Any) -> Any:
+        for key in [k for k in values if ALIAS_MARK in k]:
+            value, name = values.pop(key), key.split(ALIAS_MARK)[0]
+            if value is not None:
+                if values.get(name) is not None:
+                    raise click_exceptions.UsageError(f"--{name.replace('_', '-')} is given twice, under two "
+                                                      f"spellings; give it once")
+                values[name] = value
+        return command(**values)
+
+    with_aliases.__name__, with_aliases.__doc__ = command.__name__, command.__doc__
+    with_aliases.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    with_aliases.__annotations__ = {p.name: p.annotation for p in parameters}
+    return with_aliases
 
 
 def _refuse_ignored_flags(config_class: type, run_dir: Path, config_file: Path | None, flags: dict[str, Any]) -> None:
@@ -476,11 +497,7 @@ def _paired_train(config_file: Path | None = None, resume: Path | None = None, d
             from consingan.runs import RunFolder
 
             run = RunFolder.open(resume, "paired")
-            try:  # losses.csv: one row per finished epoch, its number first
-                logged = int((run.path / RunFolder.LOSSES).read_text().split()[-1].split(",")[0])
-            except (OSError, ValueError, IndexError):
-                logged = 0
-            if (run.path / RunFolder.WEIGHTS).is_file() and logged >= run.config.epochs:  # nothing left to train
+            if run.training_finished():  # nothing left to train
                 if main_process:
                     console.print(f"{resume} is already finished (epoch {run.config.epochs} of {run.config.epochs}); "
                                   f"nothing to do", highlight=False)
@@ -626,7 +643,7 @@ def _train_many_parameters() -> list[inspect.Parameter]:
                                                      "cpus-per-task).")]),
     ]
     parameters = [p for p in _command_parameters(TrainConfig, dry_run=True)
-                  if p.name not in ("resume", "image", "run_name", "label")]
+                  if p.name.split(ALIAS_MARK)[0] not in ("resume", "image", "run_name", "label")]
     return parameters[:1] + extra + parameters[1:]
 
 

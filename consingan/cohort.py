@@ -245,7 +245,7 @@ def train_one(config: dict, image: str, name: str, threads: int, label: str = ""
 
 def _progress(run: CohortRun, out_dir: Path, num_scales: int) -> None:
     """A running task's scale, read from its run folder (none yet: the task waits for a worker, still 'starting')."""
-    run_dir = out_dir / run.name
+    run_dir = RunFolder.member_path(out_dir, run.name)
     if not (run_dir / RunFolder.INFO).is_file():
         return
     try:

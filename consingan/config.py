@@ -93,7 +93,8 @@ class TrainConfig:
     label: str = _opt("", "Label map (integer classes, same grid as --image) trained jointly: samples come with labels.")
     seed: int | None = _opt(None, "Random seed; drawn at random and recorded in config.json when not given.")
     device: str = _opt("auto", "Device: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
-    save_every: int = _opt(500, "Write a sample, a reconstruction and a preview every N epochs (0: end of scale only).")
+    preview_every: int = _opt(500, "Write a sample, a reconstruction and a preview every N epochs (0: end of scale "
+                                   "only).", aliases=("save_every",))
     checkpoint_every: int = _opt(100, "Save a resumable training state every N epochs within a scale (0: end of scale only).")
     lr_decay_at: float = _opt(0.8, "Fraction of each scale's epochs after which the learning rate is decayed.")
     run_name: str = _opt("", "Name of the run folder under out_dir (default: numbered from the image name).")
@@ -165,7 +166,7 @@ class TrainConfig:
             raise ConsinganError(f"lr_decay_at must be in (0, 1], got {self.lr_decay_at}")
         if self.min_size > self.max_size:
             raise ConsinganError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
-        for name in ("save_every", "checkpoint_every"):
+        for name in ("preview_every", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConsinganError(f"{name} must be zero or a positive integer, got {value!r}")
@@ -222,7 +223,8 @@ class PairedConfig:
     lr: float = _opt(2e-4, "Learning rate of generator and discriminator.")
     beta1_adam: float = _opt(0.5, "First beta of the Adam optimisers.", aliases=("beta1",))
     lambda_l1: float = _opt(100.0, "Weight of the L1 loss to the target.")
-    gan_mode: str = _opt("lsgan", "Adversarial loss: " + ", ".join(GAN_MODES) + ".")
+    loss: str = _opt("lsgan", "Adversarial loss: " + ", ".join(GAN_MODES) + " (as conditional train's --loss).",
+                     aliases=("gan_mode",))
     discriminator: str = _opt("patch", "'patch' (PatchGAN) or 'multiscale' (pix2pixHD, with feature matching).")
     lambda_feature_matching: float = _opt(10.0, "Weight of the feature-matching loss (multiscale discriminator).")
     perceptual_weights: str = _opt("", "Local VGG-19 state dict for a perceptual loss (off when empty).")
@@ -259,8 +261,8 @@ class PairedConfig:
         _check_each(self, ("depth", "num_workers", "preview_every", "checkpoint_every", "lambda_l1",
                            "lambda_feature_matching", "lambda_perceptual"), NOT_NEGATIVE, "zero or positive")
         _check_each(self, ("beta1_adam",), FRACTION, "in [0, 1)")
-        if self.gan_mode not in GAN_MODES:
-            raise ConsinganError(f"unknown gan_mode {self.gan_mode!r}; choose one of {', '.join(GAN_MODES)}")
+        if self.loss not in GAN_MODES:
+            raise ConsinganError(f"unknown loss {self.loss!r}; choose one of {', '.join(GAN_MODES)}")
         _check_choices(self, {"intensity_mapping": ("window", "minmax")})
         if self.discriminator not in ("patch", "multiscale"):
             raise ConsinganError(f"discriminator must be 'patch' or 'multiscale', got {self.discriminator!r}")

@@ -6,15 +6,20 @@ A run folder, whatever the model family::
         .lock                while a process trains the run: its PID and host (one writer per run folder)
         config.json          every option, resolved (seed included); written first
         run.json             RunInfo: family, shapes, channels, intensity mapping, geometry, the output file type, its
-                             format version and the library versions; single-image: written with the folder
-        source/              single-image only: its training files, so a moved run resumes and is evaluated
-            image/<name>         the image as given (a byte copy; a DICOM series folder whole; .mhd/.nhdr as .mha)
-            label/<name>         the label map, when trained with --label
-        losses.csv           paired: one row per epoch (single-image: one per scale, in scale_NN/)
-        training_state.pt    paired: the resumable state of the last epoch
-        generator.pt         paired: the final weights
+                             format version and the library versions; written with the folder
+        source/              what training needs, so a moved run resumes and is evaluated:
+            image/<name>         single-image: the image as given (a byte copy; a DICOM series whole; .mhd as .mha)
+            label/<name>         single-image: the label map, when trained with --label
+            dataset.pt           paired and conditional: the mapped training set with its names and geometry
+        losses.csv           paired, conditional: one row per epoch (single-image: one per scale, in scale_NN/)
+        stats.jsonl          one line per epoch: losses, seconds, learning rates (single-image: in scale_NN/)
+        training_state.pt    paired, conditional: the resumable state of the last epoch
+        generator.pt         paired, conditional: the final (sampling) weights
+        snapshots/           paired, conditional: epoch_NNNNN.pt, the sampling weights every --checkpoint-every epochs
+        previews/            paired, conditional: preview grids every --preview-every epochs
         scale_NN/            single-image only, one per scale:
-            generator.pt, critic.pt, training_state.pt, losses.csv, samples/, scale.json (written last)
+            generator.pt, critic.pt, training_state.pt, losses.csv, stats.jsonl, samples/, scale.json (written last)
+        evaluation_NNN/      what ``consingan evaluate`` wrote (evaluation.json, report.png, samples.png)
 
 Every file is written atomically (temporary file, then rename). Weights and training states are tensors and plain
 values only, read with torch's weights-only unpickler; a training state is one format for every family
@@ -53,8 +58,9 @@ if TYPE_CHECKING:
     from consingan.io import Volume
 
 FAMILIES = {"singan": TrainConfig, "paired": PairedConfig, "conditional": ConditionalConfig}
-# Options added after the first runs were written, with the behaviour those runs were trained with: a run folder
-# without them is read as it was trained, not with today's defaults.
+# Options added after the first runs were written, with the behaviour those runs were trained with: a run folder of
+# an older format (run.json's format_version below RUN_FORMAT_VERSION) without them is read as it was trained, not with
+# today's defaults.
 # patch_size: runs from before patch training trained on whole volumes ('off'), not with today's default 'auto'.
 LEGACY_OPTIONS = {"singan": {"gradient_penalty": "image", "intensity_mapping": "minmax", "upsampling": "linear",
                              "patch_size": "off"},
@@ -66,8 +72,10 @@ TRAINING_STATE_FORMAT = "consingan-training-state"
 TRAINING_STATE_VERSION = 1
 # run.json's format: 1, every run.json without a format_version (written when training began; a single-image run read
 # its image where config.json says); 2 adds format_version and the library versions, and a single-image run writes it
-# with the folder and keeps its training files in source/ (a run stopped while copying them has none).
-RUN_FORMAT_VERSION = 2
+# with the folder and keeps its training files in source/ (a run stopped while copying them has none); 3: every
+# option of today is in config.json (paired runs record --intensity-mapping), so LEGACY_OPTIONS apply to formats 1-2
+# only and an option missing from a format-3 run takes today's default.
+RUN_FORMAT_VERSION = 3
 # Headers whose voxels lie in other files they name (relative, listed or as patterns): kept as one .mha instead.
 DETACHED_SUFFIXES = (".mhd", ".nhdr")
 
@@ -364,7 +372,8 @@ class RunFolder:
         values = _read_json(path / cls.CONFIG)
         if not isinstance(values, dict):
             raise ConsinganError(f"damaged {path / cls.CONFIG}: not a mapping of options")
-        values = {**LEGACY_OPTIONS.get(info.family, {}), **values}
+        legacy = LEGACY_OPTIONS.get(info.family, {}) if info.format_version < RUN_FORMAT_VERSION else {}
+        values = {**legacy, **values}
         config = FAMILIES[info.family].from_dict(values, f"{path / cls.CONFIG}").validate()
         return cls(path, info.family, config, info)
 
@@ -577,6 +586,17 @@ class RunFolder:
         lines = [",".join(["epoch", *names])]
         lines += [",".join([str(epoch), *(f"{row[k]:.6g}" for k in names)]) for epoch, row in enumerate(history, 1)]
         save_text(folder / self.LOSSES, "\n".join(lines) + "\n")
+
+    def logged_epochs(self) -> int:
+        """The last epoch losses.csv of a dataset run records (0: none yet, or a log cut short)."""
+        try:  # one row per finished epoch, its number first
+            return int((self.path / self.LOSSES).read_text().split()[-1].split(",")[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def training_finished(self) -> bool:
+        """A dataset run whose final weights are written and whose every epoch is logged."""
+        return (self.path / self.WEIGHTS).is_file() and self.logged_epochs() >= self.config.epochs
 
     def append_stats(self, folder: Path, record: dict[str, Any]) -> None:
         """One line of stats.jsonl (an epoch's losses, seconds and learning rates), appended: a log a running job

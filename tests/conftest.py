@@ -15,7 +15,7 @@ torch.set_num_threads(2)
 
 # The smallest settings that still build a 2-scale pyramid with every code path on (CBAM, batch norm, 2 layers).
 TINY = ["--epochs", "3", "--num-scales", "2", "--num-feature-channels", "8", "--num-layers", "2", "--min-size", "10",
-        "--save-every", "2", "--seed", "0", "--dsteps", "2", "--gsteps", "2"]
+        "--preview-every", "2", "--seed", "0", "--dsteps", "2", "--gsteps", "2"]
 
 
 def blobs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -33,7 +33,7 @@ def check_run_folder(run_dir: Path, scales: int, suffix: str) -> None:
         meta = json.loads((folder / "scale.json").read_text())
         assert meta["shape"] == info["shapes"][stage]
         samples = sorted(p.name for p in (folder / "samples").iterdir())
-        # save_every=2 with 3 epochs: a periodic write at epoch 2 and the final one at epoch 3.
+        # preview_every=2 with 3 epochs: a periodic write at epoch 2 and the final one at epoch 3.
         for epoch in (2, 3):
             assert f"epoch{epoch:05d}_sample{suffix}" in samples
             assert f"epoch{epoch:05d}_reconstruction{suffix}" in samples

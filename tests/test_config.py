@@ -131,8 +131,9 @@ def test_shipped_presets_load_and_validate(path):
     assert config.to_dict() != TrainConfig(dimension=dimension).to_dict()  # a preset changes something
 
 
-# Concepts every family has, with the seed table's name first and the spellings it replaces after it.
-SHARED_CONCEPTS = {"num_feature_channels": ("base_channels",), "beta1_adam": ("beta1",), "dimension": ()}
+# Concepts every family has, with the configuration table's name first and the spellings it replaces after it.
+SHARED_CONCEPTS = {"num_feature_channels": ("base_channels",), "beta1_adam": ("beta1",), "dimension": (),
+                   "preview_every": ("save_every",)}
 
 
 @pytest.mark.parametrize("config_class", [TrainConfig, PairedConfig, ConditionalConfig])
@@ -152,3 +153,65 @@ def test_old_flag_spellings_still_work(runner, command):
 
     result = runner.invoke(app, [*command, "--base-channels", "0"])
     assert result.exit_code != 0 and "num_feature_channels must be" in result.output
+
+
+# The flag every command shows for a concept, and the spellings no --help may show (they work, hidden).
+FLAG_CONCEPTS = {"--num-feature-channels": ("--base-channels",), "--beta1-adam": ("--beta1",),
+                 "--dim": ("--dimension",), "--preview-every": ("--save-every",), "--loss": ("--gan-mode",),
+                 "--source": ("--source-dir",), "--target": ("--target-dir",)}
+
+
+def _every_command(group, path=()):
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):  # a group (typer may carry its own copy of click: no isinstance)
+            yield from _every_command(command, (*path, name))
+        else:
+            yield " ".join((*path, name)), command
+
+
+def test_one_flag_per_concept_in_every_commands_help():
+    import typer
+
+    from consingan.cli import app
+
+    shown_anywhere = set()
+    for name, command in _every_command(typer.main.get_command(app)):
+        shown = {flag for option in command.params if not getattr(option, "hidden", False)
+                 for flag in (*option.opts, *option.secondary_opts)}
+        shown_anywhere |= shown
+        for flag, old in FLAG_CONCEPTS.items():
+            assert not set(old) & shown, (name, old)
+    assert set(FLAG_CONCEPTS) <= shown_anywhere
+
+
+@pytest.mark.parametrize("command", [["train"], ["train-many"], ["paired", "train"], ["conditional", "train"]])
+def test_train_helps_show_every_default(runner, command):
+    from consingan.cli import app
+
+    result = runner.invoke(app, [*command, "--help"], terminal_width=250)
+    assert result.exit_code == 0
+    flat = " ".join(result.output.replace("│", " ").split())
+    assert flat.count("[default:") >= 10
+    assert "--dim <int> Spatial dimensions" in flat and "[default: 3]" in flat
+    if command == ["train"]:
+        assert "Epochs per scale. [default: 2000]" in flat
+
+
+def test_a_hidden_spelling_sets_its_option_and_both_at_once_are_refused(runner, tmp_path):
+    from consingan.cli import _command_parameters, _register
+
+    seen = {}
+
+    def record(config_file=None, resume=None, dry_run=False, **flags):
+        seen.update({k: v for k, v in flags.items() if v is not None})
+
+    command = _register(record, _command_parameters(PairedConfig, dry_run=True))
+    import typer
+
+    app = typer.Typer()
+    app.command()(command)
+    result = runner.invoke(app, ["--gan-mode", "hinge", "--beta1", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"loss": "hinge", "beta1_adam": 0.25}
+    result = runner.invoke(app, ["--gan-mode", "hinge", "--loss", "bce"])
+    assert result.exit_code == 2 and "given twice" in result.output

@@ -25,7 +25,7 @@ from consingan.singan.sampler import TrainedPyramid, write_samples
 from consingan.singan.trainer import train
 
 IHC = Path(__file__).resolve().parent.parent / "data" / "ihc.png"
-# The microscopy preset's layers and mapping (presets/microscopy-2d.yaml), next to the seed's defaults.
+# The microscopy preset's layers and mapping (presets/microscopy-2d.yaml), next to the default configuration.
 PRESET = dict(batch_norm=False, cbam=False, padding=0, upsampling="cubic", intensity_mapping="minmax",
               generator_update="repeat")
 
@@ -50,7 +50,7 @@ def tiny_run(tmp_path: Path, pixels: np.ndarray, **options) -> Path:
     path = tmp_path / "image.png"
     Image.fromarray(pixels).save(path)
     config = TrainConfig(image=str(path), dimension=2, epochs=12, num_scales=2, num_feature_channels=8, num_layers=2,
-                         min_size=12, max_size=32, save_every=0, checkpoint_every=0, seed=3, device="cpu",
+                         min_size=12, max_size=32, preview_every=0, checkpoint_every=0, seed=3, device="cpu",
                          out_dir=str(tmp_path / "out"), **options)
     return train(config).run_dir
 

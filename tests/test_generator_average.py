@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def config(**overrides):
     values = dict(dimension=2, epochs=4, num_scales=2, num_feature_channels=4, num_layers=2, min_size=10, max_size=32,
-                  Dsteps=2, Gsteps=2, save_every=0, checkpoint_every=2, device="cpu", seed=0, patch_size="off",
+                  Dsteps=2, Gsteps=2, preview_every=0, checkpoint_every=2, device="cpu", seed=0, patch_size="off",
                   ema_decay=0.9)
     return TrainConfig(**{**values, **overrides}).validate()
 

@@ -53,7 +53,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     from typer.testing import CliRunner
 
     root = tmp_path_factory.mktemp("runs")
-    singan = _train_2d(root, "singan", [*TINY, "--epochs", "2", "--save-every", "0"])
+    singan = _train_2d(root, "singan", [*TINY, "--epochs", "2", "--preview-every", "0"])
     source, target = make_pairs(root)
     result = run_cli(CliRunner(), ["paired", "train", "--dim", "2", "--source", source, "--target", target, "--out-dir",
                                    root / "out", "--run-name", "paired", *PAIRED_TRAIN])

@@ -107,7 +107,7 @@ def make_trainer(tmp_path, name, dims=2, **overrides):
     size = 32 if dims == 2 else 16
     array = blobs((size,) * dims)[None].astype(np.float32)
     values = dict(dimension=dims, epochs=2, num_scales=2, num_feature_channels=4, num_layers=2, min_size=10,
-                  max_size=size, Dsteps=2, Gsteps=2, save_every=1, device="cpu", seed=0, patch_size="off")
+                  max_size=size, Dsteps=2, Gsteps=2, preview_every=1, device="cpu", seed=0, patch_size="off")
     config = TrainConfig(**{**values, **overrides}).validate()
     torch.manual_seed(0)
     return SinGANTrainer(config, Volume(array, np.eye(dims + 1), ".npy"), tmp_path / name)
@@ -212,7 +212,7 @@ def test_bf16_trains_on_the_cpu_with_float32_losses_and_outputs(tmp_path, monkey
 
 def test_bf16_with_checkpointed_stages_through_train_records_both(nifti_3d, out_dir):
     config = TrainConfig(image=str(nifti_3d), dimension=3, epochs=2, num_scales=2, num_feature_channels=4,
-                         num_layers=2, min_size=10, Dsteps=2, Gsteps=2, save_every=0, seed=0, device="cpu",
+                         num_layers=2, min_size=10, Dsteps=2, Gsteps=2, preview_every=0, seed=0, device="cpu",
                          out_dir=str(out_dir), run_name="bf16", precision="bf16", checkpoint_stages=True)
     result = train(config)
     recorded = json.loads((result.run_dir / "config.json").read_text())

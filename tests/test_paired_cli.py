@@ -119,8 +119,11 @@ def test_paired_targets_take_the_intensity_mapping_and_old_runs_keep_min_max(run
     info = json.loads((run_dir / "run.json").read_text())
     assert info["intensity"]["mapping"] == mapping and ("low" in info["intensity"]) == (mapping == "window")
     assert RunFolder.open(run_dir, "paired").config.intensity_mapping == mapping
-    # A run written before the option existed was mapped min-max: it opens (and resumes) as min-max.
+    # A run written before the option existed (run.json format 2) was mapped min-max: it opens (and resumes) as
+    # min-max. The format, not the missing key, says so: a current-format run missing it takes today's default.
     config = json.loads((run_dir / "config.json").read_text())
     del config["intensity_mapping"]
     (run_dir / "config.json").write_text(json.dumps(config))
+    assert RunFolder.open(run_dir, "paired").config.intensity_mapping == "window"
+    (run_dir / "run.json").write_text(json.dumps({**info, "format_version": 2}))
     assert RunFolder.open(run_dir, "paired").config.intensity_mapping == "minmax"

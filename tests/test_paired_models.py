@@ -1,4 +1,4 @@
-"""Paired generators and discriminators: the seed's shape tables at 256 px in 2D, small volumes in 3D; loss values."""
+"""Paired generators and discriminators: the paired architectures' shape tables at 256 px in 2D, small volumes in 3D; loss values."""
 
 import pytest
 import torch

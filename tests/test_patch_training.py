@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny(image, out_dir, name, **overrides):
     """3D 16^3 -> scales 10^3 (whole) and 16^3 (patches of 12 with the default patch here)."""
     values = dict(image=str(image), dimension=3, epochs=4, num_scales=2, num_feature_channels=4, num_layers=2,
-                  min_size=10, Dsteps=2, Gsteps=2, save_every=2, checkpoint_every=2, seed=5, device="cpu",
+                  min_size=10, Dsteps=2, Gsteps=2, preview_every=2, checkpoint_every=2, seed=5, device="cpu",
                   out_dir=str(out_dir), run_name=name, patch_size="12")
     return TrainConfig(**{**values, **overrides})
 
@@ -64,7 +64,7 @@ def test_patch_training_resumes_bit_identically(nifti_3d, out_dir):
 def make_trainer(tmp_path, patch, dims=2, size=32, num_scales=3, **overrides):
     array = blobs((size,) * dims)[None].astype(np.float32)
     config = TrainConfig(dimension=dims, epochs=2, num_scales=num_scales, num_feature_channels=4, num_layers=2,
-                         min_size=10, max_size=size, Dsteps=2, Gsteps=2, save_every=1, device="cpu", seed=0,
+                         min_size=10, max_size=size, Dsteps=2, Gsteps=2, preview_every=1, device="cpu", seed=0,
                          patch_size=patch, **overrides).validate()
     torch.manual_seed(0)
     return SinGANTrainer(config, Volume(array, np.eye(dims + 1), ".npy"), tmp_path / patch)
@@ -199,7 +199,7 @@ def test_dry_run_prints_the_chosen_patch_and_train_records_it(runner, tmp_path, 
     nib.save(nib.Nifti1Image((blobs((40, 40, 40), 2) * 1000).astype(np.int16), np.eye(4)), str(image))
     flags = ["train", "--image", str(image), "--dim", "3", "--out-dir", str(tmp_path / "o"), "--min-size", "10",
              "--num-scales", "2", "--num-feature-channels", "4", "--num-layers", "2", "--epochs", "1",
-             "--dsteps", "1", "--gsteps", "1", "--save-every", "0", "--seed", "0"]
+             "--dsteps", "1", "--gsteps", "1", "--preview-every", "0", "--seed", "0"]
     config = resolve_config(None, {"min_size": 10, "num_scales": 2, "num_feature_channels": 4, "num_layers": 2})
     shapes = pyramid_shapes((40, 40, 40), 2, 250, 10, (1.0, 1.0, 1.0))
     free = int(memory.estimate_training_bytes(config, shapes, 24) / 0.9) + 1  # whole 40^3 does not fit, 24 does

@@ -21,7 +21,7 @@ from tests.conftest import TINY, StopAt
 
 def tiny_config(image, out_dir, name):
     return TrainConfig(image=str(image), dimension=3, epochs=4, num_scales=3, num_feature_channels=8, num_layers=2,
-                       min_size=10, save_every=2, checkpoint_every=2, seed=5, device="cpu", out_dir=str(out_dir),
+                       min_size=10, preview_every=2, checkpoint_every=2, seed=5, device="cpu", out_dir=str(out_dir),
                        run_name=name)
 
 
@@ -50,7 +50,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(nifti_3d, out_dir, stop):
 def test_killed_process_resumes(nifti_3d, out_dir, runner):
     args = [sys.executable, "-m", "consingan.cli", "train", "--image", str(nifti_3d), "--dim", "3",
             "--out-dir", str(out_dir), "--run-name", "killed", *TINY, "--epochs", "60", "--checkpoint-every", "1",
-            "--save-every", "0"]
+            "--preview-every", "0"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out_dir / "killed" / "scale_00" / "training_state.pt"
     deadline = time.time() + 120
@@ -98,8 +98,8 @@ def test_resume_takes_options_from_the_run(nifti_3d, out_dir, runner):
 
 
 def test_how_often_outputs_are_written_does_not_change_training(nifti_3d, out_dir):
-    often = train(dataclasses.replace(tiny_config(nifti_3d, out_dir, "often"), save_every=1))
-    never = train(dataclasses.replace(tiny_config(nifti_3d, out_dir, "never"), save_every=0))
+    often = train(dataclasses.replace(tiny_config(nifti_3d, out_dir, "often"), preview_every=1))
+    never = train(dataclasses.replace(tiny_config(nifti_3d, out_dir, "never"), preview_every=0))
     a, b = final_states(often.run_dir, 2), final_states(never.run_dir, 2)
     for key in a["generator"]:
         assert torch.equal(a["generator"][key], b["generator"][key]), key

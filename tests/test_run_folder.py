@@ -48,7 +48,7 @@ def write_label(path: Path) -> Path:
 
 def tiny_2d(image: Path, out_dir: Path, name: str, **changes) -> TrainConfig:
     return TrainConfig(image=str(image), dimension=2, epochs=2, num_scales=2, num_feature_channels=8, num_layers=2,
-                       min_size=10, save_every=0, checkpoint_every=1, Dsteps=2, Gsteps=2, seed=3, device="cpu",
+                       min_size=10, preview_every=0, checkpoint_every=1, Dsteps=2, Gsteps=2, seed=3, device="cpu",
                        out_dir=str(out_dir), run_name=name, **changes)
 
 
@@ -165,7 +165,7 @@ def test_a_run_stopped_while_copying_its_image_resumes_from_the_original_and_kee
 def test_run_json_has_its_format_and_versions_and_the_copy_is_exact(finished):
     run_dir, image = finished
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["format_version"] == runs.RUN_FORMAT_VERSION == 2
+    assert info["format_version"] == runs.RUN_FORMAT_VERSION == 3
     assert info["versions"] == {"consingan": consingan.__version__, "torch": str(torch.__version__),
                                 "numpy": np.__version__, "python": platform.python_version()}
     copy = run_dir / "source" / "image" / "tiny.png"

@@ -26,7 +26,7 @@ def runs(tmp_path_factory):
     result = {}
     for name, dims in (("grey.png", 2), ("head.nii.gz", 3)):
         config = TrainConfig(image=str(folder / name), dimension=dims, epochs=15, num_scales=2, num_feature_channels=8,
-                             num_layers=2, min_size=10, save_every=0, seed=0, device="cpu", out_dir=str(folder / "out"))
+                             num_layers=2, min_size=10, preview_every=0, seed=0, device="cpu", out_dir=str(folder / "out"))
         result[dims] = train(config).run_dir
     return result
 
@@ -121,7 +121,7 @@ def test_samples_come_back_on_the_source_grid(tmp_path, runner):
     affine = np.diag([1.0, 1.0, 2.5, 1.0])
     nib.save(nib.Nifti1Image((blobs((24, 24, 12), 9) * 100).astype(np.float32), affine), str(tmp_path / "a.nii.gz"))
     config = TrainConfig(image=str(tmp_path / "a.nii.gz"), dimension=3, epochs=2, num_scales=2,
-                         num_feature_channels=8, num_layers=2, min_size=8, max_size=20, save_every=0, seed=0,
+                         num_feature_channels=8, num_layers=2, min_size=8, max_size=20, preview_every=0, seed=0,
                          device="cpu", out_dir=str(tmp_path / "out"))
     run_dir = train(config).run_dir
     import json

@@ -60,7 +60,7 @@ def runs(tmp_path_factory):
     result = {}
     for name, dims, upsampling in (("grey.png", 2, "cubic"), ("head.nii.gz", 3, "linear")):
         config = TrainConfig(image=str(folder / name), dimension=dims, epochs=1, num_scales=3,
-                             num_feature_channels=8, num_layers=2, min_size=10, save_every=0, seed=0, device="cpu",
+                             num_feature_channels=8, num_layers=2, min_size=10, preview_every=0, seed=0, device="cpu",
                              upsampling=upsampling, out_dir=str(folder / "out"))
         result[dims] = train(config).run_dir
         make_loud(result[dims])

@@ -19,7 +19,7 @@ def make_trainer(tmp_path, dims=2, **overrides):
     array = blobs((size,) * dims)[None].astype(np.float32)
     config = TrainConfig(
         dimension=dims, epochs=4, num_scales=3, num_feature_channels=8, num_layers=2, min_size=10, max_size=size,
-        save_every=0, device="cpu", seed=0,
+        preview_every=0, device="cpu", seed=0,
     )
     config = dataclasses.replace(config, **overrides).validate()
     volume = Volume(array, np.eye(dims + 1), ".npy")
@@ -213,7 +213,7 @@ def test_two_channel_3d_volume_trains_and_keeps_its_channels(tmp_path):
     pet = blobs((16, 16, 16), 4) * 5.0  # SUV-like range
     volume = Volume(np.stack([ct, pet]).astype(np.float32), np.eye(4), ".npy")
     config = TrainConfig(dimension=3, epochs=2, num_scales=2, num_feature_channels=8, num_layers=2, min_size=10,
-                         max_size=16, save_every=0, device="cpu", seed=0).validate()
+                         max_size=16, preview_every=0, device="cpu", seed=0).validate()
     trainer = SinGANTrainer(config, volume, tmp_path)
     trainer.train()
     sample = np.load(scale_dir(tmp_path, 1) / "samples" / "epoch00002_sample.npy")

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from consingan.errors import ConsinganError
-from consingan.io import IntensityRange, LabelEncoding, Volume, file_suffix, list_images, read_volume
+from consingan.io import (SUPPORTED_SUFFIXES, IntensityRange, LabelEncoding, Volume, file_suffix, list_images,
+                          read_volume)
 from consingan.paired.tiling import tile_grid
 
-PAIR_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".png", ".npy", ".mha", ".nrrd")
 
 
 def file_stem(path: Path) -> str:
@@ -48,14 +48,12 @@ def image_files(folder: Path | str, option: str) -> dict[str, Path]:
     resolve_folder(folder, option)
     files: dict[str, Path] = {}
     for path in list_images(Path(folder), series_folders=False):
-        if file_suffix(path) not in PAIR_SUFFIXES:
-            continue
         twin = files.setdefault(file_stem(path), path)
         if twin != path:
             raise ConsinganError(f"{option} {folder} holds {twin.name} and {path.name}, one name with two suffixes; "
                                  f"keep one of them")
     if not files:
-        raise ConsinganError(f"no images in {folder} (NIfTI, TIFF, PNG, NPY, MHA, NRRD)")
+        raise ConsinganError(f"no images in {folder} ({', '.join(SUPPORTED_SUFFIXES)})")
     return files
 
 

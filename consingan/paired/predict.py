@@ -84,6 +84,6 @@ def predict_paired(run_dir: Path, source_dir: Path, out_dir: Path, device: str =
             array = info.intensity.denormalise(result[0].numpy())
             header = volume.header if info.output_suffix in (".nii", ".nii.gz") else None
             made.add(name)
-            written.append(write_volume(name, Volume(array, volume.affine, info.output_suffix, dtype, header),
-                                        source_dtype=True))
+            output = Volume(array, volume.affine, info.output_suffix, dtype, header, plane=volume.plane)
+            written.append(write_volume(name, output, source_dtype=True))
     return written

@@ -109,15 +109,15 @@ class PairedTrainer(EpochTrainer):
         both = _scales(discriminator(torch.cat([torch.cat([source, target], 1), torch.cat([source, fake.detach()], 1)])))
         real_scales = [[f[:count] for f in scale] for scale in both]
         fake_scales = [[f[count:] for f in scale] for scale in both]
-        loss_d = 0.5 * sum(adversarial_loss(r[-1], True, config.gan_mode) + adversarial_loss(f[-1], False,
-                           config.gan_mode) for r, f in zip(real_scales, fake_scales)) / len(real_scales)
+        loss_d = 0.5 * sum(adversarial_loss(r[-1], True, config.loss) + adversarial_loss(f[-1], False,
+                           config.loss) for r, f in zip(real_scales, fake_scales)) / len(real_scales)
         loss_d.backward()
         self.optimizer_d.step()
         discriminator.requires_grad_(False)
         self.optimizer_g.zero_grad(set_to_none=True)
         # The frozen discriminator outside its DDP wrapper: no gradient of its own to synchronise.
         fake_scales = _scales(unwrap(discriminator)(torch.cat([source, fake], 1)))
-        loss_gan = sum(adversarial_loss(f[-1], True, config.gan_mode, for_discriminator=False)
+        loss_gan = sum(adversarial_loss(f[-1], True, config.loss, for_discriminator=False)
                        for f in fake_scales) / len(fake_scales)
         loss_l1 = sum(F.l1_loss(o, target) for o in outputs) / len(outputs)
         total = loss_gan + config.lambda_l1 * loss_l1

@@ -408,7 +408,7 @@ class SinGANTrainer:
                 "lr_generator": optimizer_g.param_groups[-1]["lr"], "lr_critic": optimizer_d.param_groups[0]["lr"]})
             self.reporter.update(stage, epoch, losses)
             if epoch < config.epochs:
-                if config.save_every and epoch % config.save_every == 0:
+                if config.preview_every and epoch % config.preview_every == 0:
                     self.write_outputs(stage, epoch)
                 if config.checkpoint_every and epoch % config.checkpoint_every == 0:
                     self.save_training_state(stage, epoch, history, time.perf_counter() - started, optimizers)
