@@ -132,6 +132,8 @@ class RunInfo:
     class_counts: list[int] = field(default_factory=list)  # its training images per class
     # Each class's reference grid (a conditional run): the affine its samples are written with ([] before: identity).
     class_grids: list[list[list[float]]] = field(default_factory=list)
+    # 2D conditional runs: each class's slice plane (a DICOM slice's 3D place), or None for a class of plain pictures.
+    class_planes: list[list[list[float]] | None] = field(default_factory=list)
     # torchrun processes it was trained with (paired, conditional); a resume must keep it. Runs from before it was
     # recorded were trained with one.
     world_size: int = 1
@@ -219,6 +221,12 @@ class RunInfo:
             if grids.shape != (len(self.classes), self.spatial_dims + 1, self.spatial_dims + 1) \
                     or not np.isfinite(grids).all():
                 raise ValueError("class_grids is not one finite affine per class")
+        if self.class_planes:
+            if len(self.class_planes) != len(self.classes) or self.spatial_dims != 2 or not all(
+                    plane is None or (np.asarray(plane, dtype=np.float64).shape == (4, 4)
+                                      and np.isfinite(np.asarray(plane, dtype=np.float64)).all())
+                    for plane in self.class_planes):
+                raise ValueError("class_planes is not one finite 3D affine (or null) per class of a 2D run")
         if self.family == "conditional":  # a tampered name would send samples outside --out (<out>/<class>/)
             unsafe = [c for c in self.classes if not is_single_folder_name(c)]
             if unsafe:

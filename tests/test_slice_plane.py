@@ -70,3 +70,32 @@ def test_samples_of_a_dicom_slice_keep_its_position(tmp_path, runner):
     assert sample.GetSize() == (32, 32, 1)
     for ours, theirs in zip(physical(sample), (ORIGIN, SPACING, DIRECTION)):
         np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_conditional_samples_of_dicom_slices_keep_their_class_slice_plane(tmp_path):
+    """A 2D conditional set of DICOM slices: each class's samples go back to its first slice's plane (position along
+    the normal, thickness, oblique orientation), on the fitted grid's pixels."""
+    from consingan.conditional.sampler import TrainedConditional
+    from consingan.conditional.trainer import train_conditional
+    from tests.test_conditional import tiny
+
+    data = tmp_path / "data"
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+        one_slice(data / name)
+    result = train_conditional(tiny(2, data, tmp_path / "out", epochs=1, size=16))
+    model = TrainedConditional.load(result.run_dir, "cpu")
+    model.write(tmp_path / "samples", ["a", "b"], 1, 0)
+    for name in ("a", "b"):
+        sample = sitk.ReadImage(str(tmp_path / "samples" / name / f"{name}_0000.mha"))
+        source = sitk.ReadImage(str(data / name / "slice.dcm"))
+        assert sample.GetSize() == (16, 16, 1)
+        np.testing.assert_allclose(sample.GetSpacing(), (1.4, 1.4, 3.0), atol=1e-4)  # 32 px -> 16 px, same extent
+        np.testing.assert_allclose(sample.GetDirection(), DIRECTION, atol=1e-6)
+
+        def centre(image):
+            direction = np.reshape(image.GetDirection(), (3, 3))
+            half = (np.array(image.GetSize()) - 1) / 2 * np.array(image.GetSpacing())
+            return np.array(image.GetOrigin()) + direction @ half
+
+        np.testing.assert_allclose(centre(sample), centre(source), atol=1e-3)

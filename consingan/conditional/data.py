@@ -37,6 +37,9 @@ class LabelledSet:
     warnings: list[str] = field(default_factory=list)  # suspicious but legitimate: images upscaled or squashed
     # Each class's reference grid (the affine of its first image, reoriented and fitted): where samples are written.
     grids: list[list[list[float]]] = field(default_factory=list)
+    # 2D sets: each class's slice plane (the 3D affine of its first image's one-slice file, a DICOM slice), fitted as
+    # its grid; None for a class whose first image is a plain picture.
+    planes: list[list[list[float]] | None] = field(default_factory=list)
 
     def counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
@@ -189,6 +192,7 @@ def load_labelled(data: Path | str, spatial_dims: int, size: int, fit: str = "re
     classes = sorted({name for _, name in pairs})
     arrays, labels, first, first_path = [], [], None, None
     grids: dict[str, np.ndarray] = {}
+    planes: dict[str, np.ndarray | None] = {}
     upscaled, squashed = [], []  # (factor, path, shape)
     for path, name in pairs:
         try:
@@ -214,7 +218,8 @@ def load_labelled(data: Path | str, spatial_dims: int, size: int, fit: str = "re
         array, affine = fit_to_size(reorient_canonical(volume), size, fit)
         arrays.append(array)
         labels.append(classes.index(name))
-        grids.setdefault(name, affine)  # each class's reference grid: its first image's
+        if name not in grids:  # each class's reference grid: its first image's
+            grids[name], planes[name] = affine, fitted_plane(volume, affine)
     images = np.stack(arrays)  # [N, C, *size]
     intensity = IntensityRange.of_set(list(images), mapping, seed=seed)
     normalised = np.stack([intensity.normalise(image) for image in images]).astype(np.float32)
@@ -224,7 +229,19 @@ def load_labelled(data: Path | str, spatial_dims: int, size: int, fit: str = "re
                                       f"{target}", "--fit extent (the default) or crop keeps it")]
     return LabelledSet(torch.from_numpy(normalised), torch.tensor(labels, dtype=torch.int64), classes, intensity,
                        first.suffix, str(np.dtype(first.source_dtype)), [w for w in warnings if w],
-                       [grids[name].tolist() for name in classes])
+                       [grids[name].tolist() for name in classes],
+                       [None if planes[name] is None else planes[name].tolist() for name in classes])
+
+
+def fitted_plane(volume: Volume, grid: np.ndarray) -> np.ndarray | None:
+    """A 2D image's slice plane (``Volume.plane``) carried onto the fitted ``grid``: the grid's pixel -> old pixel
+    map (resize, crop or padding, all in the slice) applied to the plane's in-slice axes; None without a plane."""
+    if volume.plane is None:
+        return None
+    to_old = np.linalg.solve(np.asarray(volume.affine, dtype=np.float64), np.asarray(grid, dtype=np.float64))
+    embedded = np.eye(4)
+    embedded[1:, 1:] = to_old  # the slice axis (0) stays the one slice
+    return np.asarray(volume.plane, dtype=np.float64) @ embedded
 
 
 def fit_factors(volume: Volume, size: int, fit: str) -> tuple[float, float]:

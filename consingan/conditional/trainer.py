@@ -191,7 +191,8 @@ def conditional_run_info(config: ConditionalConfig, data: LabelledSet) -> RunInf
     return RunInfo(family="conditional", spatial_dims=config.dimension, channels=int(data.images.shape[1]),
                    output_suffix=data.suffix, output_dtype=data.dtype, intensity=data.intensity,
                    image=str(Path(config.data).resolve()), classes=list(data.classes),
-                   class_counts=data.counts(), class_grids=data.grids)
+                   class_counts=data.counts(), class_grids=data.grids,
+                   class_planes=data.planes if any(plane is not None for plane in data.planes) else [])
 
 
 def prepare_conditional(config: ConditionalConfig) -> tuple[ConditionalConfig, LabelledSet]:

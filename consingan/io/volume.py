@@ -376,8 +376,23 @@ def _volume_from_itk(image: Any, spatial_dims: int, suffix: str, path: Path) -> 
     data = sitk.GetArrayFromImage(image)  # [*reversed spatial] or [*reversed spatial, C] for vector pixels
     components = image.GetNumberOfComponentsPerPixel()
     array = np.moveaxis(data, -1, 0) if components > 1 else data[None]
-    return Volume(np.ascontiguousarray(array, dtype=np.float32), _itk_affine(image, spatial_dims), suffix, data.dtype,
-                  plane=plane)
+    affine = _itk_affine(image, spatial_dims) if plane is None else _in_plane_affine(plane)
+    return Volume(np.ascontiguousarray(array, dtype=np.float32), affine, suffix, data.dtype, plane=plane)
+
+
+def _in_plane_affine(plane: np.ndarray) -> np.ndarray:
+    """The 2D affine of a one-slice image from its 3D ``plane``: the x and y world rows of its two in-slice axes, each
+    rescaled to that axis's true spacing. Cutting the third world row off an oblique slice's axes would shorten
+    them (a 0.7 mm pixel of a slice tilted 30 degrees read as 0.61 mm, and the physical aspect with it); an axis
+    that lies along the dropped world axis (a sagittal slice's superior-inferior one) keeps its spacing alone."""
+    affine = np.eye(3)
+    affine[:2, 2] = plane[:2, 3]  # world rows x, y (ITK's order, as every affine here); z is the dropped one
+    for column in (1, 2):  # the plane's columns: slice, row, column (array order)
+        spacing, part = np.linalg.norm(plane[:3, column]), plane[:2, column]
+        length = np.linalg.norm(part)
+        affine[:2, column - 1] = part / length * spacing if length > 1e-6 * spacing else \
+            np.eye(2)[column - 1] * spacing
+    return affine
 
 
 def _itk_affine(image: Any, spatial_dims: int) -> np.ndarray:
