@@ -97,6 +97,7 @@ class Budget:
     unet_channels: tuple[int, ...]
     lr: float = 1e-3
     ratio: float = 0.5  # share of consingan patches in the mixed arm
+    start_scale: int = 0  # consingan's sampling starts here (below it, the training image's coarse scales: its layout)
 
 
 GAN_OPTIONS = {
@@ -288,7 +289,8 @@ def decoding_checks(channels: np.ndarray, raw: np.ndarray, decoded: np.ndarray) 
     return float(np.mean(ordered[-1] == ordered[-2])), float(np.mean(np.argmax(raw, axis=0) == decoded))
 
 
-def draw_samples(run_dir: Path, count: int, seed: int, classes: Sequence[int]) -> tuple[list[Pair], Pair, dict]:
+def draw_samples(run_dir: Path, count: int, seed: int, classes: Sequence[int], start_scale: int = 0
+                 ) -> tuple[list[Pair], Pair, dict]:
     """``count`` samples of the run as Pairs, decoded as ``consingan sample`` writes them (on the source grid), the
     reconstruction of the training pair (the generator on its fixed reconstruction input) decoded alike, and
     diagnostics of that decoding: the share of voxels whose largest label channel is tied with another (after the
@@ -298,7 +300,7 @@ def draw_samples(run_dir: Path, count: int, seed: int, classes: Sequence[int]) -
     from consingan.singan.sampler import TrainedPyramid
 
     pyramid = TrainedPyramid.load(run_dir)
-    raw = pyramid.sample(count, seed=seed, batch_size=min(8, count))
+    raw = pyramid.sample(count, seed=seed, batch_size=min(8, count), start_scale=start_scale)
     volumes = pyramid.to_volumes(raw)
     image, label = pyramid.labels.split(pyramid.to_volumes(pyramid.reconstruct())[0].array)
     reconstruction = Pair(zscore(image), to_indices(label, classes, "the reconstruction"), "reconstruction")
@@ -428,7 +430,7 @@ def run_seed(data: Data, budget: Budget, dim: int, seed: int, work: Path, reuse_
     run_dir, warnings, reused = train_gan(data, budget.gan, dim, seed, work, reuse_gan)
     seconds["consingan_train"] = time.perf_counter() - started
     started = time.perf_counter()
-    samples, reconstruction, decoding = draw_samples(run_dir, budget.samples, seed, data.classes)
+    samples, reconstruction, decoding = draw_samples(run_dir, budget.samples, seed, data.classes, budget.start_scale)
     seconds["consingan_sample"] = time.perf_counter() - started
     result: dict[str, Any] = {"seed": seed, "run_dir": str(run_dir), "consingan_reused": reused,
                               "consingan_warnings": warnings,
@@ -584,6 +586,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", help="one consingan run and three segmenters per seed")
     parser.add_argument("--samples", type=int, help="consingan samples drawn per seed")
     parser.add_argument("--ratio", type=float, help="share of consingan patches in the mixed arm (default 0.5)")
+    parser.add_argument("--start-scale", type=int, help="consingan scale sampling starts at (0: new layouts; higher "
+                        "keeps the training image's coarse layout, as consingan sample --start-scale)")
     parser.add_argument("--steps", type=int, help="optimiser steps of every arm")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--patch", help="training patch and inference window, one side or one per axis (a,b[,c]); "
@@ -619,7 +623,7 @@ def budget_from(args: argparse.Namespace) -> Budget:
         budget.gan.update(load_config_file(args.gan_config))
     if args.gan_epochs:
         budget.gan["epochs"] = args.gan_epochs
-    for name in ("samples", "steps", "batch_size", "lr", "ratio"):
+    for name in ("samples", "steps", "batch_size", "lr", "ratio", "start_scale"):
         if getattr(args, name) is not None:
             setattr(budget, name, getattr(args, name))
     if args.seeds:
@@ -633,8 +637,9 @@ def budget_from(args: argparse.Namespace) -> Budget:
         raise ConsinganError(f"--patch needs {args.dim} sides, each a multiple of {DIVISOR}, got {budget.patch}")
     if len(budget.unet_channels) < 2 or 2 ** (len(budget.unet_channels) - 1) > DIVISOR:
         raise ConsinganError(f"--unet-channels needs 2 to {int(math.log2(DIVISOR)) + 1} levels")
-    if not 0 <= budget.ratio <= 1 or min(budget.samples, budget.steps, budget.batch_size) < 1:
-        raise ConsinganError("--ratio must be in [0, 1]; --samples, --steps and --batch-size positive")
+    if not 0 <= budget.ratio <= 1 or min(budget.samples, budget.steps, budget.batch_size) < 1 or budget.start_scale < 0:
+        raise ConsinganError("--ratio must be in [0, 1]; --samples, --steps and --batch-size positive; --start-scale "
+                             "zero or more")
     return budget
 
 

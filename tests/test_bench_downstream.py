@@ -112,8 +112,13 @@ def test_quick_2d_run_writes_dice_of_every_arm(tmp_path, capsys):
     with pytest.raises(ConsinganError, match="reuse-gan"):
         bench.main(again)
     first = result["per_seed"][1]
-    reused = bench.main(again + ["--reuse-gan", "--seeds", "1"])["per_seed"][0]
+    summary = bench.main(again + ["--reuse-gan", "--seeds", "1", "--start-scale", "1"])
+    reused = summary["per_seed"][0]
     assert reused["consingan_reused"] and not first["consingan_reused"]
+    # Sampling from a later start scale keeps the training image's coarse layout: other samples than from scale 0.
+    assert summary["budget"]["start_scale"] == 1
+    from_start = {k: bench.draw_samples(Path(first["run_dir"]), 2, 1, [0, 1], k)[0] for k in (0, 1)}
+    assert not np.allclose(from_start[0][0].image, from_start[1][0].image)
     assert reused["consingan_warnings"] == first["consingan_warnings"]  # read back from the run's scale.json files
     assert reused["seconds"]["consingan_train"] < first["seconds"]["consingan_train"]
 
