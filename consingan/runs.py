@@ -222,10 +222,9 @@ class RunInfo:
                     or not np.isfinite(grids).all():
                 raise ValueError("class_grids is not one finite affine per class")
         if self.class_planes:
+            planes = [np.asarray(plane, dtype=np.float64) for plane in self.class_planes if plane is not None]
             if len(self.class_planes) != len(self.classes) or self.spatial_dims != 2 or not all(
-                    plane is None or (np.asarray(plane, dtype=np.float64).shape == (4, 4)
-                                      and np.isfinite(np.asarray(plane, dtype=np.float64)).all())
-                    for plane in self.class_planes):
+                    plane.shape == (4, 4) and np.isfinite(plane).all() for plane in planes):
                 raise ValueError("class_planes is not one finite 3D affine (or null) per class of a 2D run")
         if self.family == "conditional":  # a tampered name would send samples outside --out (<out>/<class>/)
             unsafe = [c for c in self.classes if not is_single_folder_name(c)]

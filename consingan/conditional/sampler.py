@@ -128,12 +128,12 @@ class TrainedConditional:
                 # The class's reference grid: its first training image's position, orientation and extent.
                 grid = np.asarray(info.class_grids[index]) if info.class_grids else np.eye(dims + 1)
                 plane = info.class_planes[index] if info.class_planes else None  # a DICOM slice's place
+                plane = None if plane is None else np.asarray(plane, dtype=np.float64)
                 number = 0
                 for images in generate_batches(self.generator, index, count, seed, self.device):
                     for image in images:
                         array = info.intensity.denormalise(image.numpy())
-                        volume = Volume(array, grid, info.output_suffix, np.dtype(info.output_dtype),
-                                        plane=None if plane is None else np.asarray(plane, dtype=np.float64))
+                        volume = Volume(array, grid, info.output_suffix, np.dtype(info.output_dtype), plane=plane)
                         path = folder / f"{name}_{number:04d}{suffix}"
                         number += 1
                         made.add(path)

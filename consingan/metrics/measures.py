@@ -294,17 +294,14 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
     fake_textured = torch.nonzero(fake_patches.std(1) > flat_below).flatten()
     textured = real_textured[torch.randperm(len(real_textured), generator=generator)[:max_patches]]
     fake_chosen = fake_patches[fake_textured[torch.randperm(len(fake_textured), generator=generator)[:max_patches]]]
-    ratio = None
-    own_median = nearest_median = None
+    ratio = own_median = nearest_median = None
     if min(len(textured), len(fake_chosen)) >= MIN_TEXTURED:
         own_median = float(_nearest_apart(real_patches, positions, textured, patch_size, max_patches).median())
-        nearest_median = float(torch.stack([torch.cdist(fake_chosen, part).min(1).values
-                                            for part in real_patches.split(4 * max_patches)]).min(0).values.median())
+        nearest_median = float(_nearest(fake_chosen, real_patches, 4 * max_patches).median())
         ratio = nearest_median / max(own_median, 1e-12)
     # Coverage searches many sample patches (all of them up to ``16 * max_patches``), in chunks so memory stays small.
     pool = fake_patches[torch.randperm(len(fake_patches), generator=generator)[:16 * max_patches]]
-    covered = torch.stack([torch.cdist(real_patches[chosen], part).min(1).values
-                           for part in pool.split(4 * max_patches)]).min(0).values
+    covered = _nearest(real_patches[chosen], pool, 4 * max_patches)
     # Coverage is scaled by the distance of the image's patches to their mean patch: 1 means the samples reproduce
     # the image no better than one flat average patch would, 0 that every image patch is reproduced exactly. Means,
     # not medians: when most of an image is flat background, the median patch is background, and samples collapsed
@@ -316,6 +313,11 @@ def memorisation(real: torch.Tensor, fake: torch.Tensor, patch_size: int = 7, ma
             "textured_share": {"image": len(real_textured) / len(real_patches),
                                "samples": len(fake_textured) / len(fake_patches)},
             "copying": ratio is not None and ratio < threshold and coverage_ratio < threshold}
+
+
+def _nearest(queries: torch.Tensor, pool: torch.Tensor, chunk: int) -> torch.Tensor:
+    """For each query row, the distance to its nearest row of ``pool``, searched ``chunk`` rows at a time."""
+    return torch.stack([torch.cdist(queries, part).min(1).values for part in pool.split(chunk)]).min(0).values
 
 
 def _nearest_apart(patches: torch.Tensor, positions: torch.Tensor, chosen: torch.Tensor, patch_size: int,

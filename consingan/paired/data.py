@@ -17,7 +17,6 @@ from consingan.io import (SUPPORTED_SUFFIXES, IntensityRange, LabelEncoding, Vol
 from consingan.paired.tiling import tile_grid
 
 
-
 def file_stem(path: Path) -> str:
     """The name without its format suffix only: 'cell.v1.png' -> 'cell.v1'."""
     suffix = file_suffix(path)
