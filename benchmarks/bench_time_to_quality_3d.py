@@ -46,6 +46,8 @@ SETTINGS: dict[str, list[str]] = {
     "fast5-coordinates-ema": ["--num-scales", "5", "--min-size", "12", "--epochs", "120", "--num-feature-channels",
                               "16", "--generator-update", "repeat", "--gradient-penalty-every", "3", "--preview-every",
                               "0", "--coordinates", "--ema-decay", "0.95"],
+    # The README's first command since the fifth session's study (issue 22).
+    "mri-3d-quick": ["--config", str(PRESETS / "mri-3d-quick.yaml")],
 }
 TARGETS = {"seconds": 300.0, "swd": 0.15, "diversity": 0.39, "coverage": 0.56, "pearson_r": 0.9}
 

@@ -209,10 +209,9 @@ def _train(config_file: Path | None = None, resume: Path | None = None, dry_run:
 
         for note in [*volume.notes, *pyramid_notes(config, volume)]:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
-        shapes = volume_pyramid_shapes(volume, config)
         console.print(memory_plan(config, volume).describe(chosen=asked_auto), highlight=False)
         if dry_run:
-            console.print("pyramid: " + "  ".join("x".join(map(str, s)) for s in shapes))
+            console.print(_pyramid_line(config, volume_pyramid_shapes(volume, config)), highlight=False)
             return
         with RichReporter(console) as reporter:
             result = train_prepared(config, volume, reporter)
@@ -227,6 +226,14 @@ def _train(config_file: Path | None = None, resume: Path | None = None, dry_run:
         raise typer.Exit(code=130)
 
 
+def _pyramid_line(config: TrainConfig, shapes: list) -> str:
+    """The scales' sizes, coarsest first, each with its epochs when ``scale_epochs`` gives them."""
+    sizes = ["x".join(map(str, shape)) for shape in shapes]
+    if config.scale_epochs:
+        sizes = [f"{size} ({config.epochs_of(k)} epochs)" for k, size in enumerate(sizes)]
+    return "pyramid: " + "  ".join(sizes)
+
+
 def _resume(run_dir: Path, config_file: Path | None, flags: dict[str, Any], dry_run: bool = False) -> None:
     from consingan.singan.trainer import memory_plan, resume, resume_plan, volume_pyramid_shapes
     from consingan.ui import RichReporter, summary_table
@@ -236,7 +243,7 @@ def _resume(run_dir: Path, config_file: Path | None, flags: dict[str, Any], dry_
         config, volume, where = resume_plan(run_dir, device=flags.get("device"))
         _print_config(config)
         console.print(memory_plan(config, volume).describe(), highlight=False)
-        console.print("pyramid: " + "  ".join("x".join(map(str, s)) for s in volume_pyramid_shapes(volume, config)))
+        console.print(_pyramid_line(config, volume_pyramid_shapes(volume, config)), highlight=False)
         console.print(f"resume: {where}", highlight=False)
         return
     with RichReporter(console) as reporter:

@@ -112,6 +112,8 @@ class TrainConfig:
     generator_update: str = _opt("fresh", "Generator updates per epoch: 'fresh' (Gsteps updates, each from new noise "
                                  "and its own gradient) or 'repeat' (one gradient applied Gsteps times, as the "
                                  "official ConSinGAN does).")
+    scale_epochs: str = _opt("", "Epochs of each scale, coarsest first, comma-separated, one per scale (for example "
+                             "240,240,240,120,120: coarse scales are cheap); empty: --epochs for every scale.")
     coordinates: bool = _opt(False, "Give the coarsest generator stage one coordinate channel per axis (-1 to 1 "
                              "across the scale) beside its noise: an explicit position for the coarse layout "
                              "(ConSinGAN has only zero padding's implicit one).")
@@ -182,8 +184,20 @@ class TrainConfig:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
                 or not 0 <= low < high <= 100:
             raise ConsinganError(f"window percentiles must satisfy 0 <= low < high <= 100, got {low!r} and {high!r}")
+        self.epochs_of(0)  # scale_epochs is well formed
         check_common(self)
         return self
+
+    def epochs_of(self, stage: int) -> int:
+        """Epochs of scale ``stage``: its entry of ``scale_epochs``, or ``epochs`` when that is empty."""
+        if not self.scale_epochs:
+            return self.epochs
+        text = self.scale_epochs if isinstance(self.scale_epochs, str) else str(self.scale_epochs)
+        parts = [part.strip() for part in text.split(",")]
+        if len(parts) != self.num_scales or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise ConsinganError(f"scale_epochs must be {self.num_scales} positive integers separated by commas "
+                                 f"(one per scale, coarsest first), got {self.scale_epochs!r}")
+        return int(parts[stage])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -83,3 +83,14 @@ def test_an_option_the_mode_ignores_warns_once(runner, tmp_path, nifti_3d, case)
                                      "2", "--min-size", "8", "--max-size", "16", *extra], terminal_width=300)
         assert result.exit_code == 0, result.output
         assert result.output.count("is ignored") == 1 and phrase in result.output
+
+
+def test_a_dry_run_names_each_scales_epochs_and_a_wrong_count_is_one_line(runner, tmp_path, nifti_3d):
+    flags = ["train", "--image", str(nifti_3d), "--dim", "3", "--dry-run", "--num-scales", "2", "--min-size", "8",
+             "--max-size", "16", "--out-dir", str(tmp_path / "out")]
+    result = runner.invoke(app, [*flags, "--scale-epochs", "30,10"], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "pyramid: 11x8x8 (30 epochs)  16x12x12 (10 epochs)" in result.output
+    assert_clean_failure(runner.invoke(app, [*flags, "--scale-epochs", "30,10,5"]),
+                         "scale_epochs must be 2 positive integers")
+    assert not (tmp_path / "out").exists()

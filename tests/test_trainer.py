@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from consingan.checkpoint import load_state
 from consingan.config import TrainConfig
+from consingan.errors import ConsinganError
 from consingan.io import Volume
 from consingan.losses import gradient_penalty, wasserstein_critic_loss
 from consingan.singan.trainer import SinGANTrainer, scale_dir
@@ -171,6 +173,24 @@ def test_only_active_stages_train_and_critic_carries_over(tmp_path):
         assert torch.equal(value, head[key]), key
     assert any(not torch.equal(v, tail[k]) for k, v in trainer.generator.tail.state_dict().items())
     assert any(not torch.equal(a, b) for a, b in zip(trainer.generator.body[1].state_dict().values(), stage0.values()))
+
+
+def test_scale_epochs_give_each_scale_its_own_epochs_and_learning_rate_milestone(tmp_path):
+    trainer = make_trainer(tmp_path, num_scales=3, scale_epochs="5, 3,2", lr_decay_at=0.6, gamma_scheduler=0.5)
+    summaries = trainer.train()
+    assert [s.epochs for s in summaries] == [5, 3, 2]
+    for stage, epochs in enumerate((5, 3, 2)):
+        lines = (scale_dir(tmp_path, stage) / "stats.jsonl").read_text().splitlines()
+        assert len(lines) == epochs
+        decayed = [json.loads(line)["lr_critic"] < trainer.config.lr for line in lines]
+        milestone = max(1, round(0.6 * epochs))
+        assert decayed == [epoch >= milestone for epoch in range(1, epochs + 1)]
+
+
+@pytest.mark.parametrize("value", ["5,3", "5,3,0", "5,x,2", "5,3,2,1"])
+def test_scale_epochs_must_name_one_positive_count_per_scale(value):
+    with pytest.raises(ConsinganError, match="scale_epochs must be 3 positive integers"):
+        TrainConfig(num_scales=3, scale_epochs=value).validate()
 
 
 def test_training_lowers_reconstruction_error(tmp_path):

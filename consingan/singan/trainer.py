@@ -250,13 +250,16 @@ class SinGANTrainer:
                 rmse = reconstruction_loss(self.reconstruct(stage), self.reals[stage]).sqrt().item()
             generator.set_noise_amp(stage, self.config.noise_amp * rmse)
 
-    def make_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer, list]:
+    def make_optimizers(self, stage: int | None = None) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer, list]:
+        """Adam for the trained stages and the critic, each decayed at ``lr_decay_at`` of scale ``stage``'s epochs
+        (the newest stage's when None)."""
         config = self.config
+        stage = self.generator.num_stages - 1 if stage is None else stage
         betas = (config.beta1_adam, 0.999)
         groups = self.generator.param_groups(config.active_scales, config.lr, config.lr_factor)
         optimizer_g = torch.optim.Adam(groups, lr=config.lr, betas=betas)
         optimizer_d = torch.optim.Adam(self.critic.parameters(), lr=config.lr, betas=betas)
-        milestone = max(1, round(config.lr_decay_at * config.epochs))
+        milestone = max(1, round(config.lr_decay_at * config.epochs_of(stage)))
         schedulers = [
             torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=config.gamma_scheduler)
             for optimizer in (optimizer_g, optimizer_d)
@@ -370,10 +373,10 @@ class SinGANTrainer:
 
     def train_scale(self, stage: int, resume_state: TrainingState | None = None) -> ScaleSummary:
         """Train scale ``stage`` from its start, or from ``resume_state`` (a training state saved inside it)."""
-        config = self.config
+        config, epochs = self.config, self.config.epochs_of(stage)
         if resume_state is None:
             self.grow(stage)
-        optimizer_g, optimizer_d, schedulers = self.make_optimizers()
+        optimizer_g, optimizer_d, schedulers = self.make_optimizers(stage)
         self.average = ParameterAverage(self.generator, config.ema_decay) if config.ema_decay else None
         history: list[dict[str, float]] = []
         start_epoch, seconds_before = 0, 0.0
@@ -390,11 +393,11 @@ class SinGANTrainer:
             start_epoch, seconds_before = resume_state.epoch, resume_state.seconds
             history = resume_state.history
             restore_random_states(resume_state, self.device)
-        self.reporter.start_scale(stage, self.shapes[stage], config.epochs)
+        self.reporter.start_scale(stage, self.shapes[stage], epochs)
         started = time.perf_counter() - seconds_before
         optimizers = (optimizer_g, optimizer_d, schedulers)
         self.run.truncate_stats(self.run.scale_dir(stage), start_epoch)  # later epochs are trained again
-        for epoch in range(start_epoch + 1, config.epochs + 1):
+        for epoch in range(start_epoch + 1, epochs + 1):
             epoch_started = time.perf_counter()
             losses = self.train_epoch(stage, optimizer_g, optimizer_d, epoch)
             for scheduler in schedulers:
@@ -407,13 +410,13 @@ class SinGANTrainer:
                 "scale": stage, "epoch": epoch, "seconds": round(time.perf_counter() - epoch_started, 4), **losses,
                 "lr_generator": optimizer_g.param_groups[-1]["lr"], "lr_critic": optimizer_d.param_groups[0]["lr"]})
             self.reporter.update(stage, epoch, losses)
-            if epoch < config.epochs:
+            if epoch < epochs:
                 if config.preview_every and epoch % config.preview_every == 0:
                     self.write_outputs(stage, epoch)
                 if config.checkpoint_every and epoch % config.checkpoint_every == 0:
                     self.save_training_state(stage, epoch, history, time.perf_counter() - started, optimizers)
         seconds = time.perf_counter() - started
-        finished_before = start_epoch >= config.epochs  # killed between the final state and scale.json
+        finished_before = start_epoch >= epochs  # killed between the final state and scale.json
         if self.average is not None:  # the average takes over (again, when resumed after its final state)
             self.average.copy_to(self.generator)
         # One reconstruction for the outputs and the health check: at a scale trained on patches each whole output
@@ -421,17 +424,17 @@ class SinGANTrainer:
         with self.evaluating():
             reconstruction = self.reconstruct(stage)
         if not finished_before:
-            self.write_outputs(stage, config.epochs, reconstruction)
+            self.write_outputs(stage, epochs, reconstruction)
         health = self.check_health(stage, history, reconstruction=reconstruction)
         for message in health.warnings:
             self.reporter.warn(stage, message)
         summary = ScaleSummary(
-            stage=stage, shape=self.shapes[stage], epochs=config.epochs, seconds=seconds,
+            stage=stage, shape=self.shapes[stage], epochs=epochs, seconds=seconds,
             noise_amp=float(self.generator.noise_amps[stage]), losses=history[-1],
             lr_end=optimizer_g.param_groups[-1]["lr"], health=health.to_dict(),
         )
         if not finished_before:
-            self.save_training_state(stage, config.epochs, history, seconds, optimizers)
+            self.save_training_state(stage, epochs, history, seconds, optimizers)
         self.save_scale(stage, summary, history)
         self.reporter.end_scale(summary)
         return summary
@@ -764,7 +767,7 @@ def resume_plan(run_dir: Path | str, device: str | None = None) -> tuple[TrainCo
                      if state.stage + 1 < config.num_scales else "every scale is done: nothing left to train")
         else:
             where = (f"scales done: {len(done)}; it would go on with scale {state.stage} after epoch "
-                     f"{state.epoch} of {config.epochs}")
+                     f"{state.epoch} of {config.epochs_of(state.stage)}")
     return config, volume, where
 
 
