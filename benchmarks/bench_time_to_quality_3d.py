@@ -1,6 +1,7 @@
 """3D time to quality: wall time against sample quality for 3D settings, through the command line a user runs.
 
-    python benchmarks/bench_time_to_quality_3d.py                                   # the README's quick command, 3 seeds
+    python benchmarks/bench_time_to_quality_3d.py                     # the README's first command (mri-3d-quick), 3 seeds
+    python benchmarks/bench_time_to_quality_3d.py --image benchmarks/data/aniso_vox.nii.gz --flags "--max-size 48"
     python benchmarks/bench_time_to_quality_3d.py --settings quick --epochs 40 60 100 --seeds 0   # a curve
     python benchmarks/bench_time_to_quality_3d.py --image scan.nii.gz --settings mri-3d-cpu --seeds 0 1 2 3 4
 
@@ -32,6 +33,8 @@ ROOT = HERE.parent
 PRESETS = ROOT / "presets"
 
 SETTINGS: dict[str, list[str]] = {
+    # The README's first command: presets/mri-3d-quick.yaml (issue 22).
+    "mri-3d-quick": ["--config", str(PRESETS / "mri-3d-quick.yaml")],
     # The README's quick command before issue 22.
     "quick": ["--num-scales", "4", "--min-size", "14", "--epochs", "40", "--num-feature-channels", "16",
               "--preview-every", "20"],
@@ -46,8 +49,6 @@ SETTINGS: dict[str, list[str]] = {
     "fast5-coordinates-ema": ["--num-scales", "5", "--min-size", "12", "--epochs", "120", "--num-feature-channels",
                               "16", "--generator-update", "repeat", "--gradient-penalty-every", "3", "--preview-every",
                               "0", "--coordinates", "--ema-decay", "0.95"],
-    # The README's first command since the fifth session's study (issue 22).
-    "mri-3d-quick": ["--config", str(PRESETS / "mri-3d-quick.yaml")],
 }
 TARGETS = {"seconds": 300.0, "swd": 0.15, "diversity": 0.39, "coverage": 0.56, "pearson_r": 0.9}
 
@@ -59,12 +60,12 @@ def consingan(*args: str, threads: int) -> subprocess.CompletedProcess:
 
 
 def train_and_measure(image: Path, setting: str, epochs: int | None, seed: int, work: Path, threads: int,
-                      samples: int) -> dict:
+                      samples: int, extra: tuple[str, ...] = ()) -> dict:
     name = f"{setting}_e{epochs or 'preset'}_s{seed}"
     run = work / name
     if run.exists():
         raise SystemExit(f"{run} exists: choose another --work or delete it")
-    flags = [*SETTINGS[setting], *(["--epochs", str(epochs)] if epochs else [])]
+    flags = [*SETTINGS[setting], *(["--epochs", str(epochs)] if epochs else []), *extra]
     started = time.perf_counter()
     trained = consingan("train", "--image", str(image), "--dim", "3", "--seed", str(seed), "--out-dir", str(work),
                         "--run-name", name, *flags, threads=threads)
@@ -118,10 +119,13 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for setting in dict.fromkeys(r["setting"] for r in runs):
-        rows = sorted((r for r in runs if r["setting"] == setting), key=lambda r: r["seconds"])
-        for axis, key in zip(axes, ("swd", "diversity", "coverage")):
-            axis.plot([r["seconds"] for r in rows], [r[key] for r in rows], "o-", label=setting, alpha=0.8)
+    # A line joins one seed's epoch budgets (a curve); seeds of one budget are separate points of one colour.
+    for colour, setting in enumerate(dict.fromkeys(r["setting"] for r in runs)):
+        for index, seed in enumerate(dict.fromkeys(r["seed"] for r in runs if r["setting"] == setting)):
+            rows = sorted((r for r in runs if r["setting"] == setting and r["seed"] == seed), key=lambda r: r["seconds"])
+            for axis, key in zip(axes, ("swd", "diversity", "coverage")):
+                axis.plot([r["seconds"] for r in rows], [r[key] for r in rows], "o-", color=f"C{colour}",
+                          label=setting if index == 0 else None, alpha=0.8)
     for axis, key, label in zip(axes, ("swd", "diversity", "coverage"),
                                 ("multi-scale SWD (lower is closer)", "diversity", "coverage ratio (lower is closer)")):
         axis.axhline(TARGETS[key], color="grey", linestyle="--", linewidth=1)
@@ -138,7 +142,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", type=Path, default=ROOT / "data" / "vol.nii.gz")
-    parser.add_argument("--settings", nargs="+", default=["quick"], choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=["mri-3d-quick"], choices=list(SETTINGS))
     parser.add_argument("--epochs", type=int, nargs="+", default=[0],
                         help="epoch budgets per scale (0: the setting's own); several draw a curve")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -147,7 +151,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "time_to_quality_3d")
     parser.add_argument("--results", type=Path, default=HERE / "time_to_quality_3d.json")
     parser.add_argument("--plot", type=Path, default=HERE / "quality" / "time_to_quality_3d.png")
+    parser.add_argument("--flags", default="", help="more consingan train flags for every run, one string "
+                                                    "(for example '--max-size 48'); flags win over a preset file")
     args = parser.parse_args()
+    extra = tuple(args.flags.split())
     image = args.image.resolve()
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -157,7 +164,7 @@ def main() -> None:
             for epochs in args.epochs:
                 try:
                     row = train_and_measure(image, setting, epochs or None, seed, args.work, args.threads,
-                                            args.samples)
+                                            args.samples, extra)
                 except RuntimeError as error:  # one failed run must not stop the others
                     print(f"failed: {error}", flush=True)
                     continue
@@ -181,7 +188,8 @@ def main() -> None:
                               f"{args.threads} thread(s)")
         print(f"curves: {args.plot}")
     stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    key = f"{image.name}_{'_'.join(args.settings)}_e{'_'.join(map(str, args.epochs))}_seeds" \
+    key = f"{image.name}_{'_'.join(args.settings)}{'_' + '_'.join(extra) if extra else ''}_e" \
+          f"{'_'.join(map(str, args.epochs))}_seeds" \
           f"{'_'.join(map(str, args.seeds))}_t{args.threads}"
     stored[key] = {"rows": rows, "runs": runs}
     args.results.write_text(json.dumps(stored, indent=1, default=str) + "\n")
