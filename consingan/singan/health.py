@@ -128,8 +128,8 @@ def _check_likeness(health: ScaleHealth, real: torch.Tensor, samples: torch.Tens
     health.background = [match["background_image"][0], match["background_samples"][0]]
     if health.sample_coverage >= FAR_COVERAGE and health.reconstruction_coverage < NEAR_COVERAGE:
         health.warnings.append(
-            f"random samples are far from the image (coverage ratio {health.sample_coverage:.2f}: no better than a "
-            f"flat average) while the reconstruction is close ({health.reconstruction_coverage:.2f}): the generator "
+            f"random samples are far from the image (coverage ratio {health.sample_coverage:.2f}, where 1 is a flat "
+            f"average's) while the reconstruction is close ({health.reconstruction_coverage:.2f}): the generator "
             f"ignores its noise and has learnt only its reconstruction input")
     reason = intensity_failure(match)
     if reason is not None:
