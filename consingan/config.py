@@ -192,8 +192,7 @@ class TrainConfig:
         """Epochs of scale ``stage``: its entry of ``scale_epochs``, or ``epochs`` when that is empty."""
         if not self.scale_epochs:
             return self.epochs
-        text = self.scale_epochs if isinstance(self.scale_epochs, str) else str(self.scale_epochs)
-        parts = [part.strip() for part in text.split(",")]
+        parts = [part.strip() for part in str(self.scale_epochs).split(",")]  # str(): a YAML file may give an int
         if len(parts) != self.num_scales or not all(part.isdigit() and int(part) > 0 for part in parts):
             raise ConsinganError(f"scale_epochs must be {self.num_scales} positive integers separated by commas "
                                  f"(one per scale, coarsest first), got {self.scale_epochs!r}")
