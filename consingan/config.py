@@ -117,6 +117,9 @@ class TrainConfig:
     coordinates: bool = _opt(False, "Give the coarsest generator stage one coordinate channel per axis (-1 to 1 "
                              "across the scale) beside its noise: an explicit position for the coarse layout "
                              "(ConSinGAN has only zero padding's implicit one).")
+    anchor_layout: float = _opt(0.0, "Keep the coarsest scale on the image's layout: stage 0's random input is the "
+                                "coarsest real image plus noise of this spread, so samples vary about the image's "
+                                "anatomy instead of drawing a layout from noise; 0: pure noise, as in ConSinGAN.")
     ema_decay: float = _opt(0.0, "Decay of an exponential moving average of the generator's weights within each "
                             "scale, which replaces the weights at the scale's end (samples, outputs and the next "
                             "scale start from the average); 0: off, as in ConSinGAN.")
@@ -141,7 +144,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConsinganError(f"{name} must be a positive integer, got {value!r}")
         positive_floats = ["lr", "lr_factor", "gamma_scheduler", "noise_amp"]
-        non_negative_floats = ["lrelu_alpha", "alpha_rec_loss", "lambda_grad_penalty"]
+        non_negative_floats = ["lrelu_alpha", "alpha_rec_loss", "lambda_grad_penalty", "anchor_layout"]
         for name in positive_floats + non_negative_floats:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -1,14 +1,20 @@
-"""``--coordinates``: stage 0's coordinate channels through training, saving, sampling (tiled and retargeted)."""
+"""Stage 0's layout options: ``--coordinates`` (coordinate channels) and ``--anchor-layout`` (an anchor on the coarsest
+real image) through training, saving, sampling (tiled, retargeted, injected) and resuming."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+import torch
 
+from consingan.checkpoint import load_state
 from consingan.cli import app
+from consingan.config import TrainConfig
 from consingan.io import read_volume
 from consingan.singan.sampler import TrainedPyramid
-from tests.conftest import TINY
+from consingan.singan.trainer import resume, train
+from tests.conftest import TINY, StopAt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,3 +36,54 @@ def test_a_run_with_coordinates_trains_samples_in_tiles_and_retargets(runner, ni
         assert result.exit_code == 0, result.output
     written = read_volume(out_dir / "retargeted" / "sample_0000.nii.gz", 3, check_values=False)
     assert written.spatial_shape == (12, 20, 16)  # --shape is in the engine's axis order, as read_volume gives it
+
+
+def test_an_anchored_run_trains_samples_in_tiles_retargets_injects_and_resumes(runner, nifti_3d, out_dir):
+    """``--anchor-layout``: stage 0 draws about the coarsest real image; the anchor is saved with the generator, so
+    loading, tiling, retargeting, injecting and resuming all see it."""
+    result = runner.invoke(app, ["train", "--image", str(nifti_3d), "--dim", "3", "--out-dir", str(out_dir),
+                                 "--run-name", "a", *TINY, "--anchor-layout", "0.3"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    run = out_dir / "a"
+    assert json.loads((run / "config.json").read_text())["anchor_layout"] == 0.3
+    pyramid = TrainedPyramid.load(run)
+    generator = pyramid.generator
+    assert generator.noise_amps[0].item() == pytest.approx(0.3)
+    assert tuple(generator.anchor.shape[2:]) == tuple(pyramid.shapes[0])
+    whole, tiled = pyramid.sample(2, seed=3, tile="off"), pyramid.sample(2, seed=3, tile=7)
+    assert np.allclose(whole, tiled, atol=2e-5, rtol=0)
+    assert not torch.equal(whole[0], whole[1])  # the noise still varies the samples
+    # Injecting the training image at stage 0 reproduces the anchored reconstruction input (zero noise).
+    image = read_volume(pyramid.run.config.image, 3).array
+    plain = pyramid.sample(1, seed=5, start_scale=1)
+    injected = pyramid.sample(1, seed=5, start_scale=1, inject=image)
+    edited = pyramid.sample(1, seed=5, start_scale=1, inject=np.flip(image, axis=1).copy())
+    same, changed = (plain - injected).abs().max().item(), (plain - edited).abs().max().item()
+    assert changed > 100 * max(same, 1e-7)
+    result = runner.invoke(app, ["sample", str(run), "--out", str(out_dir / "r"), "--num", "1", "--shape",
+                                 "12,20,16"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    written = read_volume(out_dir / "r" / "sample_0000.nii.gz", 3, check_values=False)
+    assert written.spatial_shape == (12, 20, 16)
+
+
+def test_an_anchored_run_interrupted_and_resumed_equals_the_uninterrupted_one(nifti_3d, out_dir):
+    config = TrainConfig(image=str(nifti_3d), dimension=3, epochs=4, num_scales=2, num_feature_channels=8,
+                         num_layers=2, min_size=10, preview_every=0, checkpoint_every=2, seed=5, device="cpu",
+                         out_dir=str(out_dir), anchor_layout=0.2)
+    reference = train(dataclasses.replace(config, run_name="whole"))
+    with pytest.raises(KeyboardInterrupt):
+        train(dataclasses.replace(config, run_name="cut"), reporter=StopAt(0, 3))
+    resumed = resume(out_dir / "cut")
+    whole, cut = (load_state(r.run_dir / "scale_01" / "training_state.pt")["models"]["generator"]
+                  for r in (reference, resumed))
+    assert "anchor" in whole and whole.keys() == cut.keys()
+    for key in whole:
+        assert torch.equal(whole[key], cut[key]), key
+
+
+def test_a_negative_anchor_spread_is_refused(runner, nifti_3d, out_dir):
+    result = runner.invoke(app, ["train", "--image", str(nifti_3d), "--dim", "3", "--out-dir", str(out_dir),
+                                 *TINY, "--anchor-layout", "-0.1"], terminal_width=200)
+    assert result.exit_code != 0 and "anchor_layout" in result.output and "Traceback" not in result.output
+    assert not any(out_dir.iterdir()) if out_dir.exists() else True

@@ -110,6 +110,43 @@ def test_with_coordinates_a_region_and_tiles_equal_the_whole_forward(dims, paddi
         assert torch.allclose(result[name], reference[name], rtol=0, atol=1e-10), name
 
 
+@pytest.mark.parametrize("dims,padding,coordinates", [(2, 0, False), (2, 1, True), (3, 0, True), (3, 1, False)])
+def test_an_anchored_generator_regions_tiles_and_gradients_equal_the_whole_forward(dims, padding, coordinates):
+    """With ``set_anchor`` stage 0's input is the anchor plus its scaled noise: a region adds the anchor's box, so
+    region forwards, tiles and gradients give the whole forward, and the anchor changes the output."""
+    generator = make(dims, padding, cbam=False, coordinates=coordinates)
+    shapes = SHAPES[dims]
+    free = copy.deepcopy(generator)
+    anchor = torch.randn(1, 2, *shapes[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    generator.set_anchor(anchor, 0.25)
+    assert generator.noise_amps[0].item() == 0.25
+    assert torch.equal(generator.reconstruction_noise(0), torch.zeros_like(anchor))
+    noise = whole_noise(generator, shapes)
+    source = R.TensorNoise(generator, noise)
+    with torch.no_grad():
+        whole = generator(noise)
+        for box in boxes_of(shapes[-1]):
+            region = R.region_forward(generator, source, box)
+            assert torch.allclose(region, whole[R.box_slices(box)], rtol=0, atol=1e-10), box
+        field = R.NoiseField.for_generator(generator, shapes, seed=7, chunk=5)
+        tiled = R.generate_tiled(generator, field, tile=(6, 7, 5)[:dims])
+        assert torch.allclose(tiled, generator(field.whole_noise()), rtol=0, atol=1e-10)
+        # The anchored forward is the free generator's forward from the anchor plus the scaled noise.
+        free.noise_amps[0] = 1.0
+        assert torch.allclose(whole, free([anchor + 0.25 * noise[0], *noise[1:]]), rtol=0, atol=1e-10)
+        # An injected image comes back through noise_for_input.
+        image = torch.randn_like(anchor)
+        injected = generator([generator.noise_for_input(image), *noise[1:]])
+        assert torch.allclose(injected, free([image, *noise[1:]]), rtol=0, atol=1e-10)
+    box = boxes_of(shapes[-1])[2]
+    weights = torch.randn(whole[R.box_slices(box)].shape, dtype=torch.float64)
+    reference = grads(generator, (generator(noise)[R.box_slices(box)] * weights).sum())
+    result = grads(generator, (R.region_forward(generator, source, box) * weights).sum())
+    for name in reference:
+        if reference[name] is not None:
+            assert torch.allclose(result[name], reference[name], rtol=0, atol=1e-10), name
+
+
 @pytest.mark.parametrize("dims,padding", [(2, 0), (2, 1), (3, 0), (3, 1)])
 def test_region_equals_the_whole_forward_in_float32(dims, padding):
     """float32 takes the oneDNN convolutions in 3D and PyTorch's float32 interpolation weights."""

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from consingan.nn import CBAM, ConvBlock, factory
 from consingan.nn.interpolation import Resampler
+from consingan.nn.resample import resize
 from consingan.singan.regions import Box, box_slices, noise_box, whole_box
 
 
@@ -102,7 +103,7 @@ class GrowingGenerator(nn.Module):
         negative_slope: of the leaky ReLUs.
         cbam: put a CBAM module at the end of each stage.
         upsampling: resampling between stages, 'linear' (bi/trilinear) or 'cubic' (2D only, the reference's).
-        coordinates: stage 0's head also takes one coordinate channel per axis (``with_coordinates``).
+        coordinates: stage 0's head also takes one coordinate channel per axis (``head_input``).
     """
 
     def __init__(
@@ -243,7 +244,7 @@ class GrowingGenerator(nn.Module):
         body_input = [s + self.body_shrink for s in self.output_shape(0, noise[0])]
 
         def first_stage(z: torch.Tensor) -> torch.Tensor:  # the head belongs to stage 0: it trains with it
-            return self.body[0](self._resize(self.head(self.with_coordinates(z)), body_input))
+            return self.body[0](self._resize(self.head(self.head_input(z)), body_input))
 
         features = self.run_stage(0, first_stage, noise[0] * self.noise_amps[0])
         for k in range(1, num_stages):
@@ -253,17 +254,42 @@ class GrowingGenerator(nn.Module):
             features = self.run_stage(k, self.body[k], stage_input) + upsampled
         return self.tail(features)
 
-    def with_coordinates(self, z: torch.Tensor, box: Box | None = None, grid: Sequence[int] | None = None
-                         ) -> torch.Tensor:
-        """The head's input from stage 0's noise ``z``: the noise itself, or with ``coordinates`` the noise and one
-        channel per axis running from -1 to 1 across stage 0's grid ``grid`` (``z``'s own when None), cropped to
-        ``box`` (a region forward's; the whole grid when None), so that a region sees the position it has in the
-        whole. The coordinates span the grid whatever its size, so a retargeted sample keeps the layout's
-        proportions."""
-        if not self.coordinates:
-            return z
+    def set_anchor(self, image: torch.Tensor, spread: float) -> None:
+        """Anchor stage 0 on ``image`` (the coarsest real image, [1, C, *spatial]): its input becomes ``image`` plus
+        its noise times ``spread`` (stage 0's amplitude), so random samples keep the image's coarse layout and vary
+        about it, and its reconstruction input becomes zero (the image itself). Without an anchor stage 0 draws its
+        layout from noise alone, as ConSinGAN does."""
+        self.register_buffer("anchor", image.detach().clone())
+        self.set_reconstruction_noise(0, torch.zeros_like(image))
+        self.set_noise_amp(0, spread)
+
+    def anchor_on(self, grid: Sequence[int]) -> torch.Tensor | None:
+        """The anchor resized to stage 0's ``grid`` (a retargeted sample's), or None without one."""
+        anchor = getattr(self, "anchor", None)
+        if anchor is None or tuple(anchor.shape[2:]) == tuple(grid):
+            return anchor
+        return resize(anchor, grid)  # image-space, as retargeting resizes stage 0's reconstruction input
+
+    def noise_for_input(self, image: torch.Tensor) -> torch.Tensor:
+        """The stage-0 noise that makes the head see ``image`` (an injected coarse image): the image itself without
+        an anchor (stage 0's amplitude is 1 then), else its difference from the anchor over the amplitude."""
+        anchor = self.anchor_on(image.shape[2:])
+        return image if anchor is None else (image - anchor) / self.noise_amps[0]
+
+    def head_input(self, z: torch.Tensor, box: Box | None = None, grid: Sequence[int] | None = None
+                   ) -> torch.Tensor:
+        """The head's input from stage 0's scaled noise ``z`` over ``box`` of stage 0's grid ``grid`` (``z``'s own
+        when None; the whole grid when ``box`` is None): the anchor's box added (``set_anchor``), then with
+        ``coordinates`` one channel per axis running from -1 to 1 across the grid. A region sees the anchor and the
+        position it has in the whole; the coordinates span the grid whatever its size, so a retargeted sample keeps
+        the layout's proportions."""
         grid = tuple(z.shape[2:]) if grid is None else tuple(grid)
         box = whole_box(grid) if box is None else box
+        anchor = self.anchor_on(grid)
+        if anchor is not None:
+            z = z + anchor[box_slices(box)].to(z.dtype)
+        if not self.coordinates:
+            return z
         axes = [torch.linspace(-1.0, 1.0, n, device=z.device, dtype=z.dtype)[a:b] for n, (a, b) in zip(grid, box)]
         position = torch.stack(torch.meshgrid(*axes, indexing="ij"))
         return torch.cat([z, position.expand(z.shape[0], *position.shape)], 1)
@@ -295,7 +321,7 @@ class GrowingGenerator(nn.Module):
         device = self.noise_amps.device
         self.noise_amps = torch.zeros_like(state["noise_amps"], device=device)
         for key, value in state.items():
-            if key.startswith(("rec_noise_", "rec_field_")):
+            if key.startswith(("rec_noise_", "rec_field_")) or key == "anchor":
                 self.register_buffer(key, torch.zeros_like(value, device=device))
         self.load_state_dict(state, strict=True)
 

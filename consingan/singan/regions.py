@@ -317,8 +317,8 @@ class _Layout:
         reference = generator.noise_amps
         self.device, self.dtype = reference.device, next(generator.parameters()).dtype
         self.head = _Chain(_ops(generator.head, dims), self.noise[0])
-        # Stage 0's noise with the coordinate channels of its box, where the generator has them.
-        self.head_input = getattr(generator, "with_coordinates", lambda z, box, grid: z)
+        # Stage 0's noise with the anchor and coordinate channels of its box, where the generator has them.
+        self.head_input = getattr(generator, "head_input", lambda z, box, grid: z)
         self.tail = _Chain(_ops(generator.tail, dims), self.out[-1])
         self.bodies, self.pre_cbam = [], []
         for k in range(num_stages):

@@ -178,7 +178,7 @@ class TrainedPyramid:
                      F.interpolate(whole, size=grid, mode=factory.interpolation_mode(self.spatial_dims)))
             fixed[stage] = functools.partial(_crop, whole)
         if injected is not None:
-            fixed[0] = functools.partial(_crop, resize(injected, shapes[0]))
+            fixed[0] = functools.partial(_crop, generator.noise_for_input(resize(injected, shapes[0])))
         return SampleNoise(generator, shapes, seeds, fixed, NOISE_CHUNK[self.spatial_dims], NOISE_CACHE_BYTES)
 
     def _noise(self, shapes: Sequence[Shape], seed: int, start_scale: int, injected: torch.Tensor | None

@@ -229,7 +229,8 @@ class SinGANTrainer:
     def grow(self, stage: int) -> None:
         """Add stage ``stage`` (a copy of the previous one), fix its reconstruction noise and set its amplitude.
 
-        Stage 0 reconstructs from the coarsest real image itself (as ConSinGAN does for generation); later stages
+        Stage 0 reconstructs from the coarsest real image itself (as ConSinGAN does for generation; with
+        ``anchor_layout`` the image is its anchor instead, ``GrowingGenerator.set_anchor``); later stages
         from fixed random noise. A new stage's amplitude is ``noise_amp`` x RMSE between the real image at its scale
         and the reconstruction made just after it was added with amplitude 0.
         """
@@ -240,6 +241,8 @@ class SinGANTrainer:
             # A field (seed and grid) rather than a tensor: at 256^3 with 64 channels the tensor is 4 GiB, in every
             # checkpoint; the seed is drawn from the training's random state, so a run stays reproducible.
             generator.set_reconstruction_field(stage, int(torch.randint(0, 2**62, (1,))), self.shapes[stage])
+        elif stage == 0 and self.config.anchor_layout > 0:
+            generator.set_anchor(self.reals[0], self.config.anchor_layout)
         else:
             noise = (torch.randn(generator.noise_shape(stage, self.shapes[stage]), device=self.device) if stage > 0
                      else self.reals[0].clone())
