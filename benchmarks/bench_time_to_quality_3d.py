@@ -35,6 +35,8 @@ PRESETS = ROOT / "presets"
 SETTINGS: dict[str, list[str]] = {
     # The README's first command: presets/mri-3d-quick.yaml (issue 22).
     "mri-3d-quick": ["--config", str(PRESETS / "mri-3d-quick.yaml")],
+    # The same with stage 0 drawing its layout from noise alone (the preset before its anchor, 2026-12-02).
+    "mri-3d-quick-free": ["--config", str(PRESETS / "mri-3d-quick.yaml"), "--anchor-layout", "0"],
     # The README's quick command before issue 22.
     "quick": ["--num-scales", "4", "--min-size", "14", "--epochs", "40", "--num-feature-channels", "16",
               "--preview-every", "20"],
