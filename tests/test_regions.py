@@ -54,6 +54,19 @@ def boxes_of(shape):
     ]
 
 
+def assert_regions_and_tiles_equal_the_whole(generator, source, noise, shapes):
+    """Region forwards (CBAM-free generators) over ``boxes_of`` and tiled generation equal the whole forward, which
+    is returned."""
+    whole = generator(noise)
+    for box in boxes_of(shapes[-1]):
+        region = R.region_forward(generator, source, box)
+        assert torch.allclose(region, whole[R.box_slices(box)], rtol=0, atol=1e-10), box
+    field = R.NoiseField.for_generator(generator, shapes, seed=7, chunk=5)
+    tiled = R.generate_tiled(generator, field, tile=(6, 7, 5)[:len(shapes[-1])])
+    assert torch.allclose(tiled, generator(field.whole_noise()), rtol=0, atol=1e-10)
+    return whole
+
+
 def grads(generator, loss):
     generator.zero_grad(set_to_none=True)
     loss.backward()
@@ -89,13 +102,7 @@ def test_with_coordinates_a_region_and_tiles_equal_the_whole_forward(dims, paddi
     noise = whole_noise(generator, shapes)
     source = R.TensorNoise(generator, noise)
     with torch.no_grad():
-        whole = generator(noise)
-        for box in boxes_of(shapes[-1]):
-            region = R.region_forward(generator, source, box)
-            assert torch.allclose(region, whole[R.box_slices(box)], rtol=0, atol=1e-10), box
-        field = R.NoiseField.for_generator(generator, shapes, seed=7, chunk=5)
-        tiled = R.generate_tiled(generator, field, tile=(6, 7, 5)[:dims])
-        assert torch.allclose(tiled, generator(field.whole_noise()), rtol=0, atol=1e-10)
+        whole = assert_regions_and_tiles_equal_the_whole(generator, source, noise, shapes)
         blind = copy.deepcopy(generator)
         blind.coordinates = False
         head = blind.head[1].conv
@@ -124,13 +131,7 @@ def test_an_anchored_generator_regions_tiles_and_gradients_equal_the_whole_forwa
     noise = whole_noise(generator, shapes)
     source = R.TensorNoise(generator, noise)
     with torch.no_grad():
-        whole = generator(noise)
-        for box in boxes_of(shapes[-1]):
-            region = R.region_forward(generator, source, box)
-            assert torch.allclose(region, whole[R.box_slices(box)], rtol=0, atol=1e-10), box
-        field = R.NoiseField.for_generator(generator, shapes, seed=7, chunk=5)
-        tiled = R.generate_tiled(generator, field, tile=(6, 7, 5)[:dims])
-        assert torch.allclose(tiled, generator(field.whole_noise()), rtol=0, atol=1e-10)
+        whole = assert_regions_and_tiles_equal_the_whole(generator, source, noise, shapes)
         # The anchored forward is the free generator's forward from the anchor plus the scaled noise.
         free.noise_amps[0] = 1.0
         assert torch.allclose(whole, free([anchor + 0.25 * noise[0], *noise[1:]]), rtol=0, atol=1e-10)
