@@ -399,7 +399,7 @@ def evaluate_command(
 ) -> None:
     """Judge a trained pyramid (or, with --samples and --image, any folder of samples) offline: SWD, random-feature
     Frechet distance, diversity, intensity histograms, memorisation and coverage, a verdict (ok, low diversity,
-    collapse, copying), reconstruction PSNR/SSIM."""
+    collapse, copying, failed), reconstruction PSNR/SSIM."""
     try:
         from consingan.metrics.evaluate import EvaluateConfig, evaluate, evaluate_samples, summary_rows, write_report
         from consingan.outputs import check_encodable, out_refusal

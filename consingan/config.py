@@ -120,6 +120,13 @@ class TrainConfig:
     anchor_layout: float = _opt(0.0, "Keep the coarsest scale on the image's layout: stage 0's random input is the "
                                 "coarsest real image plus noise of this spread, so samples vary about the image's "
                                 "anatomy instead of drawing a layout from noise; 0: pure noise, as in ConSinGAN.")
+    diversity_weight: float = _opt(0.0, "Weight of a diversity-sensitive loss (after Yang et al., ICLR 2019): each "
+                                   "generator step draws two random samples and is penalised by how far their mean "
+                                   "absolute difference, over the image's mean absolute deviation at that scale, "
+                                   "falls short of --diversity-target; keeps a generator from learning to ignore its "
+                                   "noise (an anchored coarsest scale on a smooth image); 0: off, as in ConSinGAN.")
+    diversity_target: float = _opt(0.5, "The difference between two random samples (see --diversity-weight) above "
+                                   "which the diversity loss stops pushing.")
     ema_decay: float = _opt(0.0, "Decay of an exponential moving average of the generator's weights within each "
                             "scale, which replaces the weights at the scale's end (samples, outputs and the next "
                             "scale start from the average); 0: off, as in ConSinGAN.")
@@ -144,7 +151,8 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConsinganError(f"{name} must be a positive integer, got {value!r}")
         positive_floats = ["lr", "lr_factor", "gamma_scheduler", "noise_amp"]
-        non_negative_floats = ["lrelu_alpha", "alpha_rec_loss", "lambda_grad_penalty", "anchor_layout"]
+        non_negative_floats = ["lrelu_alpha", "alpha_rec_loss", "lambda_grad_penalty", "anchor_layout",
+                               "diversity_weight", "diversity_target"]
         for name in positive_floats + non_negative_floats:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -87,6 +87,17 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.is_floating_point() and torch.finfo(x.dtype).bits < 32 else x
 
 
+def diversity_shortfall(first: torch.Tensor, second: torch.Tensor, spread: torch.Tensor | float,
+                        target: float) -> torch.Tensor:
+    """How far two samples drawn from different noise differ by less than ``target``: their mean absolute difference
+    over ``spread`` (the image's mean absolute deviation), subtracted from ``target``, and 0 once it is reached.
+
+    A clipped form of the diversity-sensitive regulariser of Yang et al. (ICLR 2019): minimised, it pushes a
+    generator that maps every noise to one output to make its outputs differ, and stops pushing at ``target``, so
+    a generator that varies enough trains as without it."""
+    return (target - (first - second).abs().mean() / spread).clamp_min(0)
+
+
 def reconstruction_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error, as in SinGAN/ConSinGAN's reconstruction term."""
     return F.mse_loss(output, target)

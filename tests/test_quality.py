@@ -286,3 +286,15 @@ def test_health_warns_when_samples_ignore_their_noise_and_miss_the_background():
     samples = torch.from_numpy(np.stack([blobs((24, 24, 12), s) * 2 - 1 for s in range(1, 5)])).float()[:, None]
     samples = torch.where(samples < -0.2, torch.tensor(-1.0), samples)
     assert check_scale(history, real, samples, reconstruction=real + 0.01).warnings == []
+
+
+def test_near_copies_of_the_image_are_low_diversity_not_ok():
+    # The anchored run on the 5 mm ICBM template (issue 22, seed 0): coverage 0.185, memorisation ratio 0.55 (just
+    # above the copying threshold), diversity 0.07: every sample the template's blurred silhouette. It read "OK".
+    memo = {"ratio": 0.55, "coverage_ratio": 0.185, "copying": False}
+    label, reason = measures.verdict(0.07, memo)
+    assert label == "low diversity" and "0.070" in reason
+    # The same measures at the lowest diversity of a run that passes (the template without the anchor, 0.26) are OK ...
+    assert measures.verdict(0.26, memo)[0] == "ok"
+    # ... and a run that fails for another reason says that reason first.
+    assert measures.verdict(0.07, {"ratio": 1.4, "coverage_ratio": 1.42, "copying": False})[0] == "failed"

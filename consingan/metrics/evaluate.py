@@ -32,6 +32,7 @@ class EvaluateConfig:
     swd_levels: int = 4  # Laplacian levels
     memorisation_threshold: float = 0.5  # flag copying below this ratio of sample-to-real over real-to-real distance
     collapse_diversity: float = 0.05  # samples less diverse than this are a collapse (or a copy, see verdict)
+    low_diversity: float = measures.LOW_DIVERSITY  # like the image but less diverse than this: 'low diversity'
     # A local Inception-v3 state dict for SinGAN's 2D SIFID (its layer before the second pooling, image at its own
     # size): torchvision's ImageNet weights give numbers comparable with published SIFID for 8-bit RGB images spanning
     # 0..255 (the measurement space then maps values as SinGAN does); pytorch-fid's file loads too, with other values.
@@ -254,7 +255,8 @@ def compute_measures(real: torch.Tensor, fake: torch.Tensor, reconstruction: tor
     structure = {"swd": swd["mean"], "blurred_swd": measures.blurred_baseline_swd(
         real, options.patch_size, options.swd_levels, seed=options.seed)}
     label, reason = measures.verdict(diversity, memo, options.collapse_diversity, ends["stuck"],
-                                     intensities=intensities, structure=structure)
+                                     intensities=intensities, structure=structure,
+                                     low_diversity=options.low_diversity)
     return {
         **extra,
         "swd": swd,

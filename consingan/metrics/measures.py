@@ -413,24 +413,31 @@ def structure_failure(structure: dict) -> str | None:
             f"image's structure")
 
 
+# Samples that pass every other check but vary by less than this share of the image's spread (SinGAN's diversity)
+# stay near one image: as augmentations they add little. Measured (issue 22): anchored runs on the smooth 5 mm ICBM
+# template 0.07 - 0.14 (samples the template's blurred silhouette, nearly one another); runs of the quality studies
+# that pass the other checks 0.26 and more (benchmarks/QUALITY.md, "near-copies of a smooth template").
+LOW_DIVERSITY = 0.15
+
+
 def verdict(diversity_value: float, memo: dict, collapse_diversity: float = 0.05, stuck: float = 0.0,
-            max_stuck: float = 0.4, intensities: dict | None = None, structure: dict | None = None) -> tuple[str, str]:
+            max_stuck: float = 0.4, intensities: dict | None = None, structure: dict | None = None,
+            low_diversity: float = LOW_DIVERSITY) -> tuple[str, str]:
     """(label, explanation): 'copying' (samples close to the image both ways: they return it), 'collapse' (samples
-    do not vary and miss the image, or sit at the ends of its range where the image has structure), 'low diversity'
-    (they do not vary but cover it), 'failed' (they vary but are no closer to the image than a flat average, their
-    intensities are unlike the image's: no background where it has one, or, given ``structure`` (``swd`` and
-    ``blurred_swd``), their patches are farther from the image's than a blurred copy's) or 'ok'."""
+    do not vary and miss the image, or sit at the ends of its range where the image has structure), 'failed' (they
+    are no closer to the image than a flat average, their intensities are unlike the image's: no background where it
+    has one, or, given ``structure`` (``swd`` and ``blurred_swd``), their patches are farther from the image's than a
+    blurred copy's), 'low diversity' (they are like the image but vary by less than ``low_diversity``: near copies of
+    one image, or below ``collapse_diversity`` while covering it) or 'ok'."""
     if stuck > max_stuck:
         return "collapse", (f"{stuck:.0%} of the voxels the image keeps off its minimum and maximum sit there in the "
                             f"samples: the generator is stuck at the ends of its range")
     if memo["copying"]:
         return "copying", (f"sample patches match training patches ({memo['ratio']:.2f}) and cover the image "
                            f"({memo['coverage_ratio']:.2f}): the model returns its training image")
-    if diversity_value < collapse_diversity:
-        if memo["coverage_ratio"] >= 0.5:
-            return "collapse", (f"samples do not vary (diversity {diversity_value:.3f}) and miss most of the image "
-                                f"(coverage ratio {memo['coverage_ratio']:.2f}): mode collapse")
-        return "low diversity", f"samples barely vary (diversity {diversity_value:.3f})"
+    if diversity_value < collapse_diversity and memo["coverage_ratio"] >= 0.5:
+        return "collapse", (f"samples do not vary (diversity {diversity_value:.3f}) and miss most of the image "
+                            f"(coverage ratio {memo['coverage_ratio']:.2f}): mode collapse")
     if memo["coverage_ratio"] >= MAX_COVERAGE:
         return "failed", (f"the samples reproduce the image's patches no better than a flat average would "
                           f"(coverage ratio {memo['coverage_ratio']:.2f}, OK needs below {MAX_COVERAGE}): the model "
@@ -440,6 +447,9 @@ def verdict(diversity_value: float, memo: dict, collapse_diversity: float = 0.05
         reason = structure_failure(structure)
     if reason is not None:
         return "failed", reason
+    if diversity_value < low_diversity:
+        return "low diversity", (f"samples barely vary (diversity {diversity_value:.3f}, OK needs {low_diversity:g} "
+                                 f"or more): they stay near one image and add little as augmentations")
     return "ok", (f"samples vary (diversity {diversity_value:.2f}), are not copies and cover the image (coverage "
                   f"ratio {memo['coverage_ratio']:.2f}) with its intensities")
 

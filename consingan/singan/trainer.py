@@ -20,6 +20,7 @@ from consingan.io import IntensityRange, LabelEncoding, Volume, encode_header, r
 from consingan.io.preview import label_image, preview_grid, write_png
 from consingan.nn.ema import ParameterAverage
 from consingan.losses import (
+    diversity_shortfall,
     gradient_penalty,
     joint_scores,
     reconstruction_loss,
@@ -82,11 +83,12 @@ class TrainResult:
 @dataclass(frozen=True)
 class _Steps:
     """What one epoch trains on (whole images or patches): ``fake()`` the critic's fake (called without gradient),
-    ``real()`` a real image to score beside a fake, ``generate(with_rec)`` a fake and the reconstruction loss."""
+    ``real()`` a real image to score beside a fake, ``generate(with_rec)`` a fake, the reconstruction loss and, when
+    the diversity loss is on, a second fake from other noise (of the same region), else None."""
 
     fake: Callable[[], torch.Tensor]
     real: Callable[[], torch.Tensor]
-    generate: Callable[[bool], tuple[torch.Tensor, torch.Tensor]]
+    generate: Callable[[bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
 class Reporter(Protocol):
@@ -154,6 +156,8 @@ class SinGANTrainer:
         self.shapes = volume_pyramid_shapes(volume, config)
         image = torch.from_numpy(self.intensity.normalise(volume.array))[None].to(self.device)
         self.reals = build_pyramid(image, self.shapes)
+        # Each scale's mean absolute deviation: the diversity loss measures two samples' difference against it.
+        self.spreads = [(real - real.mean()).abs().mean().clamp_min(1e-8) for real in self.reals]
         block = architecture(config)
         self.generator = GrowingGenerator(config.dimension, volume.channels,
                                           **generator_arguments(config)).to(self.device)
@@ -314,19 +318,26 @@ class SinGANTrainer:
         for _ in range(backward_passes):
             optimizer_g.zero_grad(set_to_none=True)
             with self.autocast():
-                fake, rec = steps.generate(use_rec)
+                fake, rec, second = steps.generate(use_rec)
                 # With batch norm the fake is scored beside the real, with the statistics the critic learnt on.
                 scores = joint_scores(critic, steps.real(), fake)[1] if config.batch_norm else critic(fake)
             adversarial = wasserstein_generator_loss(scores.float())
-            scaler_g.scale(adversarial + config.alpha_rec_loss * rec).backward()
+            loss = adversarial + config.alpha_rec_loss * rec
+            if second is not None:
+                shortfall = diversity_shortfall(fake, second, self.spreads[stage], config.diversity_target)
+                loss = loss + config.diversity_weight * shortfall
+            scaler_g.scale(loss).backward()
             apply_gradient(scaler_g, optimizer_g, optimizer_steps)
             if self.average is not None:
                 self.average.update(self.generator)
         critic.requires_grad_(True)
-        return {
+        losses = {
             "critic": critic_loss.item(), "gradient_penalty": self.last_penalty,
             "adversarial": adversarial.item(), "reconstruction": rec.item(),
         }
+        if second is not None:
+            losses["diversity_shortfall"] = shortfall.item()
+        return losses
 
     def whole_steps(self, stage: int) -> "_Steps":
         """What an epoch of scale ``stage`` trains on: whole images."""
@@ -334,14 +345,16 @@ class SinGANTrainer:
         shapes = self.shapes[: stage + 1]
         rec_inputs = generator.reconstruction_inputs()
 
-        def generate(with_rec: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            noise = generator.sample_noise(shapes)
-            if not with_rec:
-                return generator(noise).float(), torch.zeros((), device=real.device)
-            # One batch of two (random, fixed) instead of two passes: the generator has no batch statistics, so
-            # this is the same computation, and a batch of 2 takes PyTorch's fast CPU convolution path.
-            output = generator([torch.cat([n, r]) for n, r in zip(noise, rec_inputs)]).float()  # under autocast too
-            return output[:1], reconstruction_loss(output[1:], real)
+        pairs = self.config.diversity_weight > 0  # two random samples per step, for the diversity loss
+
+        def generate(with_rec: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            noise = generator.sample_noise(shapes, batch_size=2 if pairs else 1)
+            # One batch (random, [second random,] fixed) instead of several passes: the generator has no batch
+            # statistics, so this is the same computation, and a batch of 2 takes PyTorch's fast CPU convolution path.
+            output = generator([torch.cat([n, r]) for n, r in zip(noise, rec_inputs)] if with_rec
+                               else noise).float()  # float32 under autocast too
+            rec = reconstruction_loss(output[-1:], real) if with_rec else torch.zeros((), device=real.device)
+            return output[:1], rec, output[1:2] if pairs else None
 
         return _Steps(fake=lambda: generator(generator.sample_noise(shapes)).float(), real=lambda: real,
                       generate=generate)
@@ -364,12 +377,16 @@ class SinGANTrainer:
             return region_forward(generator, noise, box, shapes=shapes, descriptors="region",
                                   frozen_below=frozen_below).float()
 
-        def generate(with_rec: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = self.config.diversity_weight > 0  # two random samples of the box per step, for the diversity loss
+        random = FreshNoise(generator, shapes, batch_size=2) if pairs else fresh
+
+        def generate(with_rec: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             box = self.random_box(stage)
-            if not with_rec:
-                return region(fresh, box), torch.zeros((), device=real.device)
-            output = region(lambda k, part: torch.cat([fresh(k, part), fixed(k, part)]), box)
-            return output[:1], reconstruction_loss(output[1:], real[box_slices(box)])
+            output = region(lambda k, part: torch.cat([random(k, part), fixed(k, part)]) if with_rec
+                            else random(k, part), box)
+            rec = (reconstruction_loss(output[-1:], real[box_slices(box)]) if with_rec
+                   else torch.zeros((), device=real.device))
+            return output[:1], rec, output[1:2] if pairs else None
 
         return _Steps(fake=lambda: region(fresh, self.random_box(stage)),
                       real=lambda: real[box_slices(self.random_box(stage))], generate=generate)
