@@ -339,13 +339,18 @@ class SinGANTrainer:
             losses["diversity_shortfall"] = shortfall.item()
         return losses
 
+    @property
+    def draws_pairs(self) -> bool:
+        """Whether each generator step draws two random samples (for the diversity loss) instead of one."""
+        return self.config.diversity_weight > 0
+
     def whole_steps(self, stage: int) -> "_Steps":
         """What an epoch of scale ``stage`` trains on: whole images."""
         generator, real = self.generator, self.reals[stage]
         shapes = self.shapes[: stage + 1]
         rec_inputs = generator.reconstruction_inputs()
 
-        pairs = self.config.diversity_weight > 0  # two random samples per step, for the diversity loss
+        pairs = self.draws_pairs
 
         def generate(with_rec: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             noise = generator.sample_noise(shapes, batch_size=2 if pairs else 1)
@@ -377,13 +382,13 @@ class SinGANTrainer:
             return region_forward(generator, noise, box, shapes=shapes, descriptors="region",
                                   frozen_below=frozen_below).float()
 
-        pairs = self.config.diversity_weight > 0  # two random samples of the box per step, for the diversity loss
-        random = FreshNoise(generator, shapes, batch_size=2) if pairs else fresh
+        pairs = self.draws_pairs
+        drawn = FreshNoise(generator, shapes, batch_size=2) if pairs else fresh
 
         def generate(with_rec: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             box = self.random_box(stage)
-            output = region(lambda k, part: torch.cat([random(k, part), fixed(k, part)]) if with_rec
-                            else random(k, part), box)
+            output = region(lambda k, part: torch.cat([drawn(k, part), fixed(k, part)]) if with_rec
+                            else drawn(k, part), box)
             rec = (reconstruction_loss(output[-1:], real[box_slices(box)]) if with_rec
                    else torch.zeros((), device=real.device))
             return output[:1], rec, output[1:2] if pairs else None
