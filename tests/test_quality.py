@@ -298,3 +298,21 @@ def test_near_copies_of_the_image_are_low_diversity_not_ok():
     assert measures.verdict(0.26, memo)[0] == "ok"
     # ... and a run that fails for another reason says that reason first.
     assert measures.verdict(0.07, {"ratio": 1.4, "coverage_ratio": 1.42, "copying": False})[0] == "failed"
+
+
+def test_health_warns_at_the_final_scale_when_samples_are_near_copies_of_the_image():
+    """The anchored preset on the ICBM template ended its last scale at diversity 0.07 (evaluate: 'low diversity');
+    the health check says so when it ends, not at a coarse scale, whose low diversity the finer scales can raise
+    (the fog study's scan: 0.07 at scale 0, 0.18 at the last)."""
+    history = [{"critic": -0.5 + 0.01 * e, "gradient_penalty": 0.1, "adversarial": 0.1 * (-1) ** e,
+                "reconstruction": 0.1 / (e + 1)} for e in range(40)]
+    real = torch.from_numpy(blobs((24, 24, 12)) * 1.6 - 0.8).float()[None, None]
+    rng = np.random.default_rng(2)
+    wobble = torch.from_numpy(rng.standard_normal((4, 1, 24, 24, 12))).float()
+    near_copies = real + 0.07 * real.std() * wobble
+    final = check_scale(history, real, near_copies, reconstruction=real, last=True)
+    assert 0.05 < final.diversity < 0.1 and any("barely vary" in w for w in final.warnings), final.warnings
+    assert not any("barely vary" in w for w in check_scale(history, real, near_copies, reconstruction=real).warnings)
+    varied = real + 0.4 * real.std() * wobble
+    assert not any("barely vary" in w
+                   for w in check_scale(history, real, varied, reconstruction=real, last=True).warnings)

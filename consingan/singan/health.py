@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from consingan.metrics.measures import stuck_share
+from consingan.metrics.measures import LOW_DIVERSITY, diversity as sample_diversity, stuck_share
 
 # An output within this distance of -1 or 1 is "at the end" of tanh's range, where its gradient is below 4 %.
 SATURATION_MARGIN = 0.02
@@ -78,18 +78,18 @@ def likeness(real: torch.Tensor, samples: torch.Tensor, reconstruction: torch.Te
 
 def check_scale(history: Sequence[dict[str, float]], real: torch.Tensor, samples: torch.Tensor,
                 reconstruction: torch.Tensor | None = None,
-                measured: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ScaleHealth:
+                measured: Callable[[torch.Tensor], torch.Tensor] | None = None, last: bool = False) -> ScaleHealth:
     """Judge one scale from its loss history, its real image [1, C, ...], a few samples [N, C, ...] (N >= 2) and
     (optionally) the reconstruction [1, C, ...], all in [-1, 1] and restricted to the image channels. ``measured``
     maps them into ``consingan evaluate``'s measurement space (the source's min-max) for the likeness checks, so
-    both judge alike."""
+    both judge alike. ``last``: the final scale, whose samples are the run's (near-copies are judged there only:
+    the finer scales add variation, so a coarse scale's low diversity is not yet the run's)."""
     epochs = len(history)
     rec = [row["reconstruction"] for row in history]
     adv = [row["adversarial"] for row in history]
     frozen = min(longest_frozen_run(rec), longest_frozen_run(adv))
     saturated, real_saturated = saturated_fraction(samples), saturated_fraction(real)
-    spread = real.std().clamp_min(1e-8)
-    diversity = float(samples.std(dim=0).mean() / spread)
+    diversity = sample_diversity(real, samples)  # evaluate's measure, so the two thresholds mean the same
     tail = history[-max(1, epochs // 4):]
     critic = sum(abs(row["critic"]) for row in tail) / len(tail)
     health = ScaleHealth(frozen, saturated, real_saturated, diversity, critic)
@@ -108,6 +108,12 @@ def check_scale(history: Sequence[dict[str, float]], real: torch.Tensor, samples
         warnings.append(
             f"samples do not vary (diversity {diversity:.3f}): the generator ignores its noise (mode collapse); "
             f"more epochs at the coarse scales or a larger --noise-amp usually help")
+    elif last and diversity < LOW_DIVERSITY:
+        warnings.append(
+            f"the final samples barely vary (diversity {diversity:.2f}, below the {LOW_DIVERSITY} under which "
+            f"consingan evaluate calls them low diversity): they stay near one image; with --anchor-layout, a smooth "
+            f"image (a template, a head in a dark field) can lose its variation to the anchor: try a larger spread "
+            f"or --anchor-layout 0")
     if epochs >= 20 and critic < FLAT_CRITIC:
         warnings.append(
             f"the critic's loss stayed within {FLAT_CRITIC:g} of zero: it cannot tell real from generated, so the "

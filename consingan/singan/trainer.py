@@ -518,7 +518,7 @@ class SinGANTrainer:
                                 for image in images])
 
         return check_scale(history, self.reals[stage][:, :shown], samples[:, :shown], reconstruction[:, :shown],
-                           measured)
+                           measured, last=stage == self.config.num_scales - 1)
 
     @property
     def image_channels(self) -> int:
