@@ -11,7 +11,10 @@ from consingan.nn import factory, fast_conv
     (16, 4, 1, 0, (1, 1, 1)), (24, 8, 3, 1, (30, 30, 6)),
 ])
 @pytest.mark.parametrize("batch", [1, 2])  # batch 1 below N*C*D*H 20480 takes the swapped-axes kernel gradient
-def test_matches_plain_convolution_to_second_order(in_channels, out_channels, kernel_size, padding, shape, batch):
+@pytest.mark.parametrize("route", ["auto", "native", "swapped"])  # the kernel gradient's two routes, and the timed pick
+def test_matches_plain_convolution_to_second_order(in_channels, out_channels, kernel_size, padding, shape, batch, route,
+                                                   monkeypatch):
+    monkeypatch.setattr(fast_conv, "weight_gradient_route", route)
     torch.manual_seed(0)
     conv = factory.conv(3, in_channels, out_channels, kernel_size, padding=padding)
     assert isinstance(conv, fast_conv.Conv3d)
@@ -38,3 +41,24 @@ def test_falls_back_where_it_does_not_apply():
     reflect = factory.conv(3, 4, 4, 3, padding=1, padding_mode="reflect")
     assert not fast_conv._usable(reflect, x)
     assert not fast_conv._usable(factory.conv(3, 4, 4, 3).double(), x.double())
+
+
+def test_kernel_gradient_route_is_timed_once_per_kind_of_map_and_fixed_in_deterministic_mode(monkeypatch):
+    monkeypatch.setattr(fast_conv, "_routes", {})
+    x, grad = torch.randn(2, 8, 16, 16, 16), torch.randn(2, 8, 16, 16, 16)
+    shape, padding = (8, 8, 3, 3, 3), (1, 1, 1)
+    route = fast_conv._route(x, grad, padding, shape)
+    assert route in ("native", "swapped") and len(fast_conv._routes) == 1
+    # A box one voxel narrower (patch training at a border) is the same kind of map: no second timing.
+    assert fast_conv._route(x[..., 1:], grad[..., 1:], padding, shape) == route and len(fast_conv._routes) == 1
+    assert fast_conv._route(torch.randn(2, 8, 30, 30, 30), torch.randn(2, 8, 30, 30, 30), padding, shape)
+    assert len(fast_conv._routes) == 2
+    # Batch 1 on a small map: PyTorch's own kernel is its slow reference one, never timed.
+    assert fast_conv._route(x[:1], grad[:1], padding, shape) == "swapped" and len(fast_conv._routes) == 2
+    monkeypatch.setattr(fast_conv, "_routes", {})
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert fast_conv._route(x, grad, padding, shape) == "native" and not fast_conv._routes
+    finally:
+        torch.use_deterministic_algorithms(previous)

@@ -12,6 +12,8 @@ same trick measured slower there (0.19 s vs 0.09 s per epoch at 16x16, 8 channel
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Sequence
 
 import torch
@@ -56,20 +58,66 @@ def _native_takes_onednn(x: torch.Tensor, kernel: Sequence[int]) -> bool:
     return x.shape[0] > 1 or x.shape[:4].numel() > 20480 or (kernel[-1] > 3 and kernel[-2] > 3)
 
 
-def _weight_gradient(x: torch.Tensor, grad: torch.Tensor, padding: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    """The kernel gradient of conv(x, weight) for the output gradient ``grad``.
+def _backward_weights(x: torch.Tensor, grad: torch.Tensor, padding: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """The kernel gradient by PyTorch's own backward of the convolution (oneDNN's backward-weights primitive where its
+    dispatch takes oneDNN, else its slow reference kernel)."""
+    dims = x.dim() - 2
+    weight = x.new_empty(shape)  # only its shape is read
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, [1] * dims, list(padding), [1] * dims,
+                                               False, [0] * dims, 1, [False, True, False])[1]
 
-    Where PyTorch's dispatch takes oneDNN, its own backward-weights primitive is the fastest (batch 2, 16 channels at
-    25x41x33 on one thread: 9 ms, against 33 ms for the correlation below). Elsewhere (batch 1 on small maps, where it
-    takes its slow reference kernel: 61 ms) the gradient is computed as one oneDNN convolution with batch and
-    channels swapped: each input channel is correlated with each output-gradient channel, summed over the batch
-    (9.5 ms)."""
-    if _native_takes_onednn(x, shape[2:]):
-        dims = x.dim() - 2
-        weight = x.new_empty(shape)  # only its shape is read
-        return torch.ops.aten.convolution_backward(grad, x, weight, None, [1] * dims, list(padding), [1] * dims,
-                                                   False, [0] * dims, 1, [False, True, False])[1]
+
+def _swapped_correlation(x: torch.Tensor, grad: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
+    """The kernel gradient as one oneDNN convolution with batch and channels swapped: each input channel is
+    correlated with each output-gradient channel, the batch summed as the convolution's input channels."""
     return _mkldnn_conv(x.transpose(0, 1), grad.transpose(0, 1), padding).transpose(0, 1)
+
+
+# Which of the two kernel-gradient routes is faster depends on the CPU, not only on the shape: oneDNN's
+# backward-weights primitive won at batch 2 (9 ms against 33 ms, 16 channels at 25x41x33, one thread) on the machine
+# that first measured it, and lost on an AVX2-only EPYC (21 ms against 12 ms at two threads; 40 against 21 at one).
+# So, like cuDNN's benchmark mode, each shape is timed once per process and the faster route kept. The swapped route
+# must win clearly (SWAP_MARGIN) to be taken, so that a near tie always resolves the same way and repeated runs on one
+# machine compute the same rounding. ``weight_gradient_route`` fixes the route instead ('native' or 'swapped'), and
+# deterministic mode (torch.use_deterministic_algorithms) never times anything: it takes 'native'.
+weight_gradient_route = "auto"
+SWAP_MARGIN = 1.25
+_routes: dict[tuple, str] = {}
+
+
+def _fastest_time(compute, repeats: int = 3) -> float:
+    compute()  # warm-up: oneDNN builds its primitive on first use
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        compute()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _route(x: torch.Tensor, grad: torch.Tensor, padding: Sequence[int], shape: Sequence[int]) -> str:
+    if weight_gradient_route != "auto":
+        return weight_gradient_route
+    if not _native_takes_onednn(x, shape[2:]):
+        return "swapped"  # PyTorch's own kernel there is the slow reference one (61 ms against 9.5 ms)
+    if torch.are_deterministic_algorithms_enabled():
+        return "native"
+    # Patch training meets a new box shape at every border; maps of the same channels within half an octave of
+    # voxels share one timing, so a run times a few dozen keys rather than hundreds.
+    size = round(2 * math.log2(x.shape[2:].numel()))
+    key = (x.shape[0], x.shape[1], grad.shape[1], size, tuple(shape[2:]), x.dtype, torch.get_num_threads())
+    if key not in _routes:
+        native = _fastest_time(lambda: _backward_weights(x, grad, padding, shape))
+        swapped = _fastest_time(lambda: _swapped_correlation(x, grad, padding))
+        _routes[key] = "swapped" if swapped * SWAP_MARGIN < native else "native"
+    return _routes[key]
+
+
+def _weight_gradient(x: torch.Tensor, grad: torch.Tensor, padding: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """The kernel gradient of conv(x, weight) for the output gradient ``grad``, by the route faster on this CPU."""
+    if _route(x, grad, padding, shape) == "native":
+        return _backward_weights(x, grad, padding, shape)
+    return _swapped_correlation(x, grad, padding)
 
 
 class _WeightGradient(torch.autograd.Function):
