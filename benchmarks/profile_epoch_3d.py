@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from consingan.config import TrainConfig, load_config_file
+from consingan.config import TrainConfig, apply_overrides, load_config_file
 from consingan.singan.trainer import SinGANTrainer, prepare
 
 # Operator name fragments -> the kind reported; the first match wins, so order matters.
@@ -80,7 +80,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     options = load_config_file(Path(args.preset))
-    config, volume = prepare(TrainConfig(image=args.image, dimension=args.dim, **options))
+    # Through the option checks a config file gets on the command line ('patch_size: 20' is a number in YAML).
+    base = TrainConfig(image=args.image, dimension=args.dim)
+    config, volume = prepare(apply_overrides(base, options, args.preset))
     torch.manual_seed(0)
     trainer = SinGANTrainer(config, volume, Path("/nonexistent"))  # nothing is written: epochs only
 

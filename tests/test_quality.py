@@ -272,9 +272,14 @@ def test_samples_without_the_images_background_are_not_ok():
     assert same["histogram_overlap"][0] == pytest.approx(1.0) and measures.intensity_failure(same) is None
 
 
+def steady_history(epochs: int = 40) -> list[dict[str, float]]:
+    """Losses of a scale that trained normally: a critic that learns, a falling reconstruction loss."""
+    return [{"critic": -0.5 + 0.01 * e, "gradient_penalty": 0.1, "adversarial": 0.1 * (-1) ** e,
+             "reconstruction": 0.1 / (e + 1)} for e in range(epochs)]
+
+
 def test_health_warns_when_samples_ignore_their_noise_and_miss_the_background():
-    history = [{"critic": -0.5 + 0.01 * e, "gradient_penalty": 0.1, "adversarial": 0.1 * (-1) ** e,
-                "reconstruction": 0.1 / (e + 1)} for e in range(40)]
+    history = steady_history()
     head = torch.from_numpy(blobs((24, 24, 12)) * 2 - 1).float()
     real = torch.where(head < -0.2, torch.tensor(-1.0), head)[None, None]
     rng = np.random.default_rng(1)
@@ -304,8 +309,7 @@ def test_health_warns_at_the_final_scale_when_samples_are_near_copies_of_the_ima
     """The anchored preset on the ICBM template ended its last scale at diversity 0.07 (evaluate: 'low diversity');
     the health check says so when it ends, not at a coarse scale, whose low diversity the finer scales can raise
     (the fog study's scan: 0.07 at scale 0, 0.18 at the last)."""
-    history = [{"critic": -0.5 + 0.01 * e, "gradient_penalty": 0.1, "adversarial": 0.1 * (-1) ** e,
-                "reconstruction": 0.1 / (e + 1)} for e in range(40)]
+    history = steady_history()
     real = torch.from_numpy(blobs((24, 24, 12)) * 1.6 - 0.8).float()[None, None]
     rng = np.random.default_rng(2)
     wobble = torch.from_numpy(rng.standard_normal((4, 1, 24, 24, 12))).float()
