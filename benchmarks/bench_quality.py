@@ -66,6 +66,12 @@ IMAGES = {
                        note="grey microscopy, one bright cell on a flat background"),
     "ihc": StudyImage(ROOT / "data" / "ihc.png", 2, 64, 25, 4, 32, 150, rgb=True,
                       note="RGB immunohistochemistry, glands and nuclei"),
+    "coffee": StudyImage(DATA / "coffee.png", 2, 64, 25, 4, 32, 150, rgb=True,
+                         note="natural photograph, a cup of coffee on a wooden table (issue 26's study set)"),
+    "brick": StudyImage(DATA / "brick.png", 2, 64, 25, 4, 32, 150, rgb=True,
+                        note="regular texture, a brick wall (issue 26's study set)"),
+    "grass": StudyImage(DATA / "grass.png", 2, 64, 25, 4, 32, 150, rgb=True,
+                        note="stochastic texture, grass (issue 26's study set)"),
     "ct": StudyImage(DATA / "ct_slice.npy", 2, 64, 25, 4, 32, 150, note="CT slice in scanner units, air to bone",
                      only=("default", "minmax", "preset")),
     "mri": StudyImage(DATA / "aniso_vox.nii.gz", 3, 48, 12, 3, 8, 60,
@@ -104,6 +110,7 @@ SETTINGS: dict[str, dict] = {
     "no-bn-cbam-repeat": {"batch_norm": False, "cbam": False, "generator_update": "repeat"},
     "no-bn-repeat-cubic": {"batch_norm": False, "generator_update": "repeat", "upsampling": "cubic"},
     "preset": {"config": str(ROOT / "presets" / "microscopy-2d.yaml")},
+    "preset-principal": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "colour_axes": "principal"},
 }
 
 

@@ -105,6 +105,10 @@ class TrainConfig:
                                   "tails compressed into the margins) or 'minmax'.")
     window_low_percentile: float = _opt(0.5, "Lower percentile of the intensity window.")
     window_high_percentile: float = _opt(99.5, "Upper percentile of the intensity window.")
+    colour_axes: str = _opt("channels", "Which axes of a colour image the intensity mapping works on: 'channels' "
+                            "(as stored) or 'principal' (the image's own principal colour axes, so that an error in "
+                            "one output channel is mostly a brightness error, not a false colour; no effect on one "
+                            "channel).")
     upsampling: str = _opt("linear", "Resampling between generator stages: 'linear' or 'cubic' (2D only; the "
                            "reference's bicubic).")
     gradient_penalty_every: int = _opt(1, "Compute the gradient penalty on every k-th critic update only, weighted "
@@ -184,6 +188,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConsinganError(f"{name} must be zero or a positive integer, got {value!r}")
         _check_choices(self, {"gradient_penalty": ("pixel", "image"), "intensity_mapping": ("window", "minmax"),
+                              "colour_axes": ("channels", "principal"),
                               "upsampling": ("linear", "cubic"), "generator_update": ("fresh", "repeat"),
                               "precision": PRECISIONS})
         if self.upsampling == "cubic" and self.dimension != 2:

@@ -8,11 +8,18 @@ Two mappings, both monotone, piecewise linear and invertible, so every output co
 - ``window`` (default): each channel's percentile window [p_low, p_high] onto [-w, w] (w = ``WINDOW_EDGE`` = 0.8), and
   the tails [min, p_low] and [p_high, max] compressed into the margins [-1, -w] and [w, 1]. The bulk of the image
   gets most of the range and stays off tanh's flat ends; nothing is clipped, the tails only get fewer levels.
+
+Either mapping can first turn a colour image's channels onto their principal axes (``principal=True``: the image's
+own colour covariance, largest first; a rotation, so it is exactly undone). A photograph's channels are strongly
+correlated: mapped channel by channel, an error the generator makes in one channel only is a colour the image never
+has; on the principal axes the same error falls mostly on brightness, and the minor (chroma) axes, each stretched to
+its own range, are scaled back down by that range on the way out. A grey image given as three equal channels has one
+axis; the others are constant and come back as exactly grey.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -40,14 +47,26 @@ class IntensityRange:
     edge: float = 1.0
     mapping: str = "minmax"
     percentiles: tuple[float, float] | None = None
+    # Principal colour axes of the first len(axes) channels (rows, orthonormal), the mean they are taken about, and
+    # those channels' source extremes, which outputs are clipped to after the rotation back. None: channels as given.
+    axes: tuple[tuple[float, ...], ...] | None = None
+    centre: tuple[float, ...] | None = None
+    bounds: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @classmethod
-    def of(cls, array: np.ndarray, mapping: str = "minmax", percentiles: tuple[float, float] = (0.5, 99.5)
-           ) -> "IntensityRange":
-        """The map of ``array`` [C, *spatial], per channel, with ``mapping`` 'window' or 'minmax'."""
+    def of(cls, array: np.ndarray, mapping: str = "minmax", percentiles: tuple[float, float] = (0.5, 99.5),
+           principal: int = 0) -> "IntensityRange":
+        """The map of ``array`` [C, *spatial], per channel, with ``mapping`` 'window' or 'minmax'; with ``principal``
+        = k >= 2, the first k channels (a colour image's, not label channels after them) on their principal axes."""
         if mapping not in INTENSITY_MAPPINGS:
             raise ValueError(f"unknown intensity mapping {mapping!r}; choose one of {INTENSITY_MAPPINGS}")
         flat = array.reshape(array.shape[0], -1).astype(np.float64)
+        if principal >= 2:
+            axes, centre = principal_axes(flat[:principal])
+            bounds = (tuple(map(float, flat[:principal].min(1))), tuple(map(float, flat[:principal].max(1))))
+            rotated = cls(flat.min(1), flat.max(1), axes=axes, centre=centre)._rotate(flat)
+            per_channel = cls.of(rotated, mapping, percentiles)
+            return replace(per_channel, axes=axes, centre=centre, bounds=bounds)
         minimum, maximum = flat.min(axis=1), flat.max(axis=1)
         if mapping == "minmax":
             return cls(tuple(map(float, minimum)), tuple(map(float, maximum)))
@@ -83,8 +102,28 @@ class IntensityRange:
             source, target = [*source, hi], [*target, 1.0]
         return source, target
 
+    def _rotate(self, array: np.ndarray) -> np.ndarray:
+        """Source channels -> principal components (the first len(axes) channels; the others unchanged)."""
+        if self.axes is None:
+            return array
+        k, out = len(self.axes), np.array(array, dtype=np.float64)
+        colour = out[:k].reshape(k, -1) - np.asarray(self.centre)[:, None]
+        out[:k] = (np.asarray(self.axes) @ colour).reshape(out[:k].shape)
+        return out
+
+    def _unrotate(self, array: np.ndarray) -> np.ndarray:
+        """Principal components -> source channels, clipped to the source's extremes (samples stay in range)."""
+        if self.axes is None:
+            return array
+        k, out = len(self.axes), np.array(array, dtype=np.float64)
+        colour = np.asarray(self.axes).T @ out[:k].reshape(k, -1) + np.asarray(self.centre)[:, None]
+        low, high = (np.asarray(bound)[:, None] for bound in self.bounds)
+        out[:k] = np.clip(colour, low, high).reshape(out[:k].shape)
+        return out
+
     def normalise(self, array: np.ndarray) -> np.ndarray:
         """Source units -> [-1, 1] (values outside the source range extend the outer segments linearly)."""
+        array = self._rotate(array)
         out = np.empty(array.shape, dtype=np.float32)
         for channel in range(array.shape[0]):
             source, target = self._knots(channel)
@@ -113,30 +152,65 @@ class IntensityRange:
                     beyond = values < target[0] if end == 0 else values > target[-1]
                     mapped = np.where(beyond, source[end] + (values - target[end]) * slope, mapped)
             out[channel] = mapped
-        return out
+        return self._unrotate(out).astype(np.float32) if self.axes is not None else out
 
     def channels(self, count: int) -> "IntensityRange":
         """The map of the first ``count`` channels (the image channels of a run trained with labels)."""
+        if self.axes is not None and count < len(self.axes):
+            raise ValueError(f"the principal colour axes span {len(self.axes)} channels; cannot keep only {count}")
         cut = lambda values: None if values is None else values[:count]  # noqa: E731
-        return IntensityRange(self.minimum[:count], self.maximum[:count], cut(self.low), cut(self.high), self.edge,
-                              self.mapping, self.percentiles)
+        return replace(self, minimum=self.minimum[:count], maximum=self.maximum[:count], low=cut(self.low),
+                       high=cut(self.high))
 
     def to_dict(self) -> dict:
         values = {"mapping": self.mapping, "minimum": list(self.minimum), "maximum": list(self.maximum)}
         if self.low is not None and self.high is not None:
             values.update(low=list(self.low), high=list(self.high), edge=self.edge,
                           percentiles=list(self.percentiles or ()))
+        if self.axes is not None:
+            values.update(axes=[list(row) for row in self.axes], centre=list(self.centre),
+                          bounds=[list(bound) for bound in self.bounds])
         return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "IntensityRange":
         """From ``to_dict``'s output; a run written before windows existed holds only minimum and maximum."""
+        colour = {}
+        if values.get("axes") is not None:
+            colour = {"axes": tuple(tuple(map(float, row)) for row in values["axes"]),
+                      "centre": tuple(map(float, values["centre"])),
+                      "bounds": tuple(tuple(map(float, bound)) for bound in values["bounds"])}
+            k = len(colour["axes"])
+            numbers = [v for row in (*colour["axes"], colour["centre"], *colour["bounds"]) for v in row]
+            if (k < 2 or k > len(values["minimum"]) or any(len(row) != k for row in colour["axes"])
+                    or len(colour["centre"]) != k or len(colour["bounds"]) != 2
+                    or any(len(bound) != k for bound in colour["bounds"]) or not np.all(np.isfinite(numbers))):
+                raise ValueError("the principal colour axes are not a finite square matrix over the image channels")
         if values.get("low") is None:
-            return cls(tuple(values["minimum"]), tuple(values["maximum"]))
+            return cls(tuple(values["minimum"]), tuple(values["maximum"]), **colour)
         percentiles = values.get("percentiles")
         return cls(tuple(values["minimum"]), tuple(values["maximum"]), tuple(values["low"]), tuple(values["high"]),
                    float(values["edge"]), str(values.get("mapping", "window")),
-                   tuple(percentiles) if percentiles else None)
+                   tuple(percentiles) if percentiles else None, **colour)
+
+
+def principal_axes(colour: np.ndarray) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
+    """Orthonormal principal axes (rows, largest variance first) of the channels of ``colour`` [k, N], and their mean.
+
+    Each axis's sign makes its largest entry positive, so the same image always gives the same map. An axis whose
+    variance is below a millionth of the largest's becomes a zero row: rounding noise along it (a grey image given as
+    RGB) is dropped, its component a constant, rather than stretched to a channel's whole range; what the image holds
+    along it (at most a thousandth of its spread) is lost."""
+    centre = colour.mean(axis=1)
+    variances, vectors = np.linalg.eigh(np.cov(colour))
+    order = np.argsort(variances)[::-1]
+    variances, vectors = variances[order], vectors[:, order].T
+    for variance, row in zip(variances, vectors):
+        if variance < 1e-6 * max(variances[0], 1e-300):
+            row[:] = 0.0
+        elif row[np.argmax(np.abs(row))] < 0:
+            row *= -1
+    return tuple(tuple(map(float, row)) for row in vectors), tuple(map(float, centre))
 
 
 def _piecewise(values: np.ndarray, xs: list[float], ys: list[float]) -> np.ndarray:

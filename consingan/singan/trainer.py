@@ -117,7 +117,10 @@ class SilentReporter:
 def intensity_map(volume: Volume, config: TrainConfig) -> IntensityRange:
     """The per-channel map of ``volume`` onto [-1, 1] that ``config`` asks for (stored in run.json)."""
     percentiles = (config.window_low_percentile, config.window_high_percentile)
-    return IntensityRange.of(volume.array, config.intensity_mapping, percentiles)
+    # Principal axes span the image's own channels only: one-hot label channels after them keep their own map.
+    image_channels = volume.labels.image_channels if volume.labels else volume.channels
+    principal = image_channels if config.colour_axes == "principal" else 0
+    return IntensityRange.of(volume.array, config.intensity_mapping, percentiles, principal=principal)
 
 
 def volume_pyramid_shapes(volume: Volume, config: TrainConfig) -> list[Shape]:
