@@ -9,7 +9,7 @@ Two mappings, both monotone, piecewise linear and invertible, so every output co
   the tails [min, p_low] and [p_high, max] compressed into the margins [-1, -w] and [w, 1]. The bulk of the image
   gets most of the range and stays off tanh's flat ends; nothing is clipped, the tails only get fewer levels.
 
-Either mapping can first turn a colour image's channels onto their principal axes (``principal=True``: the image's
+Either mapping can first turn a colour image's channels onto their principal axes (``principal=k``: the image's
 own colour covariance, largest first; a rotation, so it is exactly undone). A photograph's channels are strongly
 correlated: mapped channel by channel, an error the generator makes in one channel only is a colour the image never
 has; on the principal axes the same error falls mostly on brightness, and the minor (chroma) axes, each stretched to
@@ -64,7 +64,7 @@ class IntensityRange:
         if principal >= 2:
             axes, centre = principal_axes(flat[:principal])
             bounds = (tuple(map(float, flat[:principal].min(1))), tuple(map(float, flat[:principal].max(1))))
-            rotated = cls(flat.min(1), flat.max(1), axes=axes, centre=centre)._rotate(flat)
+            rotated = _onto_axes(flat, axes, centre)
             per_channel = cls.of(rotated, mapping, percentiles)
             return replace(per_channel, axes=axes, centre=centre, bounds=bounds)
         minimum, maximum = flat.min(axis=1), flat.max(axis=1)
@@ -102,15 +102,6 @@ class IntensityRange:
             source, target = [*source, hi], [*target, 1.0]
         return source, target
 
-    def _rotate(self, array: np.ndarray) -> np.ndarray:
-        """Source channels -> principal components (the first len(axes) channels; the others unchanged)."""
-        if self.axes is None:
-            return array
-        k, out = len(self.axes), np.array(array, dtype=np.float64)
-        colour = out[:k].reshape(k, -1) - np.asarray(self.centre)[:, None]
-        out[:k] = (np.asarray(self.axes) @ colour).reshape(out[:k].shape)
-        return out
-
     def _unrotate(self, array: np.ndarray) -> np.ndarray:
         """Principal components -> source channels, clipped to the source's extremes (samples stay in range)."""
         if self.axes is None:
@@ -123,7 +114,8 @@ class IntensityRange:
 
     def normalise(self, array: np.ndarray) -> np.ndarray:
         """Source units -> [-1, 1] (values outside the source range extend the outer segments linearly)."""
-        array = self._rotate(array)
+        if self.axes is not None:
+            array = _onto_axes(array, self.axes, self.centre)
         out = np.empty(array.shape, dtype=np.float32)
         for channel in range(array.shape[0]):
             source, target = self._knots(channel)
@@ -152,7 +144,7 @@ class IntensityRange:
                     beyond = values < target[0] if end == 0 else values > target[-1]
                     mapped = np.where(beyond, source[end] + (values - target[end]) * slope, mapped)
             out[channel] = mapped
-        return self._unrotate(out).astype(np.float32) if self.axes is not None else out
+        return self._unrotate(out).astype(np.float32, copy=False)
 
     def channels(self, count: int) -> "IntensityRange":
         """The map of the first ``count`` channels (the image channels of a run trained with labels)."""
@@ -192,6 +184,14 @@ class IntensityRange:
         return cls(tuple(values["minimum"]), tuple(values["maximum"]), tuple(values["low"]), tuple(values["high"]),
                    float(values["edge"]), str(values.get("mapping", "window")),
                    tuple(percentiles) if percentiles else None, **colour)
+
+
+def _onto_axes(array: np.ndarray, axes: Sequence[Sequence[float]], centre: Sequence[float]) -> np.ndarray:
+    """Source channels -> principal components (the first len(axes) channels; the others unchanged)."""
+    k, out = len(axes), np.array(array, dtype=np.float64)
+    colour = out[:k].reshape(k, -1) - np.asarray(centre)[:, None]
+    out[:k] = (np.asarray(axes) @ colour).reshape(out[:k].shape)
+    return out
 
 
 def principal_axes(colour: np.ndarray) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
