@@ -124,6 +124,10 @@ class TrainConfig:
     anchor_layout: float = _opt(0.0, "Keep the coarsest scale on the image's layout: stage 0's random input is the "
                                 "coarsest real image plus noise of this spread, so samples vary about the image's "
                                 "anatomy instead of drawing a layout from noise; 0: pure noise, as in ConSinGAN.")
+    anchor_warp: float = _opt(0.0, "With --anchor-layout, also deform the anchor of each random sample smoothly: a "
+                              "displacement drawn from stage 0's noise with this RMS in voxels of the coarsest "
+                              "scale, so samples vary in shape about the image's anatomy (a smooth template "
+                              "otherwise gives near-copies); the reconstruction stays undeformed; 0: off.")
     diversity_weight: float = _opt(0.0, "Weight of a diversity-sensitive loss (after Yang et al., ICLR 2019): each "
                                    "generator step draws two random samples and is penalised by how far their mean "
                                    "absolute difference, over the image's mean absolute deviation at that scale, "
@@ -155,7 +159,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConsinganError(f"{name} must be a positive integer, got {value!r}")
         positive_floats = ["lr", "lr_factor", "gamma_scheduler", "noise_amp"]
-        non_negative_floats = ["lrelu_alpha", "alpha_rec_loss", "lambda_grad_penalty", "anchor_layout",
+        non_negative_floats = ["lrelu_alpha", "alpha_rec_loss", "lambda_grad_penalty", "anchor_layout", "anchor_warp",
                                "diversity_weight", "diversity_target"]
         for name in positive_floats + non_negative_floats:
             value = getattr(self, name)
@@ -169,6 +173,9 @@ class TrainConfig:
         if self.gradient_penalty_every > self.Dsteps:  # every epoch computes the penalty at least once
             raise ConsinganError(f"gradient_penalty_every ({self.gradient_penalty_every}) must not exceed Dsteps "
                                  f"({self.Dsteps})")
+        if self.anchor_warp > 0 and self.anchor_layout == 0:
+            raise ConsinganError("anchor_warp deforms the anchor of --anchor-layout; set --anchor-layout too, or "
+                                 "--anchor-warp 0")
         if self.kernel_size % 2 != 1:
             raise ConsinganError(f"kernel_size must be odd, got {self.kernel_size}")
         if not isinstance(self.padding, int) or not 0 <= self.padding <= (self.kernel_size - 1) // 2:

@@ -70,16 +70,47 @@ def test_an_anchored_run_trains_samples_in_tiles_retargets_injects_and_resumes(r
 def test_an_anchored_run_interrupted_and_resumed_equals_the_uninterrupted_one(nifti_3d, out_dir):
     config = TrainConfig(image=str(nifti_3d), dimension=3, epochs=4, num_scales=2, num_feature_channels=8,
                          num_layers=2, min_size=10, preview_every=0, checkpoint_every=2, seed=5, device="cpu",
-                         out_dir=str(out_dir), anchor_layout=0.2)
+                         out_dir=str(out_dir), anchor_layout=0.2, anchor_warp=0.8)
     reference = train(dataclasses.replace(config, run_name="whole"))
     with pytest.raises(KeyboardInterrupt):
         train(dataclasses.replace(config, run_name="cut"), reporter=StopAt(0, 3))
     resumed = resume(out_dir / "cut")
     whole, cut = (load_state(r.run_dir / "scale_01" / "training_state.pt")["models"]["generator"]
                   for r in (reference, resumed))
-    assert "anchor" in whole and whole.keys() == cut.keys()
+    assert "anchor" in whole and "anchor_warp" in whole and whole.keys() == cut.keys()
     for key in whole:
         assert torch.equal(whole[key], cut[key]), key
+
+
+def test_a_warped_anchor_run_deforms_its_samples_samples_in_tiles_and_injects_undeformed(runner, nifti_3d, out_dir):
+    """``--anchor-warp``: random samples come from a deformed anchor (they differ from the unwarped model's with the
+    same noise), tiles equal whole samples, and an injected image reaches stage 0 as it is."""
+    result = runner.invoke(app, ["train", "--image", str(nifti_3d), "--dim", "3", "--out-dir", str(out_dir),
+                                 "--run-name", "w", *TINY, "--anchor-layout", "0.3", "--anchor-warp", "1.0"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    run = out_dir / "w"
+    assert json.loads((run / "config.json").read_text())["anchor_warp"] == 1.0
+    warped = TrainedPyramid.load(run)
+    unwarped = TrainedPyramid.load(run)
+    unwarped.generator.anchor_warp.zero_()
+    assert warped.generator.anchor_warp.item() == 1.0
+    whole, tiled = warped.sample(2, seed=3, tile="off"), warped.sample(2, seed=3, tile=7)
+    assert np.allclose(whole, tiled, atol=2e-5, rtol=0)
+    # A 3-epoch model's outputs are small; the deformation still moves them by a good part of their size.
+    assert (whole - unwarped.sample(2, seed=3, tile="off")).abs().max() > 0.05 * whole.abs().max()
+    # Variations above stage 0 start from the reconstruction input (zero noise): no deformation.
+    assert torch.allclose(warped.sample(1, seed=4, start_scale=1), unwarped.sample(1, seed=4, start_scale=1),
+                          atol=1e-7)
+    image = np.flip(read_volume(warped.run.config.image, 3).array, axis=1).copy()
+    assert torch.allclose(warped.sample(1, seed=5, start_scale=1, inject=image),
+                          unwarped.sample(1, seed=5, start_scale=1, inject=image), atol=1e-7)
+
+
+def test_an_anchor_warp_without_an_anchor_is_refused(runner, nifti_3d, out_dir):
+    result = runner.invoke(app, ["train", "--image", str(nifti_3d), "--dim", "3", "--out-dir", str(out_dir),
+                                 *TINY, "--anchor-warp", "1"], terminal_width=200)
+    assert result.exit_code != 0 and "anchor_warp" in result.output and "Traceback" not in result.output
 
 
 def test_a_negative_anchor_spread_is_refused(runner, nifti_3d, out_dir):

@@ -148,6 +148,42 @@ def test_an_anchored_generator_regions_tiles_and_gradients_equal_the_whole_forwa
             assert torch.allclose(result[name], reference[name], rtol=0, atol=1e-10), name
 
 
+@pytest.mark.parametrize("dims,padding,coordinates", [(2, 1, True), (3, 0, False), (3, 1, True)])
+def test_a_warped_anchor_keeps_regions_tiles_and_gradients_exact_and_the_reconstruction_undeformed(dims, padding,
+                                                                                                   coordinates):
+    """``set_anchor(..., warp)`` deforms the anchor by a displacement drawn from all of stage 0's noise, so a region
+    draws stage 0's whole grid and crops it: region forwards (also with no stage kept whole), tiles and gradients
+    still give the whole forward; zero noise (the reconstruction) leaves the anchor as it is, and random noise
+    changes the output against the unwarped anchor."""
+    generator = make(dims, padding, cbam=False, coordinates=coordinates)
+    shapes = SHAPES[dims]
+    anchor = torch.randn(1, 2, *shapes[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    plain = copy.deepcopy(generator)
+    plain.set_anchor(anchor, 0.25)
+    generator.set_anchor(anchor, 0.25, warp=1.5)
+    assert generator.head_needs_whole_noise and not plain.head_needs_whole_noise
+    noise = whole_noise(generator, shapes)
+    source = R.TensorNoise(generator, noise)
+    with torch.no_grad():
+        whole = assert_regions_and_tiles_equal_the_whole(generator, source, noise, shapes)
+        field = R.NoiseField.for_generator(generator, shapes, seed=7, chunk=5)
+        uncached = R.generate_tiled(generator, field, tile=(6, 7, 5)[:dims], cache_bytes=0)
+        assert torch.allclose(uncached, generator(field.whole_noise()), rtol=0, atol=1e-10)
+        assert not torch.allclose(whole, plain(noise), atol=1e-3)
+        reconstruction = [generator.reconstruction_noise(0), *noise[1:]]
+        assert torch.allclose(generator(reconstruction), plain(reconstruction), rtol=0, atol=1e-6)
+        with generator.undeformed_anchor():  # what injection uses: the anchor plus the noise, undeformed
+            assert not generator.head_needs_whole_noise
+            assert torch.allclose(generator(noise), plain(noise), rtol=0, atol=1e-10)
+    box = boxes_of(shapes[-1])[2]
+    weights = torch.randn(whole[R.box_slices(box)].shape, dtype=torch.float64)
+    reference = grads(generator, (generator(noise)[R.box_slices(box)] * weights).sum())
+    result = grads(generator, (R.region_forward(generator, source, box) * weights).sum())
+    for name in reference:
+        if reference[name] is not None:
+            assert torch.allclose(result[name], reference[name], rtol=0, atol=1e-10), name
+
+
 @pytest.mark.parametrize("dims,padding", [(2, 0), (2, 1), (3, 0), (3, 1)])
 def test_region_equals_the_whole_forward_in_float32(dims, padding):
     """float32 takes the oneDNN convolutions in 3D and PyTorch's float32 interpolation weights."""

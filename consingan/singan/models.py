@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import re
@@ -15,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from consingan.nn import CBAM, ConvBlock, factory
 from consingan.nn.interpolation import Resampler
 from consingan.nn.resample import resize
+from consingan.nn.warp import displacement_from_noise, warp as warp_image
 from consingan.singan.regions import Box, box_slices, noise_box, whole_box
 
 
@@ -254,14 +256,34 @@ class GrowingGenerator(nn.Module):
             features = self.run_stage(k, self.body[k], stage_input) + upsampled
         return self.tail(features)
 
-    def set_anchor(self, image: torch.Tensor, spread: float) -> None:
+    def set_anchor(self, image: torch.Tensor, spread: float, warp: float = 0.0) -> None:
         """Anchor stage 0 on ``image`` (the coarsest real image, [1, C, *spatial]): its input becomes ``image`` plus
         its noise times ``spread`` (stage 0's amplitude), so random samples keep the image's coarse layout and vary
-        about it, and its reconstruction input becomes zero (the image itself). Without an anchor stage 0 draws its
-        layout from noise alone, as ConSinGAN does."""
+        about it, and its reconstruction input becomes zero (the image itself). With ``warp`` > 0 the anchor is
+        also deformed by a smooth displacement drawn from the same noise (RMS ``warp`` voxels of stage 0's grid,
+        ``nn.warp.displacement_from_noise``), so random samples vary in shape, not only in what the generator
+        makes of the noise; zero noise leaves it undeformed. Without an anchor stage 0 draws its layout from noise
+        alone, as ConSinGAN does."""
         self.register_buffer("anchor", image.detach().clone())
+        self.register_buffer("anchor_warp", torch.tensor(float(warp), device=self.noise_amps.device))
         self.set_reconstruction_noise(0, torch.zeros_like(image))
         self.set_noise_amp(0, spread)
+
+    @property
+    def head_needs_whole_noise(self) -> bool:
+        """Whether ``head_input`` needs stage 0's noise over the whole grid even for a box (the anchor's warp is a
+        smooth function of all of it)."""
+        return float(getattr(self, "anchor_warp", 0.0)) > 0 and not getattr(self, "_warp_held", False)
+
+    @contextlib.contextmanager
+    def undeformed_anchor(self):
+        """Within it the anchor is not warped: stage 0 sees exactly the anchor plus its scaled noise, as an injected
+        image needs (``noise_for_input``; the warp has no inverse)."""
+        held, self._warp_held = getattr(self, "_warp_held", False), True
+        try:
+            yield self
+        finally:
+            self._warp_held = held
 
     def anchor_on(self, grid: Sequence[int]) -> torch.Tensor | None:
         """The anchor resized to stage 0's ``grid`` (a retargeted sample's), or None without one."""
@@ -272,7 +294,8 @@ class GrowingGenerator(nn.Module):
 
     def noise_for_input(self, image: torch.Tensor) -> torch.Tensor:
         """The stage-0 noise that makes the head see ``image`` (an injected coarse image): the image itself without
-        an anchor (stage 0's amplitude is 1 then), else its difference from the anchor over the amplitude."""
+        an anchor (stage 0's amplitude is 1 then), else its difference from the anchor over the amplitude (with a
+        warped anchor, generate from it inside ``undeformed_anchor``)."""
         anchor = self.anchor_on(image.shape[2:])
         return image if anchor is None else (image - anchor) / self.noise_amps[0]
 
@@ -286,7 +309,15 @@ class GrowingGenerator(nn.Module):
         grid = tuple(z.shape[2:]) if grid is None else tuple(grid)
         box = whole_box(grid) if box is None else box
         anchor = self.anchor_on(grid)
-        if anchor is not None:
+        if anchor is not None and self.head_needs_whole_noise:
+            if tuple(z.shape[2:]) != grid:
+                raise ValueError("a warped anchor needs stage 0's noise over the whole grid (head_needs_whole_noise)")
+            # The deformation's smoothness follows the grid (a quarter of its shortest side), so that a retargeted
+            # sample deforms in the same proportions.
+            displacement = displacement_from_noise(z, float(self.noise_amps[0]), float(self.anchor_warp),
+                                                   min(grid) / 4.0)
+            z = (z + warp_image(anchor.to(z.dtype), displacement))[box_slices(box)]
+        elif anchor is not None:
             z = z + anchor[box_slices(box)].to(z.dtype)
         if not self.coordinates:
             return z
@@ -321,7 +352,7 @@ class GrowingGenerator(nn.Module):
         device = self.noise_amps.device
         self.noise_amps = torch.zeros_like(state["noise_amps"], device=device)
         for key, value in state.items():
-            if key.startswith(("rec_noise_", "rec_field_")) or key == "anchor":
+            if key.startswith(("rec_noise_", "rec_field_")) or key in ("anchor", "anchor_warp"):
                 self.register_buffer(key, torch.zeros_like(value, device=device))
         self.load_state_dict(state, strict=True)
 

@@ -319,6 +319,8 @@ class _Layout:
         self.head = _Chain(_ops(generator.head, dims), self.noise[0])
         # Stage 0's noise with the anchor and coordinate channels of its box, where the generator has them.
         self.head_input = getattr(generator, "head_input", lambda z, box, grid: z)
+        # A warped anchor deforms with all of stage 0's noise, so stage 0 draws its whole grid and crops after.
+        self.whole_head_noise = bool(getattr(generator, "head_needs_whole_noise", False))
         self.tail = _Chain(_ops(generator.tail, dims), self.out[-1])
         self.bodies, self.pre_cbam = [], []
         for k in range(num_stages):
@@ -438,7 +440,8 @@ def _run(generator: nn.Module, layout: _Layout, plans: list[_StagePlan], tail_bo
     for k, plan in enumerate(plans[start:], start):
         frozen = torch.no_grad() if k < frozen_below else contextlib.nullcontext()
         with frozen:
-            z = _draw(noise, k, plan.boxes.noise, layout.channels[k])  # drawn outside what a checkpoint recomputes
+            noise_box = whole_box(layout.noise[0]) if k == 0 and layout.whole_head_noise else plan.boxes.noise
+            z = _draw(noise, k, noise_box, layout.channels[k])  # drawn outside what a checkpoint recomputes
             descriptor = None if descriptors is None else descriptors[k]
             stage = functools.partial(_stage_region, layout, plan, k, amps[k], descriptor)
             features = run_stage(k, stage, features, z)

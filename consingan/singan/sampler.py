@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -273,13 +274,16 @@ class TrainedPyramid:
             injected = torch.from_numpy(self.intensity.normalise(inject)).clamp(-1, 1)[None].to(self.device)
         per_forward, tile_shape = self.draw_plan(shapes, min(batch_size, num), tile, memory_bytes)
         outputs = []
-        for first in range(first_index, first_index + num, per_forward):
-            seeds = [sample_seed(seed, i) for i in range(first, min(first_index + num, first + per_forward))]
-            noise = self.noise_source(shapes, seeds, start_scale, injected)
-            if tile_shape is None:
-                outputs.append(self.generator(noise.whole_noise()).cpu())
-            else:
-                outputs.append(self._tiled(noise, shapes, tile_shape, len(seeds), memory_bytes))
+        # An injected image is stage 0's input as it is: a warped anchor (--anchor-warp) would deform it.
+        exact_input = self.generator.undeformed_anchor() if injected is not None else contextlib.nullcontext()
+        with exact_input:
+            for first in range(first_index, first_index + num, per_forward):
+                seeds = [sample_seed(seed, i) for i in range(first, min(first_index + num, first + per_forward))]
+                noise = self.noise_source(shapes, seeds, start_scale, injected)
+                if tile_shape is None:
+                    outputs.append(self.generator(noise.whole_noise()).cpu())
+                else:
+                    outputs.append(self._tiled(noise, shapes, tile_shape, len(seeds), memory_bytes))
         return torch.cat(outputs)
 
     def to_source_units(self, images: torch.Tensor) -> list[np.ndarray]:

@@ -249,7 +249,7 @@ class SinGANTrainer:
             # checkpoint; the seed is drawn from the training's random state, so a run stays reproducible.
             generator.set_reconstruction_field(stage, int(torch.randint(0, 2**62, (1,))), self.shapes[stage])
         elif stage == 0 and self.config.anchor_layout > 0:
-            generator.set_anchor(self.reals[0], self.config.anchor_layout)
+            generator.set_anchor(self.reals[0], self.config.anchor_layout, self.config.anchor_warp)
         else:
             noise = (torch.randn(generator.noise_shape(stage, self.shapes[stage]), device=self.device) if stage > 0
                      else self.reals[0].clone())
