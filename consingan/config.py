@@ -128,6 +128,12 @@ class TrainConfig:
                               "displacement drawn from stage 0's noise with this RMS in voxels of the coarsest "
                               "scale, so samples vary in shape about the image's anatomy (a smooth template "
                               "otherwise gives near-copies); the reconstruction stays undeformed; 0: off.")
+    anchor_warp_target: float = _opt(0.0, "With --anchor-warp, adapt the warp while the coarsest scale trains, from 0 "
+                                     "up to --anchor-warp at most, so that two of its random samples differ by this "
+                                     "much (mean absolute difference over the image's mean absolute deviation, as "
+                                     "for --diversity-target): a generator whose samples already vary keeps the "
+                                     "anchor nearly undeformed, one that turns every noise into the same image gets "
+                                     "shape variation; 0: the warp is --anchor-warp throughout.")
     diversity_weight: float = _opt(0.0, "Weight of a diversity-sensitive loss (after Yang et al., ICLR 2019): each "
                                    "generator step draws two random samples and is penalised by how far their mean "
                                    "absolute difference, over the image's mean absolute deviation at that scale, "
@@ -160,6 +166,7 @@ class TrainConfig:
                 raise ConsinganError(f"{name} must be a positive integer, got {value!r}")
         positive_floats = ["lr", "lr_factor", "gamma_scheduler", "noise_amp"]
         non_negative_floats = ["lrelu_alpha", "alpha_rec_loss", "lambda_grad_penalty", "anchor_layout", "anchor_warp",
+                               "anchor_warp_target",
                                "diversity_weight", "diversity_target"]
         for name in positive_floats + non_negative_floats:
             value = getattr(self, name)
@@ -173,6 +180,9 @@ class TrainConfig:
         if self.gradient_penalty_every > self.Dsteps:  # every epoch computes the penalty at least once
             raise ConsinganError(f"gradient_penalty_every ({self.gradient_penalty_every}) must not exceed Dsteps "
                                  f"({self.Dsteps})")
+        if self.anchor_warp_target > 0 and self.anchor_warp == 0:
+            raise ConsinganError("anchor_warp_target adapts the warp up to --anchor-warp; set --anchor-warp too, or "
+                                 "--anchor-warp-target 0")
         if self.anchor_warp > 0 and self.anchor_layout == 0:
             raise ConsinganError("anchor_warp deforms the anchor of --anchor-layout; set --anchor-layout too, or "
                                  "--anchor-warp 0")

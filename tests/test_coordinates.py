@@ -1,6 +1,7 @@
 """Stage 0's layout options: ``--coordinates`` (coordinate channels) and ``--anchor-layout`` (an anchor on the coarsest
 real image) through training, saving, sampling (tiled, retargeted, injected) and resuming."""
 
+import csv
 import dataclasses
 import json
 
@@ -13,7 +14,7 @@ from consingan.cli import app
 from consingan.config import TrainConfig
 from consingan.io import read_volume
 from consingan.singan.sampler import TrainedPyramid
-from consingan.singan.trainer import resume, train
+from consingan.singan.trainer import SinGANTrainer, resume, train
 from tests.conftest import TINY, StopAt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,7 +71,7 @@ def test_an_anchored_run_trains_samples_in_tiles_retargets_injects_and_resumes(r
 def test_an_anchored_run_interrupted_and_resumed_equals_the_uninterrupted_one(nifti_3d, out_dir):
     config = TrainConfig(image=str(nifti_3d), dimension=3, epochs=4, num_scales=2, num_feature_channels=8,
                          num_layers=2, min_size=10, preview_every=0, checkpoint_every=2, seed=5, device="cpu",
-                         out_dir=str(out_dir), anchor_layout=0.2, anchor_warp=0.8)
+                         out_dir=str(out_dir), anchor_layout=0.2, anchor_warp=0.8, anchor_warp_target=2.0)
     reference = train(dataclasses.replace(config, run_name="whole"))
     with pytest.raises(KeyboardInterrupt):
         train(dataclasses.replace(config, run_name="cut"), reporter=StopAt(0, 3))
@@ -105,6 +106,28 @@ def test_a_warped_anchor_run_deforms_its_samples_samples_in_tiles_and_injects_un
     image = np.flip(read_volume(warped.run.config.image, 3).array, axis=1).copy()
     assert torch.allclose(warped.sample(1, seed=5, start_scale=1, inject=image),
                           unwarped.sample(1, seed=5, start_scale=1, inject=image), atol=1e-7)
+
+
+@pytest.mark.parametrize("target", [5.0, 1e-6])
+def test_an_adapted_warp_grows_while_samples_differ_less_than_the_target_and_stays_off_above_it(nifti_3d, out_dir,
+                                                                                                 target):
+    """``--anchor-warp-target``: the warp starts at 0 and moves each coarsest epoch by the gain times the shortfall of
+    the two samples' difference, within [0, --anchor-warp]; it is logged per epoch and kept in the generator."""
+    config = TrainConfig(image=str(nifti_3d), dimension=3, epochs=4, num_scales=2, num_feature_channels=8,
+                         num_layers=2, min_size=10, preview_every=0, seed=1, device="cpu", out_dir=str(out_dir),
+                         run_name=f"t{target:g}", anchor_layout=0.3, anchor_warp=0.3, anchor_warp_target=target)
+    result = train(config)
+    rows = list(csv.DictReader((result.run_dir / "scale_00" / "losses.csv").open()))
+    warps = [float(row["anchor_warp"]) for row in rows]
+    differences = [float(row["sample_difference"]) for row in rows]
+    if target > 1:  # unreachable: the warp climbs by about the gain times the target each epoch, up to its ceiling
+        assert warps[0] == pytest.approx(SinGANTrainer.WARP_GAIN * (target - differences[0]), rel=1e-5)
+        assert warps == sorted(warps) and warps[-1] == pytest.approx(0.3)
+    else:  # every pair already differs by more: the anchor stays undeformed
+        assert warps == [0.0] * len(rows) and min(differences) > target
+    assert "anchor_warp" not in (result.run_dir / "scale_01" / "losses.csv").read_text().splitlines()[0]
+    generator = TrainedPyramid.load(result.run_dir).generator
+    assert generator.anchor_warp.item() == pytest.approx(warps[-1])
 
 
 def test_an_anchor_warp_without_an_anchor_is_refused(runner, nifti_3d, out_dir):

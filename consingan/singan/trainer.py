@@ -249,7 +249,9 @@ class SinGANTrainer:
             # checkpoint; the seed is drawn from the training's random state, so a run stays reproducible.
             generator.set_reconstruction_field(stage, int(torch.randint(0, 2**62, (1,))), self.shapes[stage])
         elif stage == 0 and self.config.anchor_layout > 0:
-            generator.set_anchor(self.reals[0], self.config.anchor_layout, self.config.anchor_warp)
+            # An adapted warp starts undeformed and grows only while the samples vary less than asked for.
+            warp = 0.0 if self.config.anchor_warp_target > 0 else self.config.anchor_warp
+            generator.set_anchor(self.reals[0], self.config.anchor_layout, warp)
         else:
             noise = (torch.randn(generator.noise_shape(stage, self.shapes[stage]), device=self.device) if stage > 0
                      else self.reals[0].clone())
@@ -326,7 +328,7 @@ class SinGANTrainer:
                 scores = joint_scores(critic, steps.real(), fake)[1] if config.batch_norm else critic(fake)
             adversarial = wasserstein_generator_loss(scores.float())
             loss = adversarial + config.alpha_rec_loss * rec
-            if second is not None:
+            if second is not None and config.diversity_weight > 0:
                 shortfall = diversity_shortfall(fake, second, self.spreads[stage], config.diversity_target)
                 loss = loss + config.diversity_weight * shortfall
             scaler_g.scale(loss).backward()
@@ -338,14 +340,35 @@ class SinGANTrainer:
             "critic": critic_loss.item(), "gradient_penalty": self.last_penalty,
             "adversarial": adversarial.item(), "reconstruction": rec.item(),
         }
-        if second is not None:
+        if second is not None and config.diversity_weight > 0:
             losses["diversity_shortfall"] = shortfall.item()
+        if self.adapts_warp(stage):
+            losses["sample_difference"], losses["anchor_warp"] = self.adapt_warp(fake, second)
         return losses
 
-    @property
-    def draws_pairs(self) -> bool:
-        """Whether each generator step draws two random samples (for the diversity loss) instead of one."""
-        return self.config.diversity_weight > 0
+    # Change of the warp's RMS (voxels) per epoch and unit of the samples' difference below its target: the warp's
+    # difference grows about 0.5 per voxel of RMS, so a shortfall of 0.3 takes some 40 epochs to close, while the
+    # epoch-to-epoch spread of one pair's difference (about 0.05) moves the warp by a few thousandths.
+    WARP_GAIN = 0.05
+
+    def adapts_warp(self, stage: int) -> bool:
+        return stage == 0 and self.config.anchor_warp_target > 0 and self.config.anchor_layout > 0
+
+    def adapt_warp(self, fake: torch.Tensor, second: torch.Tensor) -> tuple[float, float]:
+        """One step of the integral controller of ``anchor_warp_target``: the warp grows while this epoch's two random
+        samples differ less than the target and shrinks while they differ more, within [0, ``anchor_warp``]. Its
+        only state is the generator's ``anchor_warp`` buffer, so a resumed run follows the same path."""
+        config = self.config
+        difference = float((fake.detach() - second.detach()).abs().mean() / self.spreads[0])
+        buffer = self.generator.anchor_warp
+        value = float(buffer) + self.WARP_GAIN * (config.anchor_warp_target - difference)
+        buffer.fill_(min(max(value, 0.0), config.anchor_warp))
+        return difference, float(buffer)
+
+    def draws_pairs(self, stage: int) -> bool:
+        """Whether each generator step of scale ``stage`` draws two random samples (for the diversity loss, or at the
+        coarsest scale for an adapted anchor warp) instead of one."""
+        return self.config.diversity_weight > 0 or self.adapts_warp(stage)
 
     def whole_steps(self, stage: int) -> "_Steps":
         """What an epoch of scale ``stage`` trains on: whole images."""
@@ -353,7 +376,7 @@ class SinGANTrainer:
         shapes = self.shapes[: stage + 1]
         rec_inputs = generator.reconstruction_inputs()
 
-        pairs = self.draws_pairs
+        pairs = self.draws_pairs(stage)
 
         def generate(with_rec: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             noise = generator.sample_noise(shapes, batch_size=2 if pairs else 1)
@@ -385,7 +408,7 @@ class SinGANTrainer:
             return region_forward(generator, noise, box, shapes=shapes, descriptors="region",
                                   frozen_below=frozen_below).float()
 
-        pairs = self.draws_pairs
+        pairs = self.draws_pairs(stage)
         drawn = FreshNoise(generator, shapes, batch_size=2) if pairs else fresh
 
         def generate(with_rec: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
