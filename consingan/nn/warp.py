@@ -8,36 +8,45 @@ import math
 import torch
 import torch.nn.functional as F
 
-from consingan.nn.resample import _gaussian_kernel1d, gaussian_blur
+from consingan.nn.resample import gaussian_blur
 
 
-def _unit_gradient_spread(sigma: float, spatial_dims: int) -> float:
-    """The spread of one component of ``displacement_from_noise``'s raw gradient for standard white noise of one
-    channel, away from the borders: the central difference of the Gaussian-smoothed noise along one axis is white
-    noise filtered by (difference * Gaussian) along it and by the Gaussian along the others, so its variance is the
-    product of those kernels' squared norms."""
-    kernel = _gaussian_kernel1d(sigma, torch.float64, torch.device("cpu"))
-    difference = F.conv1d(F.pad(kernel.view(1, 1, -1), (2, 2)), torch.tensor([[[0.5, 0.0, -0.5]]],
-                                                                               dtype=torch.float64))
-    along = float((difference ** 2).sum())
-    across = float((kernel ** 2).sum())
-    return math.sqrt(along * across ** (spatial_dims - 1))
+def _row_variances(grid_side: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of one axis of ``grid_side`` voxels, the variance of the Gaussian-smoothed and of the
+    smoothed-then-differenced standard white noise along that axis: the squared norms of the rows of the two linear
+    maps, found by applying them to every unit vector (edges replicated, as ``gaussian_blur`` does, so the borders
+    differ from the interior)."""
+    units = torch.eye(grid_side, dtype=torch.float64).view(grid_side, 1, grid_side, 1)  # 2D: the blur's smallest
+    smoothed = gaussian_blur(units, [sigma, 0.0])
+    differenced = torch.gradient(smoothed, dim=2)[0]
+    return smoothed.pow(2).sum(0).flatten(), differenced.pow(2).sum(0).flatten()
 
 
 def displacement_from_noise(noise: torch.Tensor, spread: float, rms_voxels: float, sigma: float) -> torch.Tensor:
     """A smooth displacement field [N, D, *grid] in voxels, from ``noise`` [N, C, *grid] of spread ``spread``.
 
     The field is the gradient of the noise's channel mean smoothed by a Gaussian of ``sigma`` voxels (a potential
-    flow: regions swell and shrink smoothly, with no tearing), scaled so that for such noise each component has an
-    RMS of ``rms_voxels`` away from the borders. Zero noise gives zero displacement, so the reconstruction input
-    (zero noise) is not deformed; the field is a fixed function of the noise, so a sample stays reproducible from
-    its noise alone.
+    flow: regions swell and shrink smoothly, with no tearing), divided voxel by voxel by its spread for such noise,
+    so that each component has an RMS of ``rms_voxels`` everywhere: on a grid a few sigmas wide the borders,
+    where the smoothing repeats the edge, would otherwise move several times more than the middle. Zero noise gives
+    zero displacement, so the reconstruction input (zero noise) is not deformed; the field is a fixed function of
+    the noise, so a sample stays reproducible from its noise alone.
     """
     spatial_dims = noise.dim() - 2
+    grid = noise.shape[2:]
     potential = gaussian_blur(noise.mean(1, keepdim=True), [sigma] * spatial_dims)
     gradient = torch.cat(torch.gradient(potential, dim=list(range(2, 2 + spatial_dims))), 1)
-    raw_spread = spread * _unit_gradient_spread(sigma, spatial_dims) / math.sqrt(noise.shape[1])
-    return gradient * (rms_voxels / raw_spread)
+    rows = [_row_variances(n, sigma) for n in grid]
+    variances = []
+    for axis in range(spatial_dims):  # separable: the product over axes of each axis's row variance
+        variance = torch.ones((), dtype=torch.float64)
+        for other, (smoothed, differenced) in enumerate(rows):
+            line = (differenced if other == axis else smoothed).view(*[-1 if a == other else 1
+                                                                         for a in range(spatial_dims)])
+            variance = variance * line
+        variances.append(variance)
+    spread_map = torch.stack(variances).sqrt() * (spread / math.sqrt(noise.shape[1]))
+    return gradient * (rms_voxels / spread_map.to(gradient.device, gradient.dtype))
 
 
 def warp(image: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
