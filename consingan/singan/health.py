@@ -112,8 +112,8 @@ def check_scale(history: Sequence[dict[str, float]], real: torch.Tensor, samples
         warnings.append(
             f"the final samples barely vary (diversity {diversity:.2f}, below the {LOW_DIVERSITY} under which "
             f"consingan evaluate calls them low diversity): they stay near one image; with --anchor-layout, a smooth "
-            f"image (a template, a head in a dark field) can lose its variation to the anchor: try a larger spread "
-            f"or --anchor-layout 0")
+            f"image (a template, a head in a dark field) can lose its variation to the anchor: deform it "
+            f"(--anchor-warp 1 --anchor-warp-target 0.3, as the quick 3D preset does), or --anchor-layout 0")
     if epochs >= 20 and critic < FLAT_CRITIC:
         warnings.append(
             f"the critic's loss stayed within {FLAT_CRITIC:g} of zero: it cannot tell real from generated, so the "
