@@ -111,17 +111,20 @@ def test_a_warped_anchor_run_deforms_its_samples_samples_in_tiles_and_injects_un
 @pytest.mark.parametrize("target", [5.0, 1e-6])
 def test_an_adapted_warp_grows_while_samples_differ_less_than_the_target_and_stays_off_above_it(nifti_3d, out_dir,
                                                                                                  target):
-    """``--anchor-warp-target``: the warp starts at 0 and moves each coarsest epoch by the gain times the shortfall of
-    the two samples' difference, within [0, --anchor-warp]; it is logged per epoch and kept in the generator."""
-    config = TrainConfig(image=str(nifti_3d), dimension=3, epochs=4, num_scales=2, num_feature_channels=8,
+    """``--anchor-warp-target``: the warp starts at 0, stays there for the first ``WARP_START`` of the coarsest
+    scale's epochs, then moves each epoch by the gain times the shortfall of the two samples' difference, within
+    [0, --anchor-warp]; it is logged per epoch and kept in the generator."""
+    config = TrainConfig(image=str(nifti_3d), dimension=3, epochs=5, num_scales=2, num_feature_channels=8,
                          num_layers=2, min_size=10, preview_every=0, seed=1, device="cpu", out_dir=str(out_dir),
                          run_name=f"t{target:g}", anchor_layout=0.3, anchor_warp=0.3, anchor_warp_target=target)
     result = train(config)
     rows = list(csv.DictReader((result.run_dir / "scale_00" / "losses.csv").open()))
     warps = [float(row["anchor_warp"]) for row in rows]
     differences = [float(row["sample_difference"]) for row in rows]
+    start = int(SinGANTrainer.WARP_START * 5)  # epochs 1..start leave it at 0
+    assert warps[:start] == [0.0] * start
     if target > 1:  # unreachable: the warp climbs by about the gain times the target each epoch, up to its ceiling
-        assert warps[0] == pytest.approx(SinGANTrainer.WARP_GAIN * (target - differences[0]), rel=1e-5)
+        assert warps[start] == pytest.approx(SinGANTrainer.WARP_GAIN * (target - differences[start]), rel=1e-5)
         assert warps == sorted(warps) and warps[-1] == pytest.approx(0.3)
     else:  # every pair already differs by more: the anchor stays undeformed
         assert warps == [0.0] * len(rows) and min(differences) > target

@@ -343,26 +343,32 @@ class SinGANTrainer:
         if second is not None and config.diversity_weight > 0:
             losses["diversity_shortfall"] = shortfall.item()
         if self.adapts_warp(stage):
-            losses["sample_difference"], losses["anchor_warp"] = self.adapt_warp(fake, second)
+            losses["sample_difference"], losses["anchor_warp"] = self.adapt_warp(fake, second, epoch)
         return losses
 
     # Change of the warp's RMS (voxels) per epoch and unit of the samples' difference below its target: the warp's
     # difference grows about 0.5 per voxel of RMS, so a shortfall of 0.3 takes some 40 epochs to close, while the
     # epoch-to-epoch spread of one pair's difference (about 0.05) moves the warp by a few thousandths.
     WARP_GAIN = 0.05
+    # The share of the coarsest scale's epochs before the warp may grow: every young generator ignores its noise
+    # (the example volume's samples differ by 0.05 for some 90 epochs, then learn to vary), so only one that still
+    # does after this share is deformed; a warp from the first epoch left the example volume's diversity lower.
+    WARP_START = 0.6
 
     def adapts_warp(self, stage: int) -> bool:
         return stage == 0 and self.config.anchor_warp_target > 0 and self.config.anchor_layout > 0
 
-    def adapt_warp(self, fake: torch.Tensor, second: torch.Tensor) -> tuple[float, float]:
-        """One step of the integral controller of ``anchor_warp_target``: the warp grows while this epoch's two random
-        samples differ less than the target and shrinks while they differ more, within [0, ``anchor_warp``]. Its
-        only state is the generator's ``anchor_warp`` buffer, so a resumed run follows the same path."""
+    def adapt_warp(self, fake: torch.Tensor, second: torch.Tensor, epoch: int) -> tuple[float, float]:
+        """One step of the integral controller of ``anchor_warp_target``: after ``WARP_START`` of the coarsest
+        scale's epochs, the warp grows while this epoch's two random samples differ less than the target and shrinks
+        while they differ more, within [0, ``anchor_warp``]. Its only state is the generator's ``anchor_warp``
+        buffer, so a resumed run follows the same path."""
         config = self.config
         difference = float((fake.detach() - second.detach()).abs().mean() / self.spreads[0])
         buffer = self.generator.anchor_warp
-        value = float(buffer) + self.WARP_GAIN * (config.anchor_warp_target - difference)
-        buffer.fill_(min(max(value, 0.0), config.anchor_warp))
+        if epoch > self.WARP_START * config.epochs_of(0):
+            value = float(buffer) + self.WARP_GAIN * (config.anchor_warp_target - difference)
+            buffer.fill_(min(max(value, 0.0), config.anchor_warp))
         return difference, float(buffer)
 
     def draws_pairs(self, stage: int) -> bool:
