@@ -100,6 +100,11 @@ def test_a_warped_anchor_run_deforms_its_samples_samples_in_tiles_and_injects_un
     assert np.allclose(whole, tiled, atol=2e-5, rtol=0)
     # A 3-epoch model's outputs are small; the deformation still moves them by a good part of their size.
     assert (whole - unwarped.sample(2, seed=3, tile="off")).abs().max() > 0.05 * whole.abs().max()
+    # A retargeted sample deforms its resized anchor over its own grid.
+    retargeted = warped.sample(1, seed=3, shape=(12, 20, 16), tile="off")
+    assert retargeted.shape[2:] == (12, 20, 16)
+    assert (retargeted - unwarped.sample(1, seed=3, shape=(12, 20, 16), tile="off")).abs().max() > 0.05 * \
+        retargeted.abs().max()
     # Variations above stage 0 start from the reconstruction input (zero noise): no deformation.
     assert torch.allclose(warped.sample(1, seed=4, start_scale=1), unwarped.sample(1, seed=4, start_scale=1),
                           atol=1e-7)
