@@ -3,6 +3,7 @@ variation (``GrowingGenerator.set_anchor``'s ``warp``)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from consingan.nn.resample import gaussian_blur
 
 
+@functools.lru_cache(maxsize=64)  # a few grids per run; computed once each instead of in every stage-0 forward
 def _row_variances(grid_side: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position of one axis of ``grid_side`` voxels, the variance of the Gaussian-smoothed and of the
     smoothed-then-differenced standard white noise along that axis: the squared norms of the rows of the two linear

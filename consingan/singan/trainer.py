@@ -356,7 +356,7 @@ class SinGANTrainer:
     WARP_START = 0.6
 
     def adapts_warp(self, stage: int) -> bool:
-        return stage == 0 and self.config.anchor_warp_target > 0 and self.config.anchor_layout > 0
+        return stage == 0 and self.config.anchor_warp_target > 0  # validate: a target needs a warp and an anchor
 
     def adapt_warp(self, fake: torch.Tensor, second: torch.Tensor, epoch: int) -> tuple[float, float]:
         """One step of the integral controller of ``anchor_warp_target``: after ``WARP_START`` of the coarsest
