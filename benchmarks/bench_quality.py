@@ -111,6 +111,8 @@ SETTINGS: dict[str, dict] = {
     "no-bn-repeat-cubic": {"batch_norm": False, "generator_update": "repeat", "upsampling": "cubic"},
     "preset": {"config": str(ROOT / "presets" / "microscopy-2d.yaml")},
     "preset-principal": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "colour_axes": "principal"},
+    # The coarsest stage anchored on the coarsest real image (as the 3D first command): a layout to vary about.
+    "preset-anchor": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "anchor_layout": 0.25},
 }
 
 

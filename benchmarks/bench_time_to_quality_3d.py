@@ -4,6 +4,7 @@
     python benchmarks/bench_time_to_quality_3d.py --image benchmarks/data/aniso_vox.nii.gz --flags "--max-size 48"
     python benchmarks/bench_time_to_quality_3d.py --settings quick --epochs 40 60 100 --seeds 0   # a curve
     python benchmarks/bench_time_to_quality_3d.py --image scan.nii.gz --settings mri-3d-cpu --seeds 0 1 2 3 4
+    python benchmarks/bench_time_to_quality_3d.py --settings seed-table --seeds 0 1 2 3 4 --jobs 5   # a GPU machine
 
 Every run is ``consingan train --image IMAGE --dim 3`` with a setting (a preset file of ``presets/`` and/or flags)
 and, where given, ``--epochs E``, one run at a time with ``--threads`` threads (default 2, the whole 2-core machine:
@@ -26,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -152,7 +154,8 @@ def main() -> None:
                         help="epoch budgets per scale (0: the setting's own); several draw a curve")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=16, help="samples measured per run (consingan evaluate --num)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="threads of each run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (their times are then shared)")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "time_to_quality_3d")
     parser.add_argument("--results", type=Path, default=HERE / "time_to_quality_3d.json")
     parser.add_argument("--plot", type=Path, default=HERE / "quality" / "time_to_quality_3d.png")
@@ -163,20 +166,25 @@ def main() -> None:
     image = args.image.resolve()
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for seed in args.seeds:
-        for setting in args.settings:
-            for epochs in args.epochs:
-                try:
-                    row = train_and_measure(image, setting, epochs or None, seed, args.work, args.threads,
-                                            args.samples, extra)
-                except RuntimeError as error:  # one failed run must not stop the others
-                    print(f"failed: {error}", flush=True)
-                    continue
-                runs.append(row)
-                print(f"{setting} epochs {epochs or 'preset'} seed {seed}: {row['seconds']:.0f} s, SWD "
-                      f"{row['swd']:.3f}, diversity {row['diversity']:.2f}, coverage {row['coverage']:.2f}, "
-                      f"r {row['pearson_r']:.3f}, {row['verdict']}", flush=True)
+    jobs = [(setting, epochs, seed) for seed in args.seeds for setting in args.settings for epochs in args.epochs]
+
+    def one(job: tuple[str, int, int]) -> dict | None:
+        setting, epochs, seed = job
+        try:
+            row = train_and_measure(image, setting, epochs or None, seed, args.work, args.threads, args.samples,
+                                    extra)
+        except RuntimeError as error:  # one failed run must not stop the others
+            print(f"failed: {error}", flush=True)
+            return None
+        print(f"{setting} epochs {epochs or 'preset'} seed {seed}: {row['seconds']:.0f} s, SWD "
+              f"{row['swd']:.3f}, diversity {row['diversity']:.2f}, coverage {row['coverage']:.2f}, "
+              f"r {row['pearson_r']:.3f}, {row['verdict']}", flush=True)
+        return row
+
+    # Several runs at once (--jobs) share the machine, so their seconds are not those of a run alone; on a GPU
+    # machine it is what fits a seed sweep of the seed's table into a session.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        runs = [row for row in pool.map(one, jobs) if row is not None]
     rows = mean_rows(runs)
     header = (f"{'setting':14} {'epochs':>6} {'seeds':>5} {'seconds':>8} {'SWD':>6} {'SWD per seed':>22} "
               f"{'divers.':>7} {'cover.':>6} {'rec. r':>6} {'verdicts':>9} {'targets':>7}")
@@ -195,7 +203,7 @@ def main() -> None:
     stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
     key = f"{image.name}_{'_'.join(args.settings)}{'_' + '_'.join(extra) if extra else ''}_e" \
           f"{'_'.join(map(str, args.epochs))}_seeds" \
-          f"{'_'.join(map(str, args.seeds))}_t{args.threads}"
+          f"{'_'.join(map(str, args.seeds))}_t{args.threads}{f'_j{args.jobs}' if args.jobs > 1 else ''}"
     stored[key] = {"rows": rows, "runs": runs}
     args.results.write_text(json.dumps(stored, indent=1, default=str) + "\n")
 
