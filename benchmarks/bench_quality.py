@@ -111,8 +111,19 @@ SETTINGS: dict[str, dict] = {
     "no-bn-repeat-cubic": {"batch_norm": False, "generator_update": "repeat", "upsampling": "cubic"},
     "preset": {"config": str(ROOT / "presets" / "microscopy-2d.yaml")},
     "preset-principal": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "colour_axes": "principal"},
+    # A coarsest scale large enough to hold a regular texture's period (brick's 4.9 px at 64 px is 1.9 px at 25 px,
+    # below the grid's Nyquist limit of 2 px).
+    "preset-min-40": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "min_size": 40},
+    "preset-min-48": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "min_size": 48},
+    # Samples from a moving average of the generator's weights (issue 26's diversity levers).
+    "preset-ema-0.95": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "ema_decay": 0.95},
+    "preset-ema-0.99": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "ema_decay": 0.99},
     # The coarsest stage anchored on the coarsest real image (as the 3D first command): a layout to vary about.
     "preset-anchor": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "anchor_layout": 0.25},
+    "preset-anchor-1.0": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "anchor_layout": 1.0},
+    # ... with its anchor deformed as far as it takes two samples to differ by 1.0 (about the reference's diversity)
+    "preset-anchor-warp": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "anchor_layout": 0.5,
+                           "anchor_warp": 3.0, "anchor_warp_target": 1.0},
 }
 
 
