@@ -114,6 +114,7 @@ SETTINGS: dict[str, dict] = {
     # A coarsest scale large enough to hold a regular texture's period (brick's 4.9 px at 64 px is 1.9 px at 25 px,
     # below the grid's Nyquist limit of 2 px).
     "preset-min-40": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "min_size": 40},
+    "preset-min-32": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "min_size": 32},
     "preset-min-48": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "min_size": 48},
     # Samples from a moving average of the generator's weights (issue 26's diversity levers).
     "preset-ema-0.95": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "ema_decay": 0.95},
