@@ -83,6 +83,8 @@ IMAGES = {
 # The official ConSinGAN's architecture (no critic batch norm, no CBAM, padding 0, bicubic) with this engine's training.
 REFERENCE_LAYERS = {"batch_norm": False, "cbam": False, "padding": 0, "upsampling": "cubic"}
 
+MICROSCOPY_PRESET = str(ROOT / "presets" / "microscopy-2d.yaml")
+
 SETTINGS: dict[str, dict] = {
     "default": {},
     "gp-image": {"gradient_penalty": "image"},
@@ -109,21 +111,21 @@ SETTINGS: dict[str, dict] = {
     "no-bn-repeat-pad0": {"batch_norm": False, "generator_update": "repeat", "padding": 0},
     "no-bn-cbam-repeat": {"batch_norm": False, "cbam": False, "generator_update": "repeat"},
     "no-bn-repeat-cubic": {"batch_norm": False, "generator_update": "repeat", "upsampling": "cubic"},
-    "preset": {"config": str(ROOT / "presets" / "microscopy-2d.yaml")},
-    "preset-principal": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "colour_axes": "principal"},
+    "preset": {"config": MICROSCOPY_PRESET},
+    "preset-principal": {"config": MICROSCOPY_PRESET, "colour_axes": "principal"},
     # A coarsest scale large enough to hold a regular texture's period (brick's 4.9 px at 64 px is 1.9 px at 25 px,
     # below the grid's Nyquist limit of 2 px).
-    "preset-min-40": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "min_size": 40},
-    "preset-min-32": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "min_size": 32},
-    "preset-min-48": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "min_size": 48},
+    "preset-min-40": {"config": MICROSCOPY_PRESET, "min_size": 40},
+    "preset-min-32": {"config": MICROSCOPY_PRESET, "min_size": 32},
+    "preset-min-48": {"config": MICROSCOPY_PRESET, "min_size": 48},
     # Samples from a moving average of the generator's weights (issue 26's diversity levers).
-    "preset-ema-0.95": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "ema_decay": 0.95},
-    "preset-ema-0.99": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "ema_decay": 0.99},
+    "preset-ema-0.95": {"config": MICROSCOPY_PRESET, "ema_decay": 0.95},
+    "preset-ema-0.99": {"config": MICROSCOPY_PRESET, "ema_decay": 0.99},
     # The coarsest stage anchored on the coarsest real image (as the 3D first command): a layout to vary about.
-    "preset-anchor": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "anchor_layout": 0.25},
-    "preset-anchor-1.0": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "anchor_layout": 1.0},
+    "preset-anchor": {"config": MICROSCOPY_PRESET, "anchor_layout": 0.25},
+    "preset-anchor-1.0": {"config": MICROSCOPY_PRESET, "anchor_layout": 1.0},
     # ... with its anchor deformed as far as it takes two samples to differ by 1.0 (about the reference's diversity)
-    "preset-anchor-warp": {"config": str(ROOT / "presets" / "microscopy-2d.yaml"), "anchor_layout": 0.5,
+    "preset-anchor-warp": {"config": MICROSCOPY_PRESET, "anchor_layout": 0.5,
                            "anchor_warp": 3.0, "anchor_warp_target": 1.0},
 }
 

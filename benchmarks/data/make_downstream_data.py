@@ -55,11 +55,13 @@ def make_nuclei(wheels: Path) -> None:
     Image.fromarray((mask > 0).astype(np.uint8)).save(HERE / "nuclei2d_mask.png", optimize=True)
 
 
-def block_mean(array: np.ndarray, factor: int) -> np.ndarray:
-    """Means over factor^3 blocks; the last voxels of an axis that do not fill a block are dropped."""
-    cut = [s - s % factor for s in array.shape]
+def block_mean(array: np.ndarray, factor: int | tuple[int, int, int]) -> np.ndarray:
+    """Means over blocks of ``factor`` voxels along each axis (one number: the same on all three); the last voxels
+    of an axis that do not fill a block are dropped."""
+    factors = (factor,) * 3 if isinstance(factor, int) else factor
+    cut = [s - s % f for s, f in zip(array.shape, factors)]
     array = array[: cut[0], : cut[1], : cut[2]].astype(np.float64)
-    shape = [n for s in cut for n in (s // factor, factor)]
+    shape = [n for s, f in zip(cut, factors) for n in (s // f, f)]
     return array.reshape(shape).mean(axis=(1, 3, 5))
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from make_downstream_data import block_mean, wheel_member  # this folder's other wheel-reading script
 
 HERE = Path(__file__).resolve().parent
 MEMBER = "nibabel/tests/data/example4d.nii.gz"
@@ -31,15 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheels", type=Path, required=True, help="folder holding the nibabel wheel")
     arguments = parser.parse_args()
-    found = sorted(arguments.wheels.glob("nibabel-*.whl"))
-    if not found:
-        raise SystemExit(f"no nibabel wheel in {arguments.wheels}; pip download nibabel --no-deps -d {arguments.wheels}")
-    with zipfile.ZipFile(found[-1]) as archive:
-        image = nib.Nifti1Image.from_bytes(gzip.decompress(archive.read(MEMBER)))
-    frame = np.asanyarray(image.dataobj)[..., 0].astype(np.float64)
-    cropped = frame[CROP[0], CROP[1], :]
-    nx, ny, nz = cropped.shape[0] // BLOCK, cropped.shape[1] // BLOCK, cropped.shape[2]
-    blocks = cropped[: nx * BLOCK, : ny * BLOCK].reshape(nx, BLOCK, ny, BLOCK, nz).mean(axis=(1, 3))
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(wheel_member(arguments.wheels, "nibabel", MEMBER)))
+    frame = np.asanyarray(image.dataobj)[..., 0]
+    blocks = block_mean(frame[CROP[0], CROP[1], :], (BLOCK, BLOCK, 1))
     # Voxel (i, j, k) of the new grid is the block whose corner is (x0 + 2i, y0 + 2j, k) of the old one; its centre
     # lies half an old voxel further along each blocked axis.
     to_old = np.array([[BLOCK, 0, 0, CROP[0].start + (BLOCK - 1) / 2],
