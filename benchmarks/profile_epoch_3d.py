@@ -1,7 +1,7 @@
 """Where a training epoch's time goes, stage by stage, for a preset on a real volume (CPU or GPU).
 
     python benchmarks/profile_epoch_3d.py                                  # the first command's preset, data/vol.nii.gz
-    python benchmarks/profile_epoch_3d.py --preset presets/mri-3d-cpu.yaml --threads 1
+    python benchmarks/profile_epoch_3d.py --preset presets/mri-3d-quick.yaml --threads 1
 
 Grows the preset's generator and critic stage by stage (untrained weights: an epoch costs the same work whatever the
 weights), times epochs of every stage (median after one warm-up) and profiles the finest stage with torch.profiler,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import inspect
 import os
 from dataclasses import dataclass
@@ -150,9 +151,24 @@ class Distributed:
         if self.active:
             dist.barrier()
 
-    def finish(self) -> None:
-        if self.active and dist.is_initialized():
-            dist.destroy_process_group()
+    # How long a rank that finished waits for the others before it leaves the group anyway.
+    FINISH_TIMEOUT = datetime.timedelta(seconds=120)
+
+    def finish(self, completed: bool = False) -> None:
+        """Leave the process group. After a run that ``completed`` on this rank, first meet the other ranks: a rank
+        that tore its gloo connections down while a peer was still in its last collective made that peer abort
+        ("terminate called without an active exception"). After a failure nobody is waited for."""
+        if not (self.active and dist.is_initialized()):
+            return
+        if completed:
+            try:
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=self.FINISH_TIMEOUT)
+                else:
+                    dist.barrier()
+            except RuntimeError:  # a peer failed or left: its own error is the one to report
+                pass
+        dist.destroy_process_group()
 
 
 # PyTorch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers and warns (FutureWarning) on the old name.
@@ -184,12 +200,15 @@ def train_to_end(trainer: object, distributed: Distributed, resume_from: RunFold
     """Run ``trainer.train()`` (after restoring ``resume_from``'s latest training state on every rank, when given)
     and leave the process group however it ends. Rank 0, the one writer, holds the run's lock meanwhile: a run
     another process trains is refused before anything is written."""
+    completed = False
     try:
         with trainer.run.writing() if distributed.is_main else contextlib.nullcontext():
             if resume_from is not None:
                 state_path = resume_from.latest_training_state()
                 if state_path is not None:
                     trainer.restore(resume_from.load_training_state(state_path, models, trainer.device), state_path)
-            return trainer.train()
+            summaries = trainer.train()
+        completed = True
+        return summaries
     finally:
-        distributed.finish()
+        distributed.finish(completed)
