@@ -124,6 +124,11 @@ SETTINGS: dict[str, dict] = {
     # The coarsest stage anchored on the coarsest real image (as the 3D first command): a layout to vary about.
     "preset-anchor": {"config": MICROSCOPY_PRESET, "anchor_layout": 0.25},
     "preset-anchor-1.0": {"config": MICROSCOPY_PRESET, "anchor_layout": 1.0},
+    "preset-anchor-2.0": {"config": MICROSCOPY_PRESET, "anchor_layout": 2.0},
+    "preset-anchor-3.0": {"config": MICROSCOPY_PRESET, "anchor_layout": 3.0},
+    "preset-anchor-4.0": {"config": MICROSCOPY_PRESET, "anchor_layout": 4.0},
+    "preset-anchor-3.0-warp": {"config": MICROSCOPY_PRESET, "anchor_layout": 3.0,
+                               "anchor_warp": 3.0, "anchor_warp_target": 1.0},
     # ... with its anchor deformed as far as it takes two samples to differ by 1.0 (about the reference's diversity)
     "preset-anchor-warp": {"config": MICROSCOPY_PRESET, "anchor_layout": 0.5,
                            "anchor_warp": 3.0, "anchor_warp_target": 1.0},
