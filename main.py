@@ -1,6 +1,6 @@
 """Train on the shipped example volume, as the original thesis code's main.py did.
 
-    python main.py            # the README's first command (presets/mri-3d-quick.yaml): about 4 minutes on a 2-core CPU
+    python main.py            # the README's first command (presets/mri-3d-quick.yaml): about 3 minutes on a 2-core CPU, more on a slow one
     python main.py --full     # the seed's full defaults (hours on a CPU; use a GPU)
 """
 
